@@ -359,7 +359,8 @@ class Memory:
 
 
 class MemoryBank:
-    """Many memories side by side, in one process. The services shard this across Ray actors."""
+    """Many memories side by side, in one process. services/bank.py offers the same methods over
+    memories striped across Ray shard actors."""
 
     def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, default_capacity: int,
                  dtype=np.float32):
@@ -370,13 +371,15 @@ class MemoryBank:
         self.dtype = dtype
         self.memories: dict[str, Memory] = {}
 
-    def create(self, memory_id: str, capacity_tokens: int | None = None) -> Memory:
+    def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None) -> MemoryStats:
         if memory_id in self.memories:
             raise KeyError(f"memory '{memory_id}' already exists")
+        if num_shards not in (None, 0, 1):
+            raise ValueError("the in-process bank holds every memory in one shard")
         memory = Memory(memory_id, capacity_tokens or self.default_capacity, self.chunk_size,
                         self.num_kv_heads, self.head_dim, self.dtype)
         self.memories[memory_id] = memory
-        return memory
+        return memory.stats()
 
     def get(self, memory_id: str) -> Memory:
         try:
@@ -384,9 +387,26 @@ class MemoryBank:
         except KeyError:
             raise KeyError(f"memory '{memory_id}' does not exist") from None
 
+    def stats(self, memory_id: str) -> MemoryStats:
+        return self.get(memory_id).stats()
+
+    def list(self) -> list[MemoryStats]:
+        return [m.stats() for m in self.memories.values()]
+
     def delete(self, memory_id: str) -> None:
         self.get(memory_id)
         del self.memories[memory_id]
+
+    def reset(self, memory_id: str) -> MemoryStats:
+        memory = self.get(memory_id)
+        memory.reset()
+        return memory.stats()
+
+    def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
+               skip_first: int = 0) -> MemoryStats:
+        memory = self.get(memory_id)
+        memory.append(keys, values, token_ids, skip_first)
+        return memory.stats()
 
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
         """queries: [B, T, Hq, d]; row b searches the union of memories memory_ids[b] (may be empty)."""

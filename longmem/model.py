@@ -4,6 +4,13 @@ A text is read in segments of W tokens. For each segment the backbone produces h
 the memory layer's keys/values; the SideNet reads the segment, retrieving from memory at its memory
 block; only then are the segment's keys/values appended (so a segment never retrieves from itself).
 
+Three roles do the work, each a small interface with an in-process implementation here and a Ray
+one in services/ (the segment loop below is the same for both):
+- `Encoder`: the frozen backbone; `encode` a batch of segments, `ingest` segments into a memory;
+- `Reader`: the SideNet; `read` encoded segments against memories (then fill a memory), `generate`
+  with KV caches, `retrieve` what a text would read;
+- `Bank`: the memories (longmem.memory.MemoryBank in process; sharded over actors in services/).
+
 Where memory comes from, per call:
 - `memory_id` given and `append=True`: the text is read against that memory and goes into it;
 - `memory_id` given and `append=False`: the memory is left untouched; the text's own earlier
@@ -19,7 +26,8 @@ import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -63,280 +71,190 @@ class Span:
 
 
 @dataclass
-class _Row:
-    """One document being read: its tokens and the memories its segments search and fill."""
-
-    ids: list[int]
-    search: list[str]
-    fill: str | None
-    logprobs: list[np.ndarray] = field(default_factory=list)
-    backbone_logprobs: list[np.ndarray] = field(default_factory=list)
+class SegmentScores:
+    logprobs: np.ndarray  # [n] log-probabilities of the targets
+    backbone_logprobs: np.ndarray  # [n]
 
 
-class LongMem:
-    def __init__(self, config: LongMemConfig | None = None, backbone: Backbone | None = None,
-                 sidenet: SideNet | None = None, bank: MemoryBank | None = None):
-        self.config = (config or LongMemConfig()).validate()
-        torch.manual_seed(self.config.seed)
-        self.backbone = backbone or Backbone(self.config.backbone)
-        self.sidenet = sidenet or self.build_sidenet(self.backbone, self.config)
-        self.sidenet.eval()
-        self.tokenizer = self.backbone.tokenizer
-        mem = self.config.memory
-        self.bank = bank or MemoryBank(mem.chunk_size, self.backbone.num_kv_heads, self.backbone.head_dim,
-                                       mem.capacity_tokens, np.dtype(mem.dtype))
+class Bank(Protocol):
+    def create(self, memory_id: str, capacity_tokens: int | None = None,
+               num_shards: int | None = None) -> MemoryStats: ...
+    def stats(self, memory_id: str) -> MemoryStats: ...
+    def list(self) -> list[MemoryStats]: ...
+    def delete(self, memory_id: str) -> None: ...
+    def reset(self, memory_id: str) -> MemoryStats: ...
+    def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
+               skip_first: int = 0) -> MemoryStats: ...
+    def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]: ...
 
-    @staticmethod
-    def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
-        sidenet = SideNet(backbone, config.sidenet.init, config.sidenet.gate_init).to(backbone.device)
-        if config.sidenet.checkpoint:
-            from safetensors.torch import load_file
 
-            sidenet.load_state_dict(load_file(config.sidenet.checkpoint), strict=False)
-        return sidenet
+class Encoder(Protocol):
+    def encode(self, segments: list[list[int]]) -> Any: ...  # BackboneOutput, or a handle to one
+    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats: ...
 
-    # ---- memories -------------------------------------------------------------------------------
-    def create_memory(self, memory_id: str | None = None, capacity_tokens: int | None = None) -> str:
-        memory_id = memory_id or uuid.uuid4().hex
-        self.bank.create(memory_id, capacity_tokens)
-        return memory_id
 
-    def delete_memory(self, memory_id: str) -> None:
-        self.bank.delete(memory_id)
+class Reader(Protocol):
+    def read(self, encoded: Any, segments: list[list[int]], search: list[list[str]],
+             fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]: ...
+    def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
+                 top_k: int, seed: int, use_memory: bool) -> Iterator[int]: ...
+    def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]: ...
 
-    def reset_memory(self, memory_id: str) -> None:
-        self.bank.get(memory_id).reset()
 
-    def memory_stats(self, memory_id: str) -> MemoryStats:
-        return self.bank.get(memory_id).stats()
+def pad_segments(segments: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Right-pads token id lists into a [B, T] batch (causal attention never sees the padding)."""
+    width = max(map(len, segments))
+    batch = torch.zeros(len(segments), width, dtype=torch.long)
+    for b, seg in enumerate(segments):
+        batch[b, :len(seg)] = torch.tensor(seg)
+    return batch.to(device)
 
-    @contextmanager
-    def _scratch(self, needed: bool):
-        """A temporary memory for a call's own earlier segments, deleted afterwards."""
-        if not needed:
-            yield None
-            return
-        memory_id = self.create_memory(f"scratch-{uuid.uuid4().hex}")
-        try:
-            yield memory_id
-        finally:
-            self.bank.delete(memory_id)
 
-    # ---- text -----------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput, row: int, ids: list[int], sink_tokens: int) -> MemoryStats:
+    """Appends one encoded segment (row `row` of a batch, its first len(ids) tokens) to a memory."""
+    n = len(ids)
+    return bank.append(memory_id, out.mem_keys[row, :n].float().cpu().numpy(),
+                       out.mem_values[row, :n].float().cpu().numpy(), np.asarray(ids, np.int32),
+                       skip_first=sink_tokens)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
 
-    def _ids(self, text: str | None, token_ids: list[int] | None) -> list[int]:
-        if (text is None) == (token_ids is None):
-            raise ValueError("give exactly one of text or token_ids")
-        ids = self.tokenize(text) if text is not None else list(token_ids)
-        if not ids:
-            raise ValueError("the text has no tokens")
-        vocab = self.backbone.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        return ids
+class LocalEncoder:
+    """The encoder role in process: the frozen backbone."""
 
-    # ---- the segment loop -----------------------------------------------------------------------
-    def _retriever(self, search: list[list[str]]):
-        k_chunks = self.config.memory.topk_tokens // self.config.memory.chunk_size
+    def __init__(self, backbone: Backbone, bank: Bank, config: LongMemConfig):
+        self.backbone, self.bank, self.config = backbone, bank, config
+
+    def encode(self, segments: list[list[int]]) -> BackboneOutput:
+        out, _ = self.backbone.encode(pad_segments(segments, self.backbone.device))
+        return out
+
+    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats:
+        out = self.encode(segments)
+        stats = None
+        for b, seg in enumerate(segments):
+            stats = fill_memory(self.bank, memory_id, out, b, seg, self.config.memory.sink_tokens)
+        return stats
+
+
+class LocalReader:
+    """The reader role in process: the SideNet, with the backbone's LM head, positions and (for
+    generation) the backbone itself."""
+
+    def __init__(self, backbone: Backbone, sidenet: SideNet, bank: Bank, config: LongMemConfig):
+        self.backbone, self.sidenet, self.bank, self.config = backbone, sidenet, bank, config
+        self.k_chunks = config.memory.topk_tokens // config.memory.chunk_size
+
+    def _retriever(self, search: list[list[str]], record: list[ChunkHits] | None = None):
         if not any(search):
             return None
 
-        def retrieve(queries: torch.Tensor):
-            return hits_to_retrieved(self.bank.search(search, queries, k_chunks), queries.dtype, queries.device)
+        def retrieve(queries: torch.Tensor):  # [B, T, Hq, d]
+            rows = self.bank.search(search, queries, self.k_chunks)
+            if record is not None:
+                record.extend(rows)
+            return hits_to_retrieved(rows, queries.dtype, queries.device)
         return retrieve
-
-    def _fill(self, memory_id: str, out: BackboneOutput, row: int, ids: list[int]) -> None:
-        n = len(ids)
-        self.bank.get(memory_id).append(out.mem_keys[row, :n].float().cpu().numpy(),
-                                        out.mem_values[row, :n].float().cpu().numpy(),
-                                        np.asarray(ids, np.int32), skip_first=self.config.memory.sink_tokens)
-
-    def _pad(self, segments: list[list[int]]) -> torch.Tensor:
-        width = max(map(len, segments))
-        batch = torch.zeros(len(segments), width, dtype=torch.long)
-        for b, seg in enumerate(segments):
-            batch[b, :len(seg)] = torch.tensor(seg)
-        return batch.to(self.backbone.device)
 
     def _positions(self, batch: int, length: int, offset: int = 0) -> torch.Tensor:
         return (offset + torch.arange(length, device=self.backbone.device)).expand(batch, length)
 
+    def _state(self, out: BackboneOutput, retriever, cache=None, offset: int = 0) -> torch.Tensor:
+        b, t = out.hidden.shape[1:3]
+        rope = self.backbone.rotary(out.hidden[0], self._positions(b, t, offset))
+        return self.sidenet(out.hidden, rope, retriever, cache)  # [B, T, D]
+
     @torch.no_grad()
-    def read_segment(self, segments: list[list[int]], search: list[list[str]]):
-        """Reads one segment per row. Returns the backbone output and the SideNet's normed state."""
-        input_ids = self._pad(segments)  # [B, T], right-padded
-        out, _ = self.backbone.encode(input_ids)
-        rope = self.backbone.rotary(out.hidden[0], self._positions(*input_ids.shape))
-        state = self.sidenet(out.hidden, rope, self._retriever(search))  # [B, T, D]
-        return out, state
+    def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
+             fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]:
+        state = self._state(encoded, self._retriever(search))
+        logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
+        base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1)
+        scores = []
+        for b, tgt in enumerate(targets):
+            t = torch.tensor(tgt, dtype=torch.long, device=logp.device)[:, None]
+            n = len(tgt)
+            scores.append(SegmentScores(logp[b, :n].gather(-1, t)[:, 0].cpu().numpy(),
+                                        base[b, :n].gather(-1, t)[:, 0].cpu().numpy()))
+            if fill[b] is not None:
+                fill_memory(self.bank, fill[b], encoded, b, segments[b], self.config.memory.sink_tokens)
+        return scores
 
-    def _read(self, rows: list[_Row], progress: bool = False) -> None:
-        w = self.config.read.segment_tokens
-        n_segments = max(math.ceil(len(r.ids) / w) for r in rows)
-        for s in tqdm(range(n_segments), desc="reading", unit="segment", disable=not progress):
-            active = [r for r in rows if s * w < len(r.ids)]
-            for start in range(0, len(active), self.config.read.batch_segments):
-                group = active[start:start + self.config.read.batch_segments]
-                segments = [r.ids[s * w:(s + 1) * w] for r in group]
-                out, state = self.read_segment(segments, [r.search for r in group])
-                logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
-                base = torch.log_softmax(self.backbone.logits(out.last).float(), dim=-1)
-                for b, r in enumerate(group):
-                    targets = torch.tensor(r.ids[s * w + 1:(s + 1) * w + 1], device=logp.device)
-                    n = len(targets)
-                    r.logprobs.append(logp[b, :n].gather(-1, targets[:, None])[:, 0].cpu().numpy())
-                    r.backbone_logprobs.append(base[b, :n].gather(-1, targets[:, None])[:, 0].cpu().numpy())
-                    if r.fill is not None:
-                        self._fill(r.fill, out, b, segments[b])
-
-    # ---- public API -----------------------------------------------------------------------------
-    def score_batch(self, docs: list[list[int]], memory_ids: list[str | None] | None = None,
-                    use_memory: bool = True, append: bool = False, progress: bool = False) -> list[ScoreResult]:
-        """Scores several documents together, each with its own memory (batch rows never mix)."""
-        memory_ids = memory_ids or [None] * len(docs)
-        for m in memory_ids:
-            if m is not None:
-                self.bank.get(m)
-        needs_scratch = [use_memory and not (append and m is not None) for m in memory_ids]
-        scratches = []
+    @contextmanager
+    def _scratch(self, needed: bool):
+        memory_id = f"scratch-{uuid.uuid4().hex}" if needed else None
+        if memory_id:
+            self.bank.create(memory_id)
         try:
-            for needed in needs_scratch:
-                scratches.append(self.create_memory(f"scratch-{uuid.uuid4().hex}") if needed else None)
-            rows = []
-            for ids, m, scratch in zip(docs, memory_ids, scratches):
-                search = [x for x in (m, scratch) if x is not None] if use_memory else []
-                fill = scratch if scratch is not None else (m if use_memory and append else None)
-                rows.append(_Row(ids, search, fill))
-            self._read(rows, progress)
+            yield memory_id
         finally:
-            for scratch in scratches:
-                if scratch is not None:
-                    self.bank.delete(scratch)
-        return [ScoreResult(r.ids, np.concatenate(r.logprobs)[:len(r.ids) - 1],
-                            np.concatenate(r.backbone_logprobs)[:len(r.ids) - 1]) for r in rows]
-
-    def score(self, text: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
-              use_memory: bool = True, append: bool = False, progress: bool = False) -> ScoreResult:
-        return self.score_batch([self._ids(text, token_ids)], [memory_id], use_memory, append, progress)[0]
+            if memory_id:
+                self.bank.delete(memory_id)
 
     @torch.no_grad()
-    def append(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
-               progress: bool = False) -> int:
-        """Encodes a text with the frozen backbone and appends it to a memory. Returns its token count."""
-        ids = self._ids(text, token_ids)
-        memory = self.bank.get(memory_id)
-        w, batch = self.config.read.segment_tokens, self.config.read.batch_segments
-        segments = [ids[i:i + w] for i in range(0, len(ids), w)]
-        for start in tqdm(range(0, len(segments), batch), desc="appending", unit="batch", disable=not progress):
-            group = segments[start:start + batch]
-            out, _ = self.backbone.encode(self._pad(group))
-            for b, seg in enumerate(group):
-                self._fill(memory.memory_id, out, b, seg)
-        return len(ids)
-
-    def score_choices(self, prefix: str, choices: list[str], memory_id: str | None = None,
-                      use_memory: bool = True) -> list[tuple[float, int]]:
-        """(sum of log-probabilities, token count) of each choice as the continuation of prefix."""
-        if not choices:
-            raise ValueError("choices must not be empty")
-        prefix_ids = self._ids(prefix, None)
-        choice_ids = [self._ids(c, None) for c in choices]
-        results = self.score_batch([prefix_ids + c for c in choice_ids], [memory_id] * len(choices),
-                                   use_memory=use_memory, append=False)
-        out = []
-        for c, r in zip(choice_ids, results):
-            out.append((float(r.logprobs[-len(c):].sum()), len(c)))
-        return out
-
-    @torch.no_grad()
-    def generate(self, prompt: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
-                 max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 seed: int | None = None, use_memory: bool = True) -> Iterator[int]:
-        """Yields new token ids one by one. The memory is not modified: the prompt's earlier segments,
-        and segments completed while generating, go to a scratch memory searched with it."""
+    def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
+                 top_k: int, seed: int, use_memory: bool) -> Iterator[int]:
+        """Yields new token ids. The memory is not modified: the prompt's earlier segments, and segments
+        completed while generating, go to a scratch memory searched together with it."""
         from transformers import DynamicCache
 
-        ids = self._ids(prompt, token_ids)
-        if memory_id is not None:
-            self.bank.get(memory_id)
-        max_new = self.config.read.max_new_tokens if max_new_tokens is None else max_new_tokens
-        w = self.config.read.segment_tokens
-        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
-        eos = self.tokenizer.eos_token_id
+        w, sink = self.config.read.segment_tokens, self.config.memory.sink_tokens
+        generator = torch.Generator().manual_seed(seed)
+        eos = self.backbone.tokenizer.eos_token_id
+        new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
         with self._scratch(use_memory) as scratch:
             search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
-            split = (len(ids) - 1) // w * w  # the last, partial segment is read with caches
-            if split and scratch is not None:
-                row = _Row(ids[:split], search[0], scratch)
-                self._read([row])
             retriever = self._retriever(search)
-            segment: list[int] = []
-            seg_keys: list[torch.Tensor] = []
-            seg_values: list[torch.Tensor] = []
-            bb_cache, side_cache = DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache()
+            split = (len(ids) - 1) // w * w  # whole segments before the last are read, then cached
+            if scratch is not None:
+                for s in range(0, split, w):
+                    seg = ids[s:s + w]
+                    out, _ = self.backbone.encode(pad_segments([seg], self.backbone.device))
+                    self._state(out, retriever)
+                    fill_memory(self.bank, scratch, out, 0, seg, sink)
+            segment, keys, values = [], [], []
+            bb_cache, side_cache = new_cache()
             pending = ids[split:]
-            for _ in range(max_new):
+            for _ in range(max_new_tokens):
                 x = torch.tensor([pending], device=self.backbone.device)
                 out, bb_cache = self.backbone.encode(x, past_key_values=bb_cache)
-                rope = self.backbone.rotary(out.hidden[0], self._positions(1, len(pending), len(segment)))
-                state = self.sidenet(out.hidden, rope, retriever, side_cache)
+                state = self._state(out, retriever, side_cache, offset=len(segment))
                 segment += pending
-                seg_keys.append(out.mem_keys)
-                seg_values.append(out.mem_values)
-                logits = self.backbone.lm_head(state[0, -1]).float()
-                token = self._sample(logits, temperature, top_k, generator)
+                keys.append(out.mem_keys)
+                values.append(out.mem_values)
+                token = sample(self.backbone.lm_head(state[0, -1]).float(), temperature, top_k, generator)
                 yield token
                 if token == eos:
                     return
                 if len(segment) == w:
                     if scratch is not None:
-                        full = BackboneOutput(hidden=None, mem_keys=torch.cat(seg_keys, 1),
-                                              mem_values=torch.cat(seg_values, 1), last=None)
-                        self._fill(scratch, full, 0, segment)
-                    segment, seg_keys, seg_values = [], [], []
-                    bb_cache, side_cache = DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache()
+                        full = BackboneOutput(None, torch.cat(keys, 1), torch.cat(values, 1), None)
+                        fill_memory(self.bank, scratch, full, 0, segment, sink)
+                    segment, keys, values = [], [], []
+                    bb_cache, side_cache = new_cache()
                 pending = [token]
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
-        if temperature <= 0:
-            return int(logits.argmax())
-        logits = logits / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
-
     @torch.no_grad()
-    def retrieve(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
-                 max_spans: int | None = None) -> list[Span]:
-        """The memory spans the SideNet's memory block retrieves while reading `text` (its last W
-        tokens), most retrieved first; adjacent retrieved chunks are merged into one span."""
-        ids = self._ids(text, token_ids)[-self.config.read.segment_tokens:]
-        self.bank.get(memory_id)
+    def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]:
         recorded: list[ChunkHits] = []
-        k_chunks = self.config.memory.topk_tokens // self.config.memory.chunk_size
+        out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
+        self._state(out, self._retriever([[memory_id]], recorded))
+        return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
 
-        def recording(queries: torch.Tensor):
-            rows = self.bank.search([[memory_id]], queries, k_chunks)
-            recorded.extend(rows)
-            return hits_to_retrieved(rows, queries.dtype, queries.device)
 
-        input_ids = self._pad([ids])
-        out, _ = self.backbone.encode(input_ids)
-        rope = self.backbone.rotary(out.hidden[0], self._positions(*input_ids.shape))
-        self.sidenet(out.hidden, rope, recording)
-        return spans_from_hits(recorded[0], self.decode, max_spans or self.config.read.max_retrieve_spans)
+def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
+    """Greedy when temperature <= 0; else softmax(logits / temperature) over the top_k (0: all)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
 
 
 def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
-    """Aggregates chunk hits over query tokens and heads into ranked spans of source text."""
+    """Aggregates chunk hits over query tokens and heads into ranked spans of source text;
+    adjacent retrieved chunks merge into one span."""
     valid = hits.seqs >= 0
     seqs = hits.seqs[valid]
     if not len(seqs):
@@ -363,3 +281,176 @@ def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
     for s in spans:
         s.text = decode(s.token_ids)
     return spans
+
+
+@dataclass
+class _Row:
+    """One document being read: its tokens and the memories its segments search and fill."""
+
+    ids: list[int]
+    search: list[str]
+    fill: str | None
+
+
+class LongMemRunner:
+    """The segment loop and the public operations, over any Encoder / Reader / Bank."""
+
+    def __init__(self, config: LongMemConfig, encoder: Encoder, reader: Reader, bank: Bank, tokenizer,
+                 vocab_size: int):
+        self.config = config.validate()
+        self.encoder, self.reader, self.bank = encoder, reader, bank
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+    # ---- memories -------------------------------------------------------------------------------
+    def create_memory(self, memory_id: str | None = None, capacity_tokens: int | None = None,
+                      num_shards: int | None = None) -> str:
+        memory_id = memory_id or uuid.uuid4().hex
+        self.bank.create(memory_id, capacity_tokens, num_shards)
+        return memory_id
+
+    def delete_memory(self, memory_id: str) -> None:
+        self.bank.delete(memory_id)
+
+    def reset_memory(self, memory_id: str) -> MemoryStats:
+        return self.bank.reset(memory_id)
+
+    def memory_stats(self, memory_id: str) -> MemoryStats:
+        return self.bank.stats(memory_id)
+
+    def list_memories(self) -> list[MemoryStats]:
+        return self.bank.list()
+
+    # ---- text -----------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def token_ids(self, text: str | None, token_ids: list[int] | None) -> list[int]:
+        """Exactly one of text / token_ids, non-empty and inside the vocabulary (ValueError otherwise)."""
+        if (text is None) == (token_ids is None):
+            raise ValueError("give exactly one of text or token_ids")
+        ids = self.tokenize(text) if text is not None else [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("the text has no tokens")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    # ---- reading --------------------------------------------------------------------------------
+    def _read(self, rows: list[_Row], progress: bool) -> list[ScoreResult]:
+        w, batch = self.config.read.segment_tokens, self.config.read.batch_segments
+        collected: list[list[SegmentScores]] = [[] for _ in rows]
+        n_segments = max(math.ceil(len(r.ids) / w) for r in rows)
+        for s in tqdm(range(n_segments), desc="reading", unit="segment", disable=not progress):
+            active = [i for i, r in enumerate(rows) if s * w < len(r.ids)]
+            for start in range(0, len(active), batch):
+                group = [rows[i] for i in active[start:start + batch]]
+                segments = [r.ids[s * w:(s + 1) * w] for r in group]
+                targets = [r.ids[s * w + 1:(s + 1) * w + 1] for r in group]
+                encoded = self.encoder.encode(segments)
+                scores = self.reader.read(encoded, segments, [r.search for r in group],
+                                          [r.fill for r in group], targets)
+                for i, sc in zip(active[start:start + batch], scores):
+                    collected[i].append(sc)
+        return [ScoreResult(r.ids, np.concatenate([c.logprobs for c in cs]),
+                            np.concatenate([c.backbone_logprobs for c in cs])) for r, cs in zip(rows, collected)]
+
+    def score_batch(self, docs: list[list[int]], memory_ids: list[str | None] | None = None,
+                    use_memory: bool = True, append: bool = False, progress: bool = False) -> list[ScoreResult]:
+        """Scores several documents together, each with its own memory (batch rows never mix)."""
+        memory_ids = memory_ids or [None] * len(docs)
+        for m in memory_ids:
+            if m is not None:
+                self.bank.stats(m)
+        scratches: list[str | None] = []
+        try:
+            for m in memory_ids:
+                needed = use_memory and not (append and m is not None)
+                scratches.append(self.create_memory(f"scratch-{uuid.uuid4().hex}") if needed else None)
+            rows = []
+            for ids, m, scratch in zip(docs, memory_ids, scratches):
+                search = [x for x in (m, scratch) if x is not None] if use_memory else []
+                fill = scratch if scratch is not None else (m if use_memory and append else None)
+                rows.append(_Row(ids, search, fill))
+            return self._read(rows, progress)
+        finally:
+            for scratch in scratches:
+                if scratch is not None:
+                    self.bank.delete(scratch)
+
+    def score(self, text: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
+              use_memory: bool = True, append: bool = False, progress: bool = False) -> ScoreResult:
+        return self.score_batch([self.token_ids(text, token_ids)], [memory_id], use_memory, append, progress)[0]
+
+    def append(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
+               progress: bool = False) -> int:
+        """Encodes a text with the frozen backbone and appends it to a memory. Returns its token count."""
+        ids = self.token_ids(text, token_ids)
+        self.bank.stats(memory_id)
+        w, batch = self.config.read.segment_tokens, self.config.read.batch_segments
+        segments = [ids[i:i + w] for i in range(0, len(ids), w)]
+        for start in tqdm(range(0, len(segments), batch), desc="appending", unit="batch", disable=not progress):
+            self.encoder.ingest(memory_id, segments[start:start + batch])
+        return len(ids)
+
+    def score_choices(self, prefix: str, choices: list[str], memory_id: str | None = None,
+                      use_memory: bool = True) -> list[tuple[float, int]]:
+        """(sum of log-probabilities, token count) of each choice as the continuation of prefix."""
+        if not choices:
+            raise ValueError("choices must not be empty")
+        prefix_ids = self.token_ids(prefix, None)
+        choice_ids = [self.token_ids(c, None) for c in choices]
+        results = self.score_batch([prefix_ids + c for c in choice_ids], [memory_id] * len(choices),
+                                   use_memory=use_memory, append=False)
+        return [(float(r.logprobs[-len(c):].sum()), len(c)) for c, r in zip(choice_ids, results)]
+
+    def generate(self, prompt: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
+                 max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
+                 seed: int | None = None, use_memory: bool = True) -> Iterator[int]:
+        ids = self.token_ids(prompt, token_ids)
+        if memory_id is not None:
+            self.bank.stats(memory_id)
+        max_new = self.config.read.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self.reader.generate(ids, memory_id, max_new, temperature, top_k,
+                                    self.config.seed if seed is None else seed, use_memory)
+
+    def retrieve(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
+                 max_spans: int | None = None) -> list[Span]:
+        """The memory spans the SideNet's memory block retrieves while reading `text` (its last W
+        tokens), most retrieved first."""
+        ids = self.token_ids(text, token_ids)[-self.config.read.segment_tokens:]
+        self.bank.stats(memory_id)
+        return self.reader.retrieve(memory_id, ids, max_spans or self.config.read.max_retrieve_spans)
+
+
+def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
+    sidenet = SideNet(backbone, config.sidenet.init, config.sidenet.gate_init).to(backbone.device)
+    if config.sidenet.checkpoint:
+        from safetensors.torch import load_file
+
+        sidenet.load_state_dict(load_file(config.sidenet.checkpoint), strict=False)
+    return sidenet.eval()
+
+
+def make_bank(config: LongMemConfig, backbone: Backbone) -> MemoryBank:
+    mem = config.memory
+    return MemoryBank(mem.chunk_size, backbone.num_kv_heads, backbone.head_dim, mem.capacity_tokens,
+                      np.dtype(mem.dtype))
+
+
+class LongMem(LongMemRunner):
+    """LongMem in one process: backbone, SideNet and memory bank side by side."""
+
+    def __init__(self, config: LongMemConfig | None = None, backbone: Backbone | None = None,
+                 sidenet: SideNet | None = None, bank: MemoryBank | None = None):
+        config = (config or LongMemConfig()).validate()
+        torch.manual_seed(config.seed)
+        self.backbone = backbone or Backbone(config.backbone)
+        self.sidenet = sidenet or build_sidenet(self.backbone, config)
+        bank = bank or make_bank(config, self.backbone)
+        super().__init__(config, LocalEncoder(self.backbone, bank, config),
+                         LocalReader(self.backbone, self.sidenet, bank, config), bank,
+                         self.backbone.tokenizer, self.backbone.vocab_size)
