@@ -62,6 +62,26 @@ def resolve_backbone_path(cfg: BackboneConfig) -> Path:
 
 
 @dataclass
+class ModelDims:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+def model_dims(cfg: BackboneConfig) -> ModelDims:
+    """The sizes the memory bank and the gateway need, read from config.json without loading weights."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(resolve_backbone_path(cfg))
+    heads = hf.num_attention_heads
+    return ModelDims(num_layers=hf.num_hidden_layers,
+                     num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+                     head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+                     vocab_size=hf.vocab_size)
+
+
+@dataclass
 class BackboneOutput:
     hidden: torch.Tensor  # [L/2 + 1, B, T, D]: H[0], H[2], ..., H[L] (H[0] = embeddings), pre final norm
     mem_keys: torch.Tensor | None  # [B, T, Hkv, d] pre-rotary keys of the memory layer

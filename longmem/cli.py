@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from .client_cli import add_client_commands
 from .config import LongMemConfig
 
 log = logging.getLogger("longmem")
@@ -56,6 +57,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    import ray
+    from ray import serve
+
+    from services.app import APP_NAME, build, grpc_options
+    from services.bank import stop_bank
+
+    config = load_config(args)
+    ray.init(address=args.address, namespace=config.serve.namespace)
+    serve.start(grpc_options=grpc_options(config),
+                http_options={"host": config.serve.host, "port": config.serve.http_port})
+    serve.run(build(config), name=APP_NAME, route_prefix="/")
+    print(f"LongMem gRPC API (longmem.v1.LongMem) on {config.serve.host}:{config.serve.grpc_port}; "
+          f"Ray dashboard: {ray.get_runtime_context().gcs_address}. Ctrl-C or SIGTERM stops it.", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            signal.pause() if hasattr(signal, "pause") else time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    if not args.address:
+        stop_bank(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longmem", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -63,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="read a long real document with LongMem; print perplexities and memory stats")
     add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
+    serve = sub.add_parser("serve", help="run the services and the gRPC API on an embedded local Ray cluster "
+                                         "(or on an existing one with --address)")
+    add_config_args(serve)
+    serve.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    serve.set_defaults(func=cmd_serve)
+    add_client_commands(sub)
     return parser
 
 

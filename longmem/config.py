@@ -71,6 +71,10 @@ class ServeConfig:
     shard_budget_bytes: int = 2 * 1024**3  # bytes of keys/values one shard may hold
     default_memory_shards: int = 1  # shards one new memory is striped over when not asked
     shard_resource: str = "memory_node"  # custom resource a shard requires, when the cluster has it
+    shard_resource_units: float = 1.0  # 1.0: one shard per memory node
+    lm_resource: str = "lm_node"  # custom resource encoder and reader replicas require, when present
+    bank_num_cpus: float = 0.25
+    bank_max_concurrency: int = 64
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
     gateway_num_cpus: float = 0.25

@@ -28,6 +28,24 @@ import torch
 NO_SEQ = -1  # seq of an empty hit slot (fewer chunks in memory than asked for)
 
 
+class MemoryNotFound(KeyError):
+    """No memory with that id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "memory not found"
+
+
+class MemoryExists(KeyError):
+    """A memory with that id exists already."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "memory exists"
+
+
+class CapacityExceeded(RuntimeError):
+    """The memory does not fit in the byte budget left."""
+
+
 @dataclass
 class Chunks:
     """Complete chunks, ready to store. n chunks."""
@@ -211,10 +229,15 @@ class ChunkStore:
         self.live = 0  # newest `live` slots before `head` are searchable
         self.evicted = 0  # chunks dropped, by overwrite or by evict_before
 
+    @staticmethod
+    def bytes_per_chunk(chunk_size: int, num_kv_heads: int, head_dim: int, dtype=np.float32) -> int:
+        """Bytes one chunk slot costs: token keys and values, ids, position, seq, and its index vectors."""
+        kv = 2 * num_kv_heads * chunk_size * head_dim * np.dtype(dtype).itemsize
+        return kv + chunk_size * 4 + 8 + 8 + num_kv_heads * head_dim * 4
+
     @property
     def nbytes(self) -> int:
-        return (self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes + self.positions.nbytes
-                + self.seqs.nbytes + self.capacity * self.num_kv_heads * self.head_dim * 4)
+        return self.capacity * self.bytes_per_chunk(self.chunk_size, self.num_kv_heads, self.head_dim, self.dtype)
 
     def _write_index(self, slot: int, count: int, search_keys: np.ndarray) -> None:
         """search_keys: [count, Hkv, d] for slots slot..slot+count-1 (no wrap)."""
@@ -373,7 +396,7 @@ class MemoryBank:
 
     def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None) -> MemoryStats:
         if memory_id in self.memories:
-            raise KeyError(f"memory '{memory_id}' already exists")
+            raise MemoryExists(f"memory '{memory_id}' already exists")
         if num_shards not in (None, 0, 1):
             raise ValueError("the in-process bank holds every memory in one shard")
         memory = Memory(memory_id, capacity_tokens or self.default_capacity, self.chunk_size,
@@ -385,7 +408,7 @@ class MemoryBank:
         try:
             return self.memories[memory_id]
         except KeyError:
-            raise KeyError(f"memory '{memory_id}' does not exist") from None
+            raise MemoryNotFound(f"memory '{memory_id}' does not exist") from None
 
     def stats(self, memory_id: str) -> MemoryStats:
         return self.get(memory_id).stats()

@@ -1,0 +1,204 @@
+from longmem.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Segment(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SearchList(_message.Message):
+    __slots__ = ("memory_ids",)
+    MEMORY_IDS_FIELD_NUMBER: _ClassVar[int]
+    memory_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, memory_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("segments",)
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+
+class Encoded(_message.Message):
+    __slots__ = ("hidden", "mem_keys", "mem_values", "last")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    MEM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MEM_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    hidden: _tensor_pb2.Tensor
+    mem_keys: _tensor_pb2.Tensor
+    mem_values: _tensor_pb2.Tensor
+    last: _tensor_pb2.Tensor
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mem_keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mem_values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., last: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("memory_id", "segments")
+    MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    memory_id: str
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, memory_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+
+class ReadRequest(_message.Message):
+    __slots__ = ("segments", "search", "fill", "targets")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    search: _containers.RepeatedCompositeFieldContainer[SearchList]
+    fill: _containers.RepeatedScalarFieldContainer[str]
+    targets: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., search: _Optional[_Iterable[_Union[SearchList, _Mapping]]] = ..., fill: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+
+class SegmentScores(_message.Message):
+    __slots__ = ("logprobs", "backbone_logprobs")
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _tensor_pb2.Tensor
+    backbone_logprobs: _tensor_pb2.Tensor
+    def __init__(self, logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backbone_logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ReadResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[SegmentScores]
+    def __init__(self, rows: _Optional[_Iterable[_Union[SegmentScores, _Mapping]]] = ...) -> None: ...
+
+class ReadGenerateRequest(_message.Message):
+    __slots__ = ("token_ids", "memory_id", "max_new_tokens", "temperature", "top_k", "seed", "use_memory")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    USE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    memory_id: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+    use_memory: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., memory_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., use_memory: _Optional[bool] = ...) -> None: ...
+
+class ReadRetrieveRequest(_message.Message):
+    __slots__ = ("memory_id", "token_ids", "max_spans")
+    MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPANS_FIELD_NUMBER: _ClassVar[int]
+    memory_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_spans: int
+    def __init__(self, memory_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_spans: _Optional[int] = ...) -> None: ...
+
+class ChunkBatch(_message.Message):
+    __slots__ = ("keys", "values", "token_ids", "positions", "seqs")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    keys: _tensor_pb2.Tensor
+    values: _tensor_pb2.Tensor
+    token_ids: _tensor_pb2.Tensor
+    positions: _tensor_pb2.Tensor
+    seqs: _tensor_pb2.Tensor
+    def __init__(self, keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seqs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class Hits(_message.Message):
+    __slots__ = ("scores", "seqs", "positions", "token_ids", "keys", "values")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    scores: _tensor_pb2.Tensor
+    seqs: _tensor_pb2.Tensor
+    positions: _tensor_pb2.Tensor
+    token_ids: _tensor_pb2.Tensor
+    keys: _tensor_pb2.Tensor
+    values: _tensor_pb2.Tensor
+    def __init__(self, scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seqs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class BankAppendRequest(_message.Message):
+    __slots__ = ("memory_id", "keys", "values", "token_ids", "skip_first")
+    MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIRST_FIELD_NUMBER: _ClassVar[int]
+    memory_id: str
+    keys: _tensor_pb2.Tensor
+    values: _tensor_pb2.Tensor
+    token_ids: _tensor_pb2.Tensor
+    skip_first: int
+    def __init__(self, memory_id: _Optional[str] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., skip_first: _Optional[int] = ...) -> None: ...
+
+class BankSearchRequest(_message.Message):
+    __slots__ = ("rows", "queries", "k_chunks")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[SearchList]
+    queries: _tensor_pb2.Tensor
+    k_chunks: int
+    def __init__(self, rows: _Optional[_Iterable[_Union[SearchList, _Mapping]]] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k_chunks: _Optional[int] = ...) -> None: ...
+
+class BankSearchResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[Hits]
+    def __init__(self, rows: _Optional[_Iterable[_Union[Hits, _Mapping]]] = ...) -> None: ...
+
+class ShardCreateRequest(_message.Message):
+    __slots__ = ("store_id", "capacity_chunks")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    capacity_chunks: int
+    def __init__(self, store_id: _Optional[str] = ..., capacity_chunks: _Optional[int] = ...) -> None: ...
+
+class ShardAddRequest(_message.Message):
+    __slots__ = ("store_id", "chunks", "min_seq")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    chunks: ChunkBatch
+    min_seq: int
+    def __init__(self, store_id: _Optional[str] = ..., chunks: _Optional[_Union[ChunkBatch, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
+
+class ShardSearchRequest(_message.Message):
+    __slots__ = ("store_id", "queries", "k_chunks")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    queries: _tensor_pb2.Tensor
+    k_chunks: int
+    def __init__(self, store_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k_chunks: _Optional[int] = ...) -> None: ...
+
+class ShardStats(_message.Message):
+    __slots__ = ("name", "node_id", "budget_bytes", "reserved_bytes", "num_stores", "live_chunks")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_STORES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node_id: str
+    budget_bytes: int
+    reserved_bytes: int
+    num_stores: int
+    live_chunks: int
+    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., num_stores: _Optional[int] = ..., live_chunks: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,78 @@
+"""Conversions between the core's data classes and the protobuf messages the services exchange."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from longmem.backbone import BackboneOutput
+from longmem.memory import Chunks, ChunkHits, MemoryStats
+from longmem.model import SegmentScores
+from longmem.v1 import internal_pb2 as ipb
+from longmem.v1 import longmem_pb2 as pb
+from longmem.wire import from_tensor_proto, tensor_from_proto, to_tensor_proto
+
+
+def chunks_to_proto(c: Chunks) -> ipb.ChunkBatch:
+    return ipb.ChunkBatch(keys=to_tensor_proto(c.keys), values=to_tensor_proto(c.values),
+                          token_ids=to_tensor_proto(c.token_ids), positions=to_tensor_proto(c.positions),
+                          seqs=to_tensor_proto(c.seqs))
+
+
+def chunks_from_proto(m: ipb.ChunkBatch) -> Chunks:
+    return Chunks(from_tensor_proto(m.keys), from_tensor_proto(m.values), from_tensor_proto(m.token_ids),
+                  from_tensor_proto(m.positions), from_tensor_proto(m.seqs))
+
+
+HIT_FIELDS = ("scores", "seqs", "positions", "token_ids", "keys", "values")
+
+
+def hits_to_proto(h: ChunkHits) -> ipb.Hits:
+    return ipb.Hits(**{name: to_tensor_proto(getattr(h, name)) for name in HIT_FIELDS})
+
+
+def hits_from_proto(m: ipb.Hits) -> ChunkHits:
+    return ChunkHits(**{name: from_tensor_proto(getattr(m, name)) for name in HIT_FIELDS})
+
+
+def encoded_to_proto(out: BackboneOutput) -> ipb.Encoded:
+    return ipb.Encoded(hidden=to_tensor_proto(out.hidden), mem_keys=to_tensor_proto(out.mem_keys),
+                       mem_values=to_tensor_proto(out.mem_values), last=to_tensor_proto(out.last))
+
+
+def encoded_from_proto(m: ipb.Encoded) -> BackboneOutput:
+    return BackboneOutput(hidden=tensor_from_proto(m.hidden), mem_keys=tensor_from_proto(m.mem_keys),
+                          mem_values=tensor_from_proto(m.mem_values), last=tensor_from_proto(m.last))
+
+
+def segments_to_proto(segments: list[list[int]]) -> list[ipb.Segment]:
+    return [ipb.Segment(token_ids=s) for s in segments]
+
+
+def segments_from_proto(segments) -> list[list[int]]:
+    return [list(s.token_ids) for s in segments]
+
+
+def scores_to_proto(rows: list[SegmentScores]) -> ipb.ReadResponse:
+    return ipb.ReadResponse(rows=[ipb.SegmentScores(logprobs=to_tensor_proto(r.logprobs),
+                                                    backbone_logprobs=to_tensor_proto(r.backbone_logprobs))
+                                  for r in rows])
+
+
+def scores_from_proto(m: ipb.ReadResponse) -> list[SegmentScores]:
+    return [SegmentScores(from_tensor_proto(r.logprobs), from_tensor_proto(r.backbone_logprobs)) for r in m.rows]
+
+
+def stats_to_proto(s: MemoryStats) -> pb.MemoryInfo:
+    return pb.MemoryInfo(memory_id=s.memory_id, capacity_tokens=s.capacity_tokens, num_shards=s.num_shards,
+                         tokens_held=s.tokens_held, tokens_evicted=s.tokens_evicted,
+                         tokens_appended=s.tokens_appended, pending_tokens=s.pending_tokens)
+
+
+def stats_from_proto(m: pb.MemoryInfo) -> MemoryStats:
+    return MemoryStats(memory_id=m.memory_id, capacity_tokens=m.capacity_tokens, tokens_held=m.tokens_held,
+                       tokens_evicted=m.tokens_evicted, tokens_appended=m.tokens_appended,
+                       pending_tokens=m.pending_tokens, num_shards=m.num_shards)
+
+
+def as_int32(ids) -> np.ndarray:
+    return np.asarray(ids, np.int32)
