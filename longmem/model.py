@@ -180,10 +180,8 @@ class LocalReader:
         return scores
 
     @contextmanager
-    def _scratch(self, needed: bool):
-        memory_id = f"scratch-{uuid.uuid4().hex}" if needed else None
-        if memory_id:
-            self.bank.create(memory_id)
+    def _scratch(self, needed: bool, num_tokens: int):
+        memory_id = create_scratch(self.bank, self.config, num_tokens) if needed else None
         try:
             yield memory_id
         finally:
@@ -201,7 +199,7 @@ class LocalReader:
         generator = torch.Generator().manual_seed(seed)
         eos = self.backbone.tokenizer.eos_token_id
         new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
-        with self._scratch(use_memory) as scratch:
+        with self._scratch(use_memory and len(ids) + max_new_tokens > w, len(ids) + max_new_tokens) as scratch:
             search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
             retriever = self._retriever(search)
             split = (len(ids) - 1) // w * w  # whole segments before the last are read, then cached
@@ -239,6 +237,15 @@ class LocalReader:
         out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
         self._state(out, self._retriever([[memory_id]], recorded))
         return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
+
+
+def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:
+    """A temporary memory for a call's own earlier segments, sized to hold all of them if it can."""
+    c = config.memory.chunk_size
+    capacity = min(config.memory.capacity_tokens, math.ceil(num_tokens / c) * c)
+    memory_id = f"scratch-{uuid.uuid4().hex}"
+    bank.create(memory_id, capacity)
+    return memory_id
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
@@ -367,9 +374,11 @@ class LongMemRunner:
                 self.bank.stats(m)
         scratches: list[str | None] = []
         try:
-            for m in memory_ids:
-                needed = use_memory and not (append and m is not None)
-                scratches.append(self.create_memory(f"scratch-{uuid.uuid4().hex}") if needed else None)
+            w = self.config.read.segment_tokens
+            for ids, m in zip(docs, memory_ids):
+                # Only a text of several segments has earlier segments of its own to remember.
+                needed = use_memory and not (append and m is not None) and len(ids) > w
+                scratches.append(create_scratch(self.bank, self.config, len(ids)) if needed else None)
             rows = []
             for ids, m, scratch in zip(docs, memory_ids, scratches):
                 search = [x for x in (m, scratch) if x is not None] if use_memory else []

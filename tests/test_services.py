@@ -1,0 +1,238 @@
+"""The services on a simulated multi-node cluster (ray.cluster_utils.Cluster), one per module:
+a head and three memory nodes, each with a small shard byte budget; Serve gRPC on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from longmem.config import LongMemConfig
+from longmem.data import essays_document
+from longmem.memory import CapacityExceeded, Chunker, ChunkStore, MemoryNotFound
+from longmem.model import LongMem
+from longmem.v1 import longmem_pb2 as pb
+from longmem.v1 import longmem_pb2_grpc as pbg
+from services.app import APP_NAME, build, grpc_options
+from services.bank import RemoteBank, get_bank, stop_bank
+from tiny import save_tiny
+
+NODES = 3
+SHARD_BUDGET = 150_000  # bytes: ~126 chunks (~500 tokens) of the tiny model per shard
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    path = save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+    port = free_port()
+    config = LongMemConfig.from_dict({
+        "backbone": {"name_or_path": str(path)},
+        "read": {"segment_tokens": 64},
+        "memory": {"capacity_tokens": 256, "topk_tokens": 8, "chunk_size": 4},
+        "serve": {"num_shards": NODES, "shard_budget_bytes": SHARD_BUDGET, "grpc_port": port},
+    }).validate()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    nodes = [cluster.add_node(num_cpus=1, resources={"memory_node": 1}) for _ in range(NODES)]
+    ray.init(address=cluster.address, namespace=config.serve.namespace)
+    serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
+    serve.run(build(config), name=APP_NAME, route_prefix="/")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield config, pbg.LongMemStub(channel), RemoteBank(get_bank(config)), nodes
+    finally:
+        channel.close()
+        serve.shutdown()
+        stop_bank(config)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_shards_spread_over_memory_nodes(service):
+    _, _, bank, nodes = service
+    stats = ray.get(bank.handle.shard_stats.remote())
+    assert len(stats) == NODES
+    assert {s.node_id for s in stats} == {n.node_id for n in nodes}
+
+
+def test_memory_larger_than_one_node_is_striped(service):
+    config, _, bank, _ = service
+    chunk_bytes = ChunkStore.bytes_per_chunk(4, 2, 16)
+    capacity = (SHARD_BUDGET // chunk_bytes) * 4 * 2  # twice what one shard can hold
+    with pytest.raises(CapacityExceeded):
+        bank.create("too-big-for-one", capacity, 1)
+    info = bank.create("striped", capacity, NODES)
+    try:
+        assert info.num_shards == NODES
+        per_shard = [s.reserved_bytes for s in ray.get(bank.handle.shard_stats.remote())]
+        assert all(0 < b <= SHARD_BUDGET for b in per_shard)
+    finally:
+        bank.delete("striped")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), shards=st.integers(1, NODES), capacity_chunks=st.integers(3, 60),
+       pieces=st.lists(st.integers(1, 90), min_size=1, max_size=5))
+def test_sharded_search_equals_flat_index_and_fifo_is_global(service, seed, shards, capacity_chunks, pieces):
+    _, _, bank, _ = service
+    rng = np.random.default_rng(seed)
+    c, hkv, d, hq = 4, 2, 16, 4
+    memory_id = f"prop-{seed}-{shards}-{capacity_chunks}"
+    bank.create(memory_id, capacity_chunks * c, shards)
+    flat_chunker, flat = Chunker(c, hkv, d), ChunkStore(capacity_chunks, c, hkv, d)
+    try:
+        for n in pieces:
+            keys, values = rng.standard_normal((2, n, hkv, d)).astype(np.float32)
+            ids = rng.integers(0, 300, n).astype(np.int32)
+            bank.append(memory_id, keys, values, ids, skip_first=1)
+            flat.add(flat_chunker.push(keys, values, ids, skip_first=1))
+        info = bank.stats(memory_id)
+        assert info.tokens_held == flat.live * c <= capacity_chunks * c
+        assert info.tokens_evicted == flat.evicted * c
+        assert info.pending_tokens == flat_chunker.pending_tokens
+        import torch
+
+        queries = torch.from_numpy(rng.standard_normal((1, 5, hq, d)).astype(np.float32))
+        for k in (3, capacity_chunks):
+            got = bank.search([[memory_id]], queries, k)[0]
+            want = flat.search(queries[0].numpy(), k)
+            np.testing.assert_array_equal(got.seqs, want.seqs)
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(got.positions, want.positions)
+            np.testing.assert_allclose(got.keys, want.keys)
+        newest = set(range(flat_chunker.next_seq - flat.live, flat_chunker.next_seq))
+        everything = bank.search([[memory_id]], queries, capacity_chunks)[0]
+        assert set(everything.seqs[0, 0][everything.seqs[0, 0] >= 0].tolist()) == newest
+    finally:
+        bank.delete(memory_id)
+
+
+def test_score_through_service_equals_core(service):
+    config, stub, _, _ = service
+    text = essays_document()[:3000]
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="parity", capacity_tokens=256, num_shards=NODES))
+    try:
+        stub.Append(pb.AppendRequest(memory_id="parity", text=text[:1500]))
+        remote = stub.Score(pb.ScoreRequest(memory_id="parity", text=text[1500:]))
+        local = LongMem(config)
+        local.create_memory("parity", 256)
+        local.append("parity", text[:1500])
+        core = local.score(text[1500:], "parity")
+        assert remote.num_scored_tokens == len(core.logprobs) > 3 * config.read.segment_tokens
+        np.testing.assert_allclose(remote.logprobs, core.logprobs, atol=1e-4)
+        np.testing.assert_allclose(remote.backbone_logprobs, core.backbone_logprobs, atol=1e-4)
+        assert abs(remote.perplexity - core.perplexity) < 1e-3 * core.perplexity
+        with_memory_differs = np.abs(np.array(remote.logprobs) - np.array(remote.backbone_logprobs)).max()
+        assert with_memory_differs > 1e-3
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="parity"))
+
+
+def test_fifo_eviction_across_shards_through_the_api(service):
+    _, stub, _, _ = service
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="fifo", capacity_tokens=64, num_shards=NODES))
+    try:
+        appended = stub.Append(pb.AppendRequest(memory_id="fifo", token_ids=list(range(10, 210)))).memory
+        assert appended.tokens_appended == 200
+        assert appended.tokens_held == 64
+        dropped_sinks = 4  # segments of 64 tokens: 4 segments, each first token is a sink
+        assert appended.tokens_held + appended.tokens_evicted + appended.pending_tokens == 200 - dropped_sinks
+        spans = stub.Retrieve(pb.RetrieveRequest(memory_id="fifo", text="the lazy dog", max_spans=64)).spans
+        assert spans and min(s.start_position for s in spans) >= 200 - 64 - appended.pending_tokens - 1
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="fifo"))
+
+
+def run_cli(port: int, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LONGMEM_TARGET=f"127.0.0.1:{port}")
+    return subprocess.run([sys.executable, "-m", "longmem.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_end_to_end_from_a_separate_client_process(service, tmp_path):
+    config, _, _, _ = service
+    port = config.serve.grpc_port
+    doc = tmp_path / "doc.txt"
+    text = essays_document()[:6000].encode("ascii", "ignore").decode()  # spans must decode to substrings
+    doc.write_text(text)
+
+    out = run_cli(port, "memory", "create", "--id", "e2e", "--capacity", "512", "--shards", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["num_shards"] == 2
+    out = run_cli(port, "append", "e2e", "--file", str(doc), "--json")
+    assert out.returncode == 0, out.stderr
+    assert int(json.loads(out.stdout)["tokens_appended"]) > 1000
+    out = run_cli(port, "score", "--memory", "e2e", "--text", "The most important thing is to make something people want.", "--json")
+    assert out.returncode == 0, out.stderr
+    assert float(json.loads(out.stdout)["perplexity"]) > 1
+    out = run_cli(port, "score-choices", "--memory", "e2e", "--prefix", "Startups", "--choice", " grow", "--choice", " die", "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["choices"]) == 2
+    out = run_cli(port, "generate", "--memory", "e2e", "--prompt", "Founders", "--max-new-tokens", "6", "--json")
+    assert out.returncode == 0, out.stderr
+    chunks = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert sum(len(c.get("token_ids", [])) for c in chunks) == 6 and chunks[-1]["finish_reason"] == "length"
+    out = run_cli(port, "retrieve", "e2e", "--text", "how to raise money", "--json")
+    assert out.returncode == 0, out.stderr
+    spans = json.loads(out.stdout)["spans"]
+    assert spans and all(s["text"] in text for s in spans)
+    out = run_cli(port, "memory", "delete", "e2e")
+    assert out.returncode == 0, out.stderr
+    out = run_cli(port, "memory", "get", "e2e")
+    assert out.returncode == 2 and "NOT_FOUND" in out.stderr
+
+
+@pytest.mark.parametrize("call, request_msg, code, field", [
+    ("GetMemory", pb.GetMemoryRequest(memory_id="missing"), grpc.StatusCode.NOT_FOUND, "missing"),
+    ("GetMemory", pb.GetMemoryRequest(), grpc.StatusCode.INVALID_ARGUMENT, "memory_id"),
+    ("CreateMemory", pb.CreateMemoryRequest(memory_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "memory_id"),
+    ("CreateMemory", pb.CreateMemoryRequest(capacity_tokens=6), grpc.StatusCode.INVALID_ARGUMENT, "capacity_tokens"),
+    ("CreateMemory", pb.CreateMemoryRequest(num_shards=99), grpc.StatusCode.INVALID_ARGUMENT, "num_shards"),
+    ("CreateMemory", pb.CreateMemoryRequest(capacity_tokens=10**7, num_shards=1),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "fit"),
+    ("Append", pb.AppendRequest(memory_id="missing", text="hello"), grpc.StatusCode.NOT_FOUND, "missing"),
+    ("Score", pb.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    ("Score", pb.ScoreRequest(token_ids=[1, 10**6]), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+    ("Score", pb.ScoreRequest(text="a b", token_ids=[1, 2]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    ("ScoreChoices", pb.ScoreChoicesRequest(prefix="a"), grpc.StatusCode.INVALID_ARGUMENT, "choices"),
+    ("Retrieve", pb.RetrieveRequest(memory_id="missing", text="x"), grpc.StatusCode.NOT_FOUND, "missing"),
+])
+def test_bad_requests_get_clear_status_codes(service, call, request_msg, code, field):
+    _, stub, _, _ = service
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, call)(request_msg)
+    assert err.value.code() == code
+    assert field in err.value.details()
+
+
+def test_generate_errors_reach_the_stream(service):
+    _, stub, _, _ = service
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=10**6)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_new_tokens" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(prompt="hi", memory_id="missing")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_memory_in_bank_raises_not_found(service):
+    _, _, bank, _ = service
+    with pytest.raises(MemoryNotFound):
+        bank.stats("never-created")
