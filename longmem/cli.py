@@ -57,6 +57,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
@@ -67,22 +71,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.bank import stop_bank
 
     config = load_config(args)
-    ray.init(address=args.address, namespace=config.serve.namespace)
-    serve.start(grpc_options=grpc_options(config),
-                http_options={"host": config.serve.host, "port": config.serve.http_port})
-    serve.run(build(config), name=APP_NAME, route_prefix="/")
-    print(f"LongMem gRPC API (longmem.v1.LongMem) on {config.serve.host}:{config.serve.grpc_port}; "
-          f"Ray dashboard: {ray.get_runtime_context().gcs_address}. Ctrl-C or SIGTERM stops it.", flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # "local" always starts an embedded cluster; a bare ray.init() would join any cluster it finds.
+    ray.init(address=args.address or "local", namespace=config.serve.namespace)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
     try:
-        while not stop:
-            signal.pause() if hasattr(signal, "pause") else time.sleep(1)
+        serve.start(grpc_options=grpc_options(config),
+                    http_options={"host": config.serve.host, "port": config.serve.http_port})
+        serve.run(build(config), name=APP_NAME, route_prefix="/")
+        print(f"LongMem gRPC API (longmem.v1.LongMem) on {config.serve.host}:{config.serve.grpc_port}. "
+              "Ctrl-C or SIGTERM stops it.", flush=True)
+        while True:
+            signal.pause()
     except KeyboardInterrupt:
-        pass
-    serve.shutdown()
-    if not args.address:
-        stop_bank(config)
+        log.info("stopping")
+    finally:
+        serve.shutdown()
+        if not args.address:
+            stop_bank(config)
+        ray.shutdown()
     return 0
 
 
