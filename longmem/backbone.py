@@ -101,7 +101,8 @@ class Backbone(nn.Module):
         path = resolve_backbone_path(cfg)
         self.path = path
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
-        self.model.to(cfg.device).eval().requires_grad_(False)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         hf = self.model.config
         self.family = "llama" if hf.model_type in LLAMA_LIKE else "gpt2" if hf.model_type in GPT2_LIKE else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -24,6 +25,7 @@ def load_config(args: argparse.Namespace) -> LongMemConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint
     from .data import essays_document
     from .model import LongMem
 
@@ -43,7 +45,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t_score = time.perf_counter() - t0
     stats = model.memory_stats(memory_id)
     print(f"perplexity, backbone with a {config.read.segment_tokens}-token window: {result.backbone_perplexity:.3f}")
-    print(f"perplexity, LongMem with memory (SideNet {'trained' if config.sidenet.checkpoint else 'untrained'}): "
+    checkpoint = resolve_checkpoint(config)
+    print(f"perplexity, LongMem with memory (SideNet {checkpoint or 'untrained'}): "
           f"{result.perplexity:.3f}")
     print(f"read {len(ids):,} tokens in {t_score:.1f} s ({len(ids) / t_score:.0f} tokens/s)")
     print(f"memory '{stats.memory_id}': {stats.tokens_held:,} tokens held of {stats.capacity_tokens:,}, "
@@ -54,6 +57,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for span in spans:
         print(f"  tokens {span.start_position}-{span.end_position} hits={span.hits} score={span.score:.2f}: "
               f"{span.text!r}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = load_config(args)
+    summary = train(config, args.out, progress=True)
+    print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
+          f"({summary['tokens_per_second']:.0f} tokens/s on {summary['device']}); "
+          f"checkpoint: {summary['checkpoint']} (load it with --set sidenet.checkpoint=PATH)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .model import LongMem
+
+    config = load_config(args)
+    out = args.out or config.eval.out_dir
+    results = evaluate(LongMem(config), config, out, parts=tuple(args.parts), progress=True)
+    print(f"report: {out}/report.md")
+    print(json.dumps(results.get("summary", {}), indent=2))
     return 0
 
 
@@ -99,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="read a long real document with LongMem; print perplexities and memory stats")
     add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
+    train = sub.add_parser("train", help="train the SideNet to use memory (memory-augmented adaptation); resumable")
+    add_config_args(train)
+    train.add_argument("--out", default=None, help="run directory (default: train.out_dir)")
+    train.set_defaults(func=cmd_train)
+    evaluate = sub.add_parser("eval", help="perplexity, ChapterBreak-style, in-context learning and passkey; "
+                                           "writes a Markdown report with plots")
+    add_config_args(evaluate)
+    evaluate.add_argument("--out", default=None, help="report directory (default: eval.out_dir)")
+    evaluate.add_argument("--parts", nargs="+", default=["ppl", "chapter", "icl", "passkey"],
+                          choices=["ppl", "chapter", "icl", "passkey"])
+    evaluate.set_defaults(func=cmd_eval)
     serve = sub.add_parser("serve", help="run the services and the gRPC API on an embedded local Ray cluster "
                                          "(or on an existing one with --address)")
     add_config_args(serve)

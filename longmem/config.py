@@ -25,7 +25,7 @@ class BackboneConfig:
     memory_layer: int | None = None
     memory_layer_fraction: float = 0.7
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when present, else CPU
     cache_dir: str = field(default_factory=lambda: os.environ.get(
         "LONGMEM_CACHE", str(Path.home() / ".cache" / "longmem")))
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +50,9 @@ class SideNetConfig:
     # backbone's logits exactly.
     init: str = "backbone"
     gate_init: float = 0.0  # g_h; the memory share of head h is sigmoid(g_h)
-    checkpoint: str | None = None  # trained SideNet weights (safetensors) loaded over the init
+    # A trained SideNet: a directory with sidenet.safetensors + config.json (see longmem/train.py).
+    # "auto": the checkpoint shipped in longmem/checkpoints/ for the default backbone, if any; None: untrained.
+    checkpoint: str | None = "auto"
 
 
 @dataclass
@@ -85,6 +87,51 @@ class ServeConfig:
 
 
 @dataclass
+class TrainConfig:
+    # Corpora: "python-docs", "jargon", "essays" (see longmem/data.py), or paths to a directory of
+    # .txt files, a .jsonl file or a .parquet file with a "text" field.
+    corpora: list[str] = field(default_factory=lambda: ["python-docs", "jargon"])
+    heldout_fraction: float = 0.05  # documents (by stable hash of their name) never trained on
+    synthetic_fraction: float = 0.3  # share of training documents that are synthetic key-value recall
+    synthetic_tokens: int = 4096  # length of one synthetic recall document
+    min_doc_tokens: int = 1024  # shorter documents are joined with the next ones
+    steps: int = 600
+    batch_rows: int = 2  # documents read side by side, each with its own memory
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # linear decay from lr to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    train_blocks: int = 3  # the memory block and the blocks after it that train; 0: every block
+    checkpoint_every: int = 25
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0: no limit
+    out_dir: str = "runs/train"
+    checkpoint_dtype: str = "float16"
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = "results/eval"
+    corpus: str = "python-docs"  # held-out documents of this corpus (longmem/data.py)
+    ppl_docs: int = 6
+    ppl_doc_tokens: int = 8192
+    position_buckets: int = 8
+    full_window_tokens: int = 8192  # the backbone reading everything at once (its context limit)
+    chapter_items: int = 30
+    chapter_prefix_tokens: int = 4096
+    chapter_candidates: int = 6
+    chapter_opening_tokens: int = 48
+    icl_memory_demos: int = 2000
+    icl_local_demos: int = 4
+    icl_test_items: int = 200
+    passkey_lengths: list[int] = field(default_factory=lambda: [4096, 16384, 65536, 262144])
+    passkey_trials: int = 20
+    seed: int = 0
+
+
+@dataclass
 class DemoConfig:
     tokens: int = 16_384  # how much of the essays the demo reads
     query: str = "What did the founders learn about raising money from investors?"
@@ -98,6 +145,8 @@ class LongMemConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
     @classmethod

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import Backbone, BackboneOutput
+from .checkpoint import load_weights, read_meta, resolve_checkpoint
 from .config import LongMemConfig
 from .memory import ChunkHits, MemoryBank, MemoryStats, hits_to_retrieved
 from .sidenet import SideNet
@@ -439,11 +440,13 @@ class LongMemRunner:
 
 
 def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
-    sidenet = SideNet(backbone, config.sidenet.init, config.sidenet.gate_init).to(backbone.device)
-    if config.sidenet.checkpoint:
-        from safetensors.torch import load_file
-
-        sidenet.load_state_dict(load_file(config.sidenet.checkpoint), strict=False)
+    """The SideNet for this backbone: a trained checkpoint when the config names one (its own
+    initialisation mode then applies to the parameters it did not train), else the configured init."""
+    path = resolve_checkpoint(config)
+    meta = read_meta(path) if path else {}
+    sidenet = SideNet(backbone, meta.get("init", config.sidenet.init), config.sidenet.gate_init).to(backbone.device)
+    if path:
+        load_weights(sidenet, path, meta)
     return sidenet.eval()
 
 

@@ -149,6 +149,11 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), rope, retriever, cache)
         return x + self.mlp(self.norm2(x))
 
+    def is_identity(self) -> bool:
+        """True when both output projections are zero: the block then adds exactly nothing."""
+        return not any(p.any() for proj in (self.attn.o_proj, self.mlp.down_proj)
+                       for p in (proj.weight, proj.bias) if p is not None)
+
     @torch.no_grad()
     def load_from_backbone(self, layer: nn.Module, spec: BlockSpec) -> None:
         """Copies the weights of one HF decoder layer into this block."""
@@ -195,6 +200,7 @@ class SideNet(nn.Module):
         super().__init__()
         self.spec = block_spec(backbone)
         self.num_blocks = backbone.num_layers // 2
+        self.memory_layer = backbone.memory_layer
         self.memory_block = backbone.memory_layer // 2
         self.blocks = nn.ModuleList(
             Block(self.spec, with_memory=i == self.memory_block, gate_init=gate_init)
@@ -225,6 +231,9 @@ class SideNet(nn.Module):
         x = hidden[0]
         for i, block in enumerate(self.blocks):
             x = x + (hidden[i + 1] - hidden[i])
+            reads_memory = i == self.memory_block and retriever is not None
+            if not reads_memory and block.is_identity():  # zero-initialised, untrained: no work to do
+                continue
             x = block(x, rope, retriever if i == self.memory_block else None,
                       cache[i] if cache is not None else None)
         return self.final_norm(x)

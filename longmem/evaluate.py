@@ -1,0 +1,797 @@
+"""The paper's evaluations of LongMem, on held-out real text, at sizes set by `config.eval`.
+
+`evaluate(model, config, out_dir)` runs any of four parts and writes `report.md`, `results.json` and
+PNG plots into `out_dir`:
+
+- "ppl": long-document perplexity, overall and by token position, for the backbone with the W-token
+  window, the backbone with its full window, the SideNet without memory and LongMem with a memory of
+  the document's own earlier segments;
+- "chapter": ChapterBreak-style suffix identification: a long prefix ending at a reST section break
+  goes into memory, and the model picks the true next section opening among openings of other
+  sections of the same document;
+- "icl": many-shot in-context learning on word sentiment, with thousands of demonstrations in memory
+  and a few in the local context;
+- "passkey": a 5-digit key stated at the start of N tokens of real filler, asked for at the end.
+
+Every document comes from the held-out split of `config.eval.corpus` (never trained on). `config`
+supplies the `eval` sizes and the held-out split (`train.heldout_fraction`); everything about how the
+model reads (segment W, memory sizes) is the model's own configuration. Cost is bounded by the
+`config.eval` sizes alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import LongMemConfig
+from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, random_key,
+                   sentiment_lexicon, split_heldout)
+from .memory import MemoryStats
+from .model import LongMem, fill_memory
+
+PARTS = ("ppl", "chapter", "icl", "passkey")
+TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
+          "icl": "Many-shot in-context learning with demonstrations in memory",
+          "passkey": "Passkey retrieval"}
+LOGSOFTMAX_ROWS = 512  # rows of full-window logits turned into log-probabilities at once
+CHAPTER_LOCAL_TOKENS = 32  # tokens before a section break that the reader sees locally
+CHAPTER_MIN_BREAKS = 6  # documents with fewer section breaks give no ChapterBreak items
+HEADING_CHARS = "=-~^*"  # reST section adornments used by the Python docs
+ICL_LABELS = ("negative", "positive")  # label 0, label 1 (sentiment_lexicon)
+PASSKEY_NEW_TOKENS = 8
+PASSKEY_DIGITS = 5
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A Markdown table; `align` holds one of l/r/c per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = {"l": ":--", "r": "--:", "c": ":-:"}
+    lines = ["| " + " | ".join(map(str, headers)) + " |",
+             "| " + " | ".join(rule[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_ppl(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:,.2f}"
+
+
+def fmt_acc(correct: int, total: int) -> str:
+    return f"{correct / total:.1%} ({correct}/{total})" if total else "n/a"
+
+
+def ppl_of(logprobs: np.ndarray) -> float:
+    return float(math.exp(-float(np.mean(logprobs)))) if len(logprobs) else float("nan")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+def heldout_documents(config: LongMemConfig) -> list[Document]:
+    return split_heldout(load_corpus(config.eval.corpus), config.train.heldout_fraction)[1]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _figure(width: float = 6.4, height: float = 4.0):
+    """A matplotlib figure on the Agg canvas, without pyplot (no global state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=110)
+    return name
+
+
+def _bar_plot(out_dir: Path, name: str, title: str, labels: list[str], values: list[float],
+              reference: tuple[str, float] | None = None) -> str:
+    fig, ax = _figure(6.4, 3.6)
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    if reference is not None:
+        ax.axhline(reference[1], color="gray", linestyle="--", label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, out_dir, name)
+
+
+def score_continuations(model: LongMem, prefixes: list[list[int]], choices: list[list[int]],
+                        memory_id: str | None, use_memory: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of log-probabilities of every choice as the continuation of every prefix (token ids), as
+    score_choices computes it, in one score_batch call: ([P, C] reader, [P, C] backbone)."""
+    texts = [p + c for p in prefixes for c in choices]
+    results = model.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False)
+    lengths = [len(c) for _ in prefixes for c in choices]
+    reader = [float(r.logprobs[-n:].sum()) for r, n in zip(results, lengths)]
+    backbone = [float(r.backbone_logprobs[-n:].sum()) for r, n in zip(results, lengths)]
+    shape = (len(prefixes), len(choices))
+    return np.reshape(reader, shape), np.reshape(backbone, shape)
+
+
+# ---- a. long-document perplexity ----------------------------------------------------------------
+
+@dataclass
+class PplDoc:
+    name: str
+    ids: list[int]
+    joined: int  # held-out documents concatenated into this one (1: a single document)
+
+
+def ppl_documents(model: LongMem, docs: Sequence[Document], count: int, num_tokens: int) -> list[PplDoc]:
+    """The first `count` documents with at least `num_tokens` tokens, cut to `num_tokens`. When too
+    few are that long, consecutive shorter documents are joined (blank line between) into documents
+    of that length. May return fewer than `count` when the held-out text runs out."""
+    long, short = [], []
+    for doc in docs:
+        ids = model.tokenize(doc.text)
+        if len(ids) >= num_tokens:
+            long.append(PplDoc(doc.name, ids[:num_tokens], 1))
+            if len(long) == count:
+                return long
+        elif ids:
+            short.append((doc.name, ids))
+    sep = model.tokenize("\n\n")
+    names, ids = [], []
+    for name, doc_ids in short:
+        names.append(name)
+        ids += (sep if ids else []) + doc_ids
+        if len(ids) >= num_tokens:
+            long.append(PplDoc(" + ".join(names), ids[:num_tokens], len(names)))
+            names, ids = [], []
+            if len(long) == count:
+                break
+    return long
+
+
+def full_window_logprobs(model: LongMem, ids: list[int], window: int) -> np.ndarray:
+    """log p(token i+1 | tokens <= i) from the backbone reading `window` tokens at once (consecutive
+    windows when the document is longer); log-softmax in blocks of rows to bound memory."""
+    backbone = model.backbone
+    out = []
+    for start in range(0, len(ids), window):
+        segment = ids[start:start + window]
+        targets = torch.tensor(ids[start + 1:start + window + 1], device=backbone.device)
+        if not len(targets):
+            break
+        encoded, _ = backbone.encode(torch.tensor([segment], device=backbone.device))
+        for a in range(0, len(targets), LOGSOFTMAX_ROWS):
+            with torch.no_grad():
+                logits = backbone.logits(encoded.last[0, a:a + LOGSOFTMAX_ROWS]).float()
+            rows = targets[a:a + LOGSOFTMAX_ROWS]
+            lp = torch.log_softmax(logits[:len(rows)], dim=-1).gather(-1, rows[:, None])[:, 0]
+            out.append(lp.cpu().numpy())
+        del encoded
+    return np.concatenate(out)
+
+
+def position_buckets(num_tokens: int, buckets: int) -> list[tuple[int, int]]:
+    """Equal [start, end) ranges of token position covering [0, num_tokens)."""
+    edges = [round(i * num_tokens / buckets) for i in range(buckets + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(buckets)]
+
+
+def bucket_ppl(logprobs: list[np.ndarray], ranges: list[tuple[int, int]]) -> list[float]:
+    """Perplexity per position range over all documents; logprobs[i] predicts token position i + 1."""
+    result = []
+    for start, end in ranges:
+        parts = [lp[max(start - 1, 0):max(end - 1, 0)] for lp in logprobs]
+        result.append(ppl_of(np.concatenate(parts)))
+    return result
+
+
+def run_ppl(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
+            progress: bool) -> dict:
+    ev, w = config.eval, model.config.read.segment_tokens
+    chosen = ppl_documents(model, docs, ev.ppl_docs, ev.ppl_doc_tokens)
+    if not chosen:
+        raise ValueError(f"no held-out text of {ev.ppl_doc_tokens} tokens in corpus {ev.corpus!r}")
+    ids = [d.ids for d in chosen]
+    n_tokens = len(ids[0])
+    window = min(n_tokens, ev.full_window_tokens, model.backbone.max_positions)
+    with_memory = model.score_batch(ids, use_memory=True, progress=progress)
+    without = model.score_batch(ids, use_memory=False, progress=progress)
+    full = [full_window_logprobs(model, d, window)
+            for d in tqdm(ids, desc="full window", unit="doc", disable=not progress)]
+    methods = {
+        "backbone_w": (f"backbone, {w}-token window", [r.backbone_logprobs for r in with_memory]),
+        "backbone_full": (f"backbone, {window}-token window", full),
+        "sidenet": ("SideNet, no memory", [r.logprobs for r in without]),
+        "longmem": ("LongMem, memory of earlier segments", [r.logprobs for r in with_memory]),
+    }
+    ranges = position_buckets(n_tokens, ev.position_buckets)
+    scratch_capacity = min(model.config.memory.capacity_tokens, round_up(n_tokens, model.config.memory.chunk_size))
+    result = {
+        "items": len(chosen), "doc_tokens": n_tokens, "segment_tokens": w, "full_window_tokens": window,
+        "memory_capacity_tokens": scratch_capacity,
+        "documents": [{"name": d.name, "tokens": len(d.ids), "joined_documents": d.joined} for d in chosen],
+        "buckets": [list(r) for r in ranges],
+        "methods": {key: {"label": label, "ppl": ppl_of(np.concatenate(lps)),
+                          "per_doc": [ppl_of(lp) for lp in lps], "by_position": bucket_ppl(lps, ranges)}
+                    for key, (label, lps) in methods.items()},
+        "notes": [],
+    }
+    joined = sum(d.joined > 1 for d in chosen)
+    if joined:
+        result["notes"].append(f"Too few held-out documents have {ev.ppl_doc_tokens:,} tokens: {joined} of the "
+                               f"{len(chosen)} documents join consecutive shorter held-out documents.")
+    if len(chosen) < ev.ppl_docs:
+        result["notes"].append(f"Only {len(chosen)} of the {ev.ppl_docs} documents asked for could be formed "
+                               f"from the held-out text.")
+    if scratch_capacity < n_tokens - w:
+        result["notes"].append(f"Memory capacity ({scratch_capacity:,} tokens) is smaller than the text before the "
+                               f"last segment: the FIFO evicts the oldest segments.")
+    result["plots"] = [plot_ppl(result, out_dir)]
+    return result
+
+
+def plot_ppl(result: dict, out_dir: Path) -> str:
+    fig, ax = _figure()
+    mids = [(a + b) / 2 for a, b in result["buckets"]]
+    for key, m in result["methods"].items():
+        ax.plot(mids, m["by_position"], marker="o", label=m["label"])
+    ax.set_xlabel("token position (bucket centre)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"Perplexity by position, {result['items']} held-out documents", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "ppl_by_position.png")
+
+
+def report_ppl(r: dict) -> str:
+    overall = markdown_table(
+        ["reader", "perplexity", "per document"],
+        [[m["label"], fmt_ppl(m["ppl"]), ", ".join(fmt_ppl(p) for p in m["per_doc"])]
+         for m in r["methods"].values()], "lrl")
+    buckets = markdown_table(
+        ["reader"] + [f"{a:,}–{b - 1:,}" for a, b in r["buckets"]],
+        [[m["label"]] + [fmt_ppl(p) for p in m["by_position"]] for m in r["methods"].values()])
+    docs = markdown_table(["document", "tokens", "joined documents"],
+                          [[d["name"], f"{d['tokens']:,}", d["joined_documents"]] for d in r["documents"]])
+    return "\n\n".join([
+        f"The first {r['doc_tokens']:,} tokens of {r['items']} held-out documents. The backbone reads them in "
+        f"{r['segment_tokens']:,}-token segments (each segment from scratch) and in windows of "
+        f"{r['full_window_tokens']:,} tokens; the SideNet reads {r['segment_tokens']:,}-token segments without "
+        f"memory, and LongMem with a memory (capacity {r['memory_capacity_tokens']:,} tokens) of the document's "
+        "own earlier segments. Perplexity is exp of the mean negative log-likelihood over all predicted tokens "
+        "of all documents.",
+        overall, "By token position (perplexity of the tokens at those positions):", buckets,
+        f"![perplexity by position]({r['plots'][0]})", docs, *[f"Note: {n}" for n in r["notes"]]])
+
+
+# ---- b. ChapterBreak-style suffix identification ------------------------------------------------
+
+def section_breaks(text: str) -> list[tuple[int, str]]:
+    """(character offset, title) of every reST section heading: a title line followed by an underline
+    of one of `=-~^*` at least as long as the title (reST's rule), after a blank line or at the
+    start of the text. The offset is that of an overline when the heading has one."""
+    lines = text.splitlines(keepends=True)
+    offsets = np.cumsum([0] + [len(s) for s in lines]).tolist()
+    stripped = [s.rstrip() for s in lines]
+    breaks = []
+    for i in range(1, len(lines)):
+        title, under = stripped[i - 1], stripped[i]
+        if len(under) < 2 or under[0] not in HEADING_CHARS or under != under[0] * len(under):
+            continue
+        if not title or title[0].isspace() or len(under) < len(title) or set(title) == {title[0]} and \
+                title[0] in HEADING_CHARS:
+            continue
+        start = i - 1
+        if start >= 1 and stripped[start - 1] == under:  # overline
+            start -= 1
+        if start >= 1 and stripped[start - 1]:
+            continue  # a section title follows a blank line
+        breaks.append((offsets[start], title.strip()))
+    return breaks
+
+
+@dataclass
+class ChapterItem:
+    doc: str
+    heading: str  # the true section's title
+    memory_ids: list[int]  # the long prefix, which goes into memory
+    local_ids: list[int]  # the last tokens before the break, read locally
+    candidates: list[list[int]]  # section openings, each exactly chapter_opening_tokens tokens
+    candidate_headings: list[str]
+    answer: int  # index of the true opening
+
+
+def chapter_local_tokens(config: LongMemConfig, segment_tokens: int) -> int:
+    """Tokens before the break read locally: ~32, fewer when W is so small that the local prefix and
+    an opening would not fit in one segment."""
+    return max(1, min(CHAPTER_LOCAL_TOKENS, segment_tokens - config.eval.chapter_opening_tokens))
+
+
+def chapter_items(model: LongMem, config: LongMemConfig, docs: Sequence[Document],
+                  rng: random.Random) -> list[ChapterItem]:
+    """Items from held-out documents with at least CHAPTER_MIN_BREAKS section breaks (and enough
+    distinct full-length openings for the candidates), taken round-robin over the documents, a random
+    break each time. A break qualifies when at least one W-token segment of text precedes its local
+    prefix; up to chapter_prefix_tokens tokens before the break are used."""
+    ev, w = config.eval, model.config.read.segment_tokens
+    n_open, n_cand = ev.chapter_opening_tokens, ev.chapter_candidates
+    local = chapter_local_tokens(config, w)
+    pools = []  # per document: (name, text, openings by break, shuffled break order)
+    for doc in docs:
+        breaks = section_breaks(doc.text)
+        if len(breaks) < max(CHAPTER_MIN_BREAKS, n_cand):
+            continue
+        openings = [model.tokenize(doc.text[b:b + 64 * n_open])[:n_open] for b, _ in breaks]
+        full = [i for i, o in enumerate(openings) if len(o) == n_open]
+        if len({tuple(openings[i]) for i in full}) < n_cand:
+            continue
+        order = [i for i in full if i > 0]
+        rng.shuffle(order)
+        pools.append((doc, breaks, openings, full, order))
+    items: list[ChapterItem] = []
+    while len(items) < ev.chapter_items and any(p[4] for p in pools):
+        for doc, breaks, openings, full, order in pools:
+            if not order or len(items) == ev.chapter_items:
+                continue
+            i = order.pop()
+            offset, title = breaks[i]
+            start = max(0, offset - 16 * ev.chapter_prefix_tokens)
+            before = model.tokenize(doc.text[start:offset])[1 if start else 0:][-ev.chapter_prefix_tokens:]
+            if len(before) < local + w:
+                continue
+            true = openings[i]
+            others = {tuple(openings[j]): j for j in full if j != i and openings[j] != true}
+            picked = rng.sample(sorted(others.items()), n_cand - 1)
+            cands = [(true, title)] + [(list(o), breaks[j][1]) for o, j in picked]
+            rng.shuffle(cands)
+            items.append(ChapterItem(doc.name, title, before[:-local], before[-local:], [c for c, _ in cands],
+                                     [t for _, t in cands], [c for c, _ in cands].index(true)))
+    return items
+
+
+def run_chapter(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
+                progress: bool) -> dict:
+    ev, c = config.eval, model.config.memory.chunk_size
+    items = chapter_items(model, config, docs, random.Random(ev.seed))
+    if not items:
+        raise ValueError(f"no held-out document of corpus {ev.corpus!r} has {CHAPTER_MIN_BREAKS} section breaks "
+                         f"with enough text before them")
+    rows = []
+    for item in tqdm(items, desc="chapter", unit="item", disable=not progress):
+        memory_id = model.create_memory(capacity_tokens=round_up(len(item.memory_ids), c))
+        try:
+            model.append(memory_id, token_ids=item.memory_ids)
+            with_mem, backbone = score_continuations(model, [item.local_ids], item.candidates, memory_id, True)
+            without, _ = score_continuations(model, [item.local_ids], item.candidates, None, False)
+        finally:
+            model.delete_memory(memory_id)
+        rows.append({"doc": item.doc, "heading": item.heading, "memory_tokens": len(item.memory_ids),
+                     "answer": item.answer, "candidate_headings": item.candidate_headings,
+                     "scores": {"longmem": with_mem[0].tolist(), "sidenet": without[0].tolist(),
+                                "backbone_w": backbone[0].tolist()}})
+    labels = {"longmem": "LongMem, prefix in memory", "sidenet": "SideNet, no memory",
+              "backbone_w": "backbone, local prefix only"}
+    correct = {k: sum(int(np.argmax(r["scores"][k])) == r["answer"] for r in rows) for k in labels}
+    result = {
+        "items": len(rows), "requested_items": ev.chapter_items, "candidates": ev.chapter_candidates,
+        "opening_tokens": ev.chapter_opening_tokens, "local_tokens": len(items[0].local_ids),
+        "mean_memory_tokens": float(np.mean([r["memory_tokens"] for r in rows])),
+        "documents": sorted({r["doc"] for r in rows}), "chance": 1 / ev.chapter_candidates,
+        "accuracy": {k: {"label": labels[k], "correct": correct[k], "accuracy": correct[k] / len(rows)}
+                     for k in labels},
+        "rows": rows, "notes": [],
+    }
+    if len(rows) < ev.chapter_items:
+        result["notes"].append(f"Only {len(rows)} of the {ev.chapter_items} items asked for exist in the held-out "
+                               f"documents.")
+    acc = result["accuracy"]
+    result["plots"] = [_bar_plot(out_dir, "chapter_accuracy.png", "ChapterBreak-style accuracy",
+                                 [a["label"] for a in acc.values()], [a["accuracy"] for a in acc.values()],
+                                 ("chance", result["chance"]))]
+    return result
+
+
+def report_chapter(r: dict) -> str:
+    table = markdown_table(["reader", "accuracy"],
+                           [[a["label"], fmt_acc(a["correct"], r["items"])] for a in r["accuracy"].values()]
+                           + [["chance", f"{r['chance']:.1%}"]])
+    examples = markdown_table(
+        ["document", "true section", "tokens in memory", "LongMem picks", "SideNet picks"],
+        [[x["doc"], x["heading"], f"{x['memory_tokens']:,}",
+          x["candidate_headings"][int(np.argmax(x["scores"]["longmem"]))],
+          x["candidate_headings"][int(np.argmax(x["scores"]["sidenet"]))]] for x in r["rows"]], "llrll")
+    return "\n\n".join([
+        f"{r['items']} items from {len(r['documents'])} held-out documents with at least {CHAPTER_MIN_BREAKS} reST "
+        f"section breaks. Each item: a break; on average {r['mean_memory_tokens']:,.0f} tokens of text before it "
+        f"go into a fresh memory, the last {r['local_tokens']} tokens before it are the local prefix, and the "
+        f"reader picks, among {r['candidates']} section openings of the same document ({r['opening_tokens']} "
+        "tokens each, heading included; the true one and others), the one with the highest summed "
+        "log-probability as the continuation of the local prefix. All openings have the same token count, so "
+        "summed and per-token mean log-probabilities rank them alike.",
+        table, f"![ChapterBreak accuracy]({r['plots'][0]})", "Items:", examples,
+        *[f"Note: {n}" for n in r["notes"]]])
+
+
+# ---- c. many-shot in-context learning -----------------------------------------------------------
+
+def icl_demo(word: str, label: int) -> str:
+    return f"Word: {word}\nSentiment: {ICL_LABELS[label]}\n"
+
+
+def icl_query(word: str) -> str:
+    return f"Word: {word}\nSentiment:"
+
+
+def icl_split(lexicon: Sequence[tuple[str, int]], n_memory: int, n_local: int, n_test: int,
+              rng: random.Random) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(memory demos, local demos, test items): disjoint sets of distinct words, each balanced between
+    the two labels (an odd count gets its extra item from a random label), each in random order."""
+    words = dict(lexicon)
+    pools = {label: sorted(w for w, lab in words.items() if lab == label) for label in (0, 1)}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    groups = []
+    for n in (n_test, n_local, n_memory):
+        counts = {0: n // 2, 1: n // 2}
+        if n % 2:
+            counts[rng.randint(0, 1)] += 1
+        for label, k in counts.items():
+            if len(pools[label]) < k:
+                raise ValueError(f"the sentiment lexicon has too few {ICL_LABELS[label]} words for "
+                                 f"{n_test} test items, {n_local} local and {n_memory} memory demonstrations")
+        group = [(pools[label].pop(), label) for label in (0, 1) for _ in range(counts[label])]
+        rng.shuffle(group)
+        groups.append(group)
+    test, local, memory = groups
+    return memory, local, test
+
+
+def run_icl(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
+            progress: bool) -> dict:
+    ev, c = config.eval, model.config.memory.chunk_size
+    memory_demos, local_demos, tests = icl_split(sentiment_lexicon(), ev.icl_memory_demos, ev.icl_local_demos,
+                                                 ev.icl_test_items, random.Random(ev.seed))
+    local_text = "".join(icl_demo(*d) for d in local_demos)
+    prefixes = [model.tokenize(local_text + icl_query(word)) for word, _ in tests]
+    choices = [model.tokenize(" " + label) for label in ICL_LABELS]
+    memory_ids = model.tokenize("".join(icl_demo(*d) for d in memory_demos)) if memory_demos else []
+    memory_id = model.create_memory(capacity_tokens=round_up(len(memory_ids), c))
+    scores = {"longmem": [], "sidenet": [], "backbone_w": []}
+    try:
+        if memory_ids:
+            model.append(memory_id, token_ids=memory_ids, progress=progress)
+        step = max(1, model.config.read.batch_segments * 4)
+        for a in tqdm(range(0, len(prefixes), step), desc="icl", unit="batch", disable=not progress):
+            block = prefixes[a:a + step]
+            with_mem, _ = score_continuations(model, block, choices, memory_id, True)
+            without, backbone = score_continuations(model, block, choices, None, False)
+            scores["longmem"] += with_mem.tolist()
+            scores["sidenet"] += without.tolist()
+            scores["backbone_w"] += backbone.tolist()
+    finally:
+        model.delete_memory(memory_id)
+    truth = np.array([label for _, label in tests])
+    labels = {"longmem": f"{len(local_demos)} local + {len(memory_demos)} memory demos (LongMem)",
+              "sidenet": f"{len(local_demos)} local demos (SideNet, no memory)",
+              "backbone_w": f"{len(local_demos)} local demos (backbone)"}
+    accuracy = {}
+    for key, label in labels.items():
+        predicted = np.argmax(np.array(scores[key]), axis=1)
+        accuracy[key] = {"label": label, "correct": int((predicted == truth).sum()),
+                         "accuracy": float((predicted == truth).mean()),
+                         "predicted_positive": float(predicted.mean())}
+    majority = max(float(truth.mean()), 1 - float(truth.mean()))
+    result = {
+        "items": len(tests), "memory_demos": len(memory_demos), "local_demos": len(local_demos),
+        "memory_tokens": len(memory_ids), "lexicon_words": len(dict(sentiment_lexicon())),
+        "majority_baseline": majority, "accuracy": accuracy,
+        "template": icl_demo("{word}", 1).replace("positive", "{positive|negative}"),
+        "tests": [{"word": w, "label": lab, "scores": {k: scores[k][i] for k in scores}}
+                  for i, (w, lab) in enumerate(tests)],
+        "local_demos_list": local_demos, "notes": [],
+    }
+    result["plots"] = [_bar_plot(out_dir, "icl_accuracy.png", "Word-sentiment ICL accuracy",
+                                 [a["label"].replace(" (", "\n(") for a in accuracy.values()],
+                                 [a["accuracy"] for a in accuracy.values()], ("majority class", majority))]
+    return result
+
+
+def report_icl(r: dict) -> str:
+    table = markdown_table(["demonstrations (reader)", "accuracy", "predicted positive"],
+                           [[a["label"], fmt_acc(a["correct"], r["items"]), f"{a['predicted_positive']:.1%}"]
+                            for a in r["accuracy"].values()]
+                           + [["majority-class baseline", f"{r['majority_baseline']:.1%}", ""]])
+    template = r["template"].replace("\n", "\\n")
+    return "\n\n".join([
+        f"Words and labels from the VADER sentiment lexicon ({r['lexicon_words']:,} words with a clear valence). "
+        f"Template `{template}`. {r['memory_demos']:,} demonstrations ({r['memory_tokens']:,} tokens) are "
+        f"appended to one memory, {r['local_demos']} more precede each of the {r['items']} test words locally; "
+        "the three sets are disjoint and each is balanced between the labels. Prediction: the label (\" positive\" "
+        "or \" negative\") with the higher log-probability after `Sentiment:`.",
+        table, f"![ICL accuracy]({r['plots'][0]})", *[f"Note: {n}" for n in r["notes"]]])
+
+
+# ---- d. passkey retrieval -----------------------------------------------------------------------
+
+class FillerMemory:
+    """The memory-layer keys/values of a filler text, encoded once and appended to many memories.
+
+    The frozen backbone reads each W-token segment on its own, so the keys/values of a segment made
+    only of filler do not depend on what precedes it. A document intro + filler[:n] is split into
+    segments at multiples of W: the segments holding intro tokens are encoded for each document, the
+    rest are slices of one encoding of the filler that starts at the same phase (filler offset
+    modulo W). `fill` therefore leaves a memory exactly as appending the whole document would.
+    """
+
+    def __init__(self, model: LongMem, filler_ids: list[int], progress: bool = False):
+        self.model, self.ids, self.progress = model, filler_ids, progress
+        self.w = model.config.read.segment_tokens
+        self.sink = model.config.memory.sink_tokens
+        self._encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.segments_encoded = 0
+
+    def encoded(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values [len(ids) - phase, Hkv, d] (float32) of filler_ids[phase:], in W segments."""
+        if phase not in self._encoded:
+            segments = [self.ids[s:s + self.w] for s in range(phase, len(self.ids), self.w)]
+            keys, values = [], []
+            batch = self.model.config.read.batch_segments
+            for a in tqdm(range(0, len(segments), batch), desc="encoding filler", unit="batch",
+                          disable=not self.progress):
+                group = segments[a:a + batch]
+                out = self.model.encoder.encode(group)
+                for b, seg in enumerate(group):
+                    keys.append(out.mem_keys[b, :len(seg)].float().cpu().numpy())
+                    values.append(out.mem_values[b, :len(seg)].float().cpu().numpy())
+            self.segments_encoded += len(segments)
+            self._encoded[phase] = (np.concatenate(keys), np.concatenate(values))
+        return self._encoded[phase]
+
+    def fill(self, memory_id: str, intro_ids: list[int], n: int) -> MemoryStats:
+        """Appends intro_ids + filler[:n] to a memory, as model.append(memory_id, token_ids=...) would."""
+        if n > len(self.ids):
+            raise ValueError(f"{n} filler tokens asked for, {len(self.ids)} encoded")
+        w, bank = self.w, self.model.bank
+        total = len(intro_ids) + n
+        head_len = min(total, math.ceil(len(intro_ids) / w) * w)  # the segments that hold intro tokens
+        head = (intro_ids + self.ids[:head_len])[:head_len]
+        head_segments = [head[s:s + w] for s in range(0, head_len, w)]
+        batch = self.model.config.read.batch_segments
+        for a in range(0, len(head_segments), batch):
+            group = head_segments[a:a + batch]
+            out = self.model.encoder.encode(group)
+            for b, seg in enumerate(group):
+                fill_memory(bank, memory_id, out, b, seg, self.sink)
+        phase = head_len - len(intro_ids)  # filler offset of the first segment of filler alone
+        if head_len < total:
+            keys, values = self.encoded(phase)
+            for s in range(phase, n, w):
+                e = min(s + w, n)
+                bank.append(memory_id, keys[s - phase:e - phase], values[s - phase:e - phase],
+                            np.asarray(self.ids[s:e], np.int32), skip_first=self.sink)
+        return bank.stats(memory_id)
+
+
+def passkey_filler_ids(model: LongMem, docs: Sequence[Document], num_tokens: int, rng: random.Random) -> list[int]:
+    """`num_tokens` tokens of real held-out text (filler_text), asking for more text until enough."""
+    chars = 6 * num_tokens + 1000
+    while True:
+        ids = model.tokenize(filler_text(docs, chars, rng))
+        if len(ids) >= num_tokens:
+            return ids[:num_tokens]
+        chars *= 2
+
+
+def run_passkey(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
+                progress: bool) -> dict:
+    ev, c = config.eval, model.config.memory.chunk_size
+    lengths = sorted(set(ev.passkey_lengths))
+    rng = random.Random(ev.seed)
+    filler = FillerMemory(model, passkey_filler_ids(model, docs, max(lengths), rng), progress)
+    filler_text_used = model.decode(filler.ids)
+    question_ids = model.tokenize(passkey_prompt_parts("0" * PASSKEY_DIGITS)[1])
+    encode_seconds = trial_seconds = 0.0
+    trials, keys = [], []
+    bar = tqdm(total=len(lengths) * ev.passkey_trials, desc="passkey", unit="trial", disable=not progress)
+    for n in lengths:
+        for _ in range(ev.passkey_trials):
+            key = random_key(rng)
+            while key in filler_text_used or key in keys:  # the key must occur only in the intro
+                key = random_key(rng)
+            keys.append(key)
+            intro_ids = model.tokenize(passkey_prompt_parts(key)[0])
+            capacity = round_up(len(intro_ids) + n, c)
+            memory_id = model.create_memory(capacity_tokens=capacity)
+            try:
+                t0 = time.perf_counter()
+                phase_known = len(filler._encoded)
+                stats = filler.fill(memory_id, intro_ids, n)
+                spent = time.perf_counter() - t0
+                if len(filler._encoded) > phase_known:
+                    encode_seconds += spent
+                t0 = time.perf_counter()
+                new = list(model.generate(token_ids=question_ids, memory_id=memory_id, temperature=0.0,
+                                          max_new_tokens=PASSKEY_NEW_TOKENS, use_memory=True))
+                trial_seconds += time.perf_counter() - t0
+            finally:
+                model.delete_memory(memory_id)
+            text = model.decode(new)
+            trials.append({"filler_tokens": n, "key": key, "document_tokens": len(intro_ids) + n + len(question_ids),
+                           "memory_capacity": capacity, "tokens_held": stats.tokens_held,
+                           "tokens_evicted": stats.tokens_evicted, "generated": text,
+                           "match": text.lstrip().startswith(key)})
+            bar.update()
+    bar.close()
+    control = model.decode(list(model.generate(token_ids=question_ids, temperature=0.0,
+                                               max_new_tokens=PASSKEY_NEW_TOKENS, use_memory=False)))
+    by_length = []
+    for n in lengths:
+        ts = [t for t in trials if t["filler_tokens"] == n]
+        by_length.append({"filler_tokens": n, "trials": len(ts), "correct": sum(t["match"] for t in ts),
+                          "accuracy": sum(t["match"] for t in ts) / len(ts),
+                          "memory_capacity": max(t["memory_capacity"] for t in ts),
+                          "evicted": sum(t["tokens_evicted"] for t in ts)})
+    result = {
+        "items": len(trials), "lengths": lengths, "trials_per_length": ev.passkey_trials,
+        "by_length": by_length, "trials": trials, "question_tokens": len(question_ids),
+        "filler_segments_encoded": filler.segments_encoded, "filler_phases": sorted(filler._encoded),
+        "filler_encode_seconds": encode_seconds, "generate_seconds": trial_seconds,
+        "configured_capacity": model.config.memory.capacity_tokens,
+        "control": {"generated": control, "correct": sum(control.lstrip().startswith(t["key"]) for t in trials)},
+        "notes": [],
+    }
+    larger = [b["filler_tokens"] for b in by_length if b["memory_capacity"] > model.config.memory.capacity_tokens]
+    if larger:
+        result["notes"].append(
+            f"Filler lengths {', '.join(f'{n:,}' for n in larger)} exceed the configured memory capacity "
+            f"({model.config.memory.capacity_tokens:,} tokens): their memories are sized to the document instead, "
+            "since a FIFO memory of the configured size would have evicted the key.")
+    result["plots"] = [plot_passkey(result, out_dir)]
+    return result
+
+
+def plot_passkey(result: dict, out_dir: Path) -> str:
+    fig, ax = _figure()
+    ns = [b["filler_tokens"] for b in result["by_length"]]
+    ax.plot(ns, [b["accuracy"] for b in result["by_length"]], marker="o", label="LongMem, document in memory")
+    control = result["control"]["correct"] / max(1, result["items"])
+    ax.plot(ns, [control] * len(ns), linestyle="--", color="gray", label="no memory")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("filler tokens N")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(f"Passkey retrieval, {result['trials_per_length']} trials per length", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "passkey.png")
+
+
+def report_passkey(r: dict) -> str:
+    table = markdown_table(["filler tokens N", "accuracy", "memory capacity", "tokens evicted"],
+                           [[f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
+                             f"{b['memory_capacity']:,}", f"{b['evicted']:,}"] for b in r["by_length"]])
+    examples = markdown_table(["N", "key", "generated", "match"],
+                              [[f"{t['filler_tokens']:,}", t["key"], f"`{t['generated']!r}`", "yes" if t["match"] else "no"]
+                               for t in r["trials"][:: max(1, r["trials_per_length"])]], "rllc")
+    return "\n\n".join([
+        "Each trial: a random 5-digit key stated in an intro (\"The pass key is 12345. Remember it. 12345 is the "
+        "pass key.\"), then N tokens of real held-out text, then the question \"What is the pass key? The pass key "
+        f"is\" ({r['question_tokens']} tokens). Intro and filler go into a fresh memory sized to hold them all; the "
+        f"question is the prompt, and the trial counts when the greedy continuation ({PASSKEY_NEW_TOKENS} new "
+        "tokens) starts with the key. The key never occurs in the filler.",
+        table, f"![passkey accuracy]({r['plots'][0]})",
+        f"Without memory the model answers {r['control']['generated']!r} to the question alone "
+        f"({r['control']['correct']}/{r['items']} keys).",
+        f"The filler's keys/values were encoded once ({r['filler_segments_encoded']:,} segments, "
+        f"{r['filler_encode_seconds']:.1f} s) and appended to every trial's memory after the key's own first "
+        f"segment(s); generation took {r['generate_seconds']:.1f} s in all.",
+        "First trial of each length:", examples, *[f"Note: {n}" for n in r["notes"]]])
+
+
+# ---- the whole evaluation -----------------------------------------------------------------------
+
+RUNNERS: dict[str, Callable[..., dict]] = {"ppl": run_ppl, "chapter": run_chapter, "icl": run_icl,
+                                           "passkey": run_passkey}
+REPORTERS: dict[str, Callable[[dict], str]] = {"ppl": report_ppl, "chapter": report_chapter, "icl": report_icl,
+                                               "passkey": report_passkey}
+
+
+def setup_info(model: LongMem, config: LongMemConfig, heldout: Sequence[Document]) -> dict:
+    from .checkpoint import resolve_checkpoint
+
+    mc = model.config
+    checkpoint = resolve_checkpoint(mc)
+    return {
+        "backbone": str(model.backbone.path), "backbone_layers": model.backbone.num_layers,
+        "memory_layer": model.backbone.memory_layer, "max_positions": model.backbone.max_positions,
+        "sidenet": str(checkpoint) if checkpoint else f"untrained (init '{mc.sidenet.init}')",
+        "sidenet_blocks": model.sidenet.num_blocks, "memory_block": model.sidenet.memory_block,
+        "segment_tokens": mc.read.segment_tokens, "batch_segments": mc.read.batch_segments,
+        "memory": {"capacity_tokens": mc.memory.capacity_tokens, "chunk_size": mc.memory.chunk_size,
+                   "topk_tokens": mc.memory.topk_tokens, "sink_tokens": mc.memory.sink_tokens,
+                   "dtype": mc.memory.dtype},
+        "corpus": config.eval.corpus, "heldout_fraction": config.train.heldout_fraction,
+        "heldout_documents": len(heldout), "seed": config.eval.seed, "eval_config": vars(config.eval).copy(),
+        "device": str(model.backbone.device), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__,
+    }
+
+
+def render_report(results: dict) -> str:
+    s = results["setup"]
+    mem = s["memory"]
+    parts = [p for p in PARTS if p in results]
+    setup = markdown_table(["", ""], [
+        ["backbone", f"`{s['backbone']}` ({s['backbone_layers']} layers, memory layer {s['memory_layer']}, "
+                     f"{s['max_positions']:,} positions)"],
+        ["SideNet", f"{s['sidenet']}; {s['sidenet_blocks']} blocks, memory block {s['memory_block']}"],
+        ["segment W", f"{s['segment_tokens']:,} tokens ({s['batch_segments']} segments per batch)"],
+        ["memory", f"capacity {mem['capacity_tokens']:,} tokens, chunks of {mem['chunk_size']}, top-"
+                   f"{mem['topk_tokens']} tokens per query, {mem['sink_tokens']} sink token(s) per segment "
+                   f"not stored, {mem['dtype']}"],
+        ["corpus", f"{s['corpus']}: {s['heldout_documents']} held-out documents (fraction "
+                   f"{s['heldout_fraction']}), seed {s['seed']}"],
+        ["device", f"{s['device']}, {s['torch_threads']} torch threads; Python {s['python']}, torch {s['torch']}"],
+    ], "ll")
+    times = markdown_table(["part", "items", "wall time"],
+                           [[TITLES[p], results[p]["items"], f"{results[p]['seconds']:.1f} s"] for p in parts]
+                           + [["total", "", f"{sum(results[p]['seconds'] for p in parts):.1f} s"]])
+    sections = [f"## {TITLES[p]}\n\n{REPORTERS[p](results[p])}" for p in parts]
+    return "\n\n".join(["# LongMem evaluation", "## Setup", setup, times, *sections]) + "\n"
+
+
+def evaluate(model: LongMem, config: LongMemConfig, out_dir: str | Path, parts: Sequence[str] = PARTS,
+             progress: bool = True) -> dict:
+    """Runs the selected parts (any of PARTS) and writes report.md, results.json and the plots into
+    out_dir. Returns the results (as written to results.json)."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown evaluation parts {unknown}; choose from {', '.join(PARTS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = heldout_documents(config)
+    if not heldout:
+        raise ValueError(f"corpus {config.eval.corpus!r} has no held-out documents at fraction "
+                         f"{config.train.heldout_fraction}")
+    results: dict[str, Any] = {"setup": setup_info(model, config, heldout)}
+    for part in PARTS:
+        if part not in parts:
+            continue
+        t0 = time.perf_counter()
+        results[part] = RUNNERS[part](model, config, heldout, out, progress)
+        results[part]["seconds"] = time.perf_counter() - t0
+    results = _jsonable(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(render_report(results))
+    return results
