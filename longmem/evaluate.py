@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,8 +62,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     rule = {"l": ":--", "r": "--:", "c": ":-:"}
     lines = ["| " + " | ".join(map(str, headers)) + " |",
              "| " + " | ".join(rule[a] for a in align) + " |"]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def md_literal(text: str) -> str:
+    """Generated text shown safely in Markdown: its Python repr, with backticks escaped."""
+    return repr(text).replace("`", "\\`")
 
 
 def fmt_ppl(x: float | None) -> str:
@@ -310,9 +314,11 @@ def section_breaks(text: str) -> list[tuple[int, str]]:
         title, under = stripped[i - 1], stripped[i]
         if len(under) < 2 or under[0] not in HEADING_CHARS or under != under[0] * len(under):
             continue
-        if not title or title[0].isspace() or len(under) < len(title) or set(title) == {title[0]} and \
-                title[0] in HEADING_CHARS:
+        if not title or title[0].isspace() or len(under) < len(title):
             continue
+        if title[0] in HEADING_CHARS and title == title[0] * len(title):
+            continue  # an overline, or two adornment lines
+
         start = i - 1
         if start >= 1 and stripped[start - 1] == under:  # overline
             start -= 1
@@ -325,6 +331,7 @@ def section_breaks(text: str) -> list[tuple[int, str]]:
 @dataclass
 class ChapterItem:
     doc: str
+    offset: int  # character offset of the break in the document
     heading: str  # the true section's title
     memory_ids: list[int]  # the long prefix, which goes into memory
     local_ids: list[int]  # the last tokens before the break, read locally
@@ -367,8 +374,8 @@ def chapter_items(model: LongMem, config: LongMemConfig, docs: Sequence[Document
                 continue
             i = order.pop()
             offset, title = breaks[i]
-            start = max(0, offset - 16 * ev.chapter_prefix_tokens)
-            before = model.tokenize(doc.text[start:offset])[1 if start else 0:][-ev.chapter_prefix_tokens:]
+            start = doc.text.rfind("\n", 0, max(0, offset - 16 * ev.chapter_prefix_tokens)) + 1  # a line start
+            before = model.tokenize(doc.text[start:offset])[-ev.chapter_prefix_tokens:]
             if len(before) < local + w:
                 continue
             true = openings[i]
@@ -376,7 +383,7 @@ def chapter_items(model: LongMem, config: LongMemConfig, docs: Sequence[Document
             picked = rng.sample(sorted(others.items()), n_cand - 1)
             cands = [(true, title)] + [(list(o), breaks[j][1]) for o, j in picked]
             rng.shuffle(cands)
-            items.append(ChapterItem(doc.name, title, before[:-local], before[-local:], [c for c, _ in cands],
+            items.append(ChapterItem(doc.name, offset, title, before[:-local], before[-local:], [c for c, _ in cands],
                                      [t for _, t in cands], [c for c, _ in cands].index(true)))
     return items
 
@@ -561,10 +568,16 @@ class FillerMemory:
         self.sink = model.config.memory.sink_tokens
         self._encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.segments_encoded = 0
+        self.encode_seconds = 0.0
+
+    @property
+    def phases(self) -> list[int]:
+        return sorted(self._encoded)
 
     def encoded(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values [len(ids) - phase, Hkv, d] (float32) of filler_ids[phase:], in W segments."""
         if phase not in self._encoded:
+            t0 = time.perf_counter()
             segments = [self.ids[s:s + self.w] for s in range(phase, len(self.ids), self.w)]
             keys, values = [], []
             batch = self.model.config.read.batch_segments
@@ -577,6 +590,7 @@ class FillerMemory:
                     values.append(out.mem_values[b, :len(seg)].float().cpu().numpy())
             self.segments_encoded += len(segments)
             self._encoded[phase] = (np.concatenate(keys), np.concatenate(values))
+            self.encode_seconds += time.perf_counter() - t0
         return self._encoded[phase]
 
     def fill(self, memory_id: str, intro_ids: list[int], n: int) -> MemoryStats:
@@ -621,8 +635,9 @@ def run_passkey(model: LongMem, config: LongMemConfig, docs: Sequence[Document],
     rng = random.Random(ev.seed)
     filler = FillerMemory(model, passkey_filler_ids(model, docs, max(lengths), rng), progress)
     filler_text_used = model.decode(filler.ids)
+    heldout_chars = sum(len(d.text.strip()) + 2 for d in docs)
     question_ids = model.tokenize(passkey_prompt_parts("0" * PASSKEY_DIGITS)[1])
-    encode_seconds = trial_seconds = 0.0
+    fill_seconds = generate_seconds = 0.0
     trials, keys = [], []
     bar = tqdm(total=len(lengths) * ev.passkey_trials, desc="passkey", unit="trial", disable=not progress)
     for n in lengths:
@@ -636,15 +651,12 @@ def run_passkey(model: LongMem, config: LongMemConfig, docs: Sequence[Document],
             memory_id = model.create_memory(capacity_tokens=capacity)
             try:
                 t0 = time.perf_counter()
-                phase_known = len(filler._encoded)
                 stats = filler.fill(memory_id, intro_ids, n)
-                spent = time.perf_counter() - t0
-                if len(filler._encoded) > phase_known:
-                    encode_seconds += spent
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 new = list(model.generate(token_ids=question_ids, memory_id=memory_id, temperature=0.0,
                                           max_new_tokens=PASSKEY_NEW_TOKENS, use_memory=True))
-                trial_seconds += time.perf_counter() - t0
+                fill_seconds += t1 - t0
+                generate_seconds += time.perf_counter() - t1
             finally:
                 model.delete_memory(memory_id)
             text = model.decode(new)
@@ -666,8 +678,9 @@ def run_passkey(model: LongMem, config: LongMemConfig, docs: Sequence[Document],
     result = {
         "items": len(trials), "lengths": lengths, "trials_per_length": ev.passkey_trials,
         "by_length": by_length, "trials": trials, "question_tokens": len(question_ids),
-        "filler_segments_encoded": filler.segments_encoded, "filler_phases": sorted(filler._encoded),
-        "filler_encode_seconds": encode_seconds, "generate_seconds": trial_seconds,
+        "filler_tokens": len(filler.ids), "filler_segments_encoded": filler.segments_encoded,
+        "filler_phases": filler.phases, "filler_encode_seconds": filler.encode_seconds,
+        "fill_seconds": fill_seconds - filler.encode_seconds, "generate_seconds": generate_seconds,
         "configured_capacity": model.config.memory.capacity_tokens,
         "control": {"generated": control, "correct": sum(control.lstrip().startswith(t["key"]) for t in trials)},
         "notes": [],
@@ -678,6 +691,9 @@ def run_passkey(model: LongMem, config: LongMemConfig, docs: Sequence[Document],
             f"Filler lengths {', '.join(f'{n:,}' for n in larger)} exceed the configured memory capacity "
             f"({model.config.memory.capacity_tokens:,} tokens): their memories are sized to the document instead, "
             "since a FIFO memory of the configured size would have evicted the key.")
+    if len(filler_text_used) > heldout_chars:
+        result["notes"].append(f"The filler ({len(filler_text_used):,} characters) is longer than all held-out text "
+                               f"({heldout_chars:,} characters): held-out documents repeat in it.")
     result["plots"] = [plot_passkey(result, out_dir)]
     return result
 
@@ -702,20 +718,23 @@ def report_passkey(r: dict) -> str:
                            [[f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
                              f"{b['memory_capacity']:,}", f"{b['evicted']:,}"] for b in r["by_length"]])
     examples = markdown_table(["N", "key", "generated", "match"],
-                              [[f"{t['filler_tokens']:,}", t["key"], f"`{t['generated']!r}`", "yes" if t["match"] else "no"]
+                              [[f"{t['filler_tokens']:,}", t["key"], md_literal(t["generated"]), "yes" if t["match"] else "no"]
                                for t in r["trials"][:: max(1, r["trials_per_length"])]], "rllc")
     return "\n\n".join([
         "Each trial: a random 5-digit key stated in an intro (\"The pass key is 12345. Remember it. 12345 is the "
         "pass key.\"), then N tokens of real held-out text, then the question \"What is the pass key? The pass key "
-        f"is\" ({r['question_tokens']} tokens). Intro and filler go into a fresh memory sized to hold them all; the "
+        f"is\" ({r['question_tokens']} tokens). Intro and filler go into a fresh memory sized to hold them all "
+        f"(up to {max(b['memory_capacity'] for b in r['by_length']):,} tokens; the configured capacity is "
+        f"{r['configured_capacity']:,}, and a smaller FIFO memory would evict the key), so nothing is evicted; the "
         f"question is the prompt, and the trial counts when the greedy continuation ({PASSKEY_NEW_TOKENS} new "
         "tokens) starts with the key. The key never occurs in the filler.",
         table, f"![passkey accuracy]({r['plots'][0]})",
-        f"Without memory the model answers {r['control']['generated']!r} to the question alone "
+        f"Without memory the model answers {md_literal(r['control']['generated'])} to the question alone "
         f"({r['control']['correct']}/{r['items']} keys).",
-        f"The filler's keys/values were encoded once ({r['filler_segments_encoded']:,} segments, "
-        f"{r['filler_encode_seconds']:.1f} s) and appended to every trial's memory after the key's own first "
-        f"segment(s); generation took {r['generate_seconds']:.1f} s in all.",
+        f"The filler's keys/values ({r['filler_tokens']:,} tokens, {r['filler_segments_encoded']:,} segments) were "
+        f"encoded once ({r['filler_encode_seconds']:.1f} s) and appended to every trial's memory after the "
+        f"segment(s) holding the key, encoded per trial (filling the memories took {r['fill_seconds']:.1f} s in "
+        f"all, generation {r['generate_seconds']:.1f} s).",
         "First trial of each length:", examples, *[f"Note: {n}" for n in r["notes"]]])
 
 
@@ -762,6 +781,7 @@ def render_report(results: dict) -> str:
                    f"not stored, {mem['dtype']}"],
         ["corpus", f"{s['corpus']}: {s['heldout_documents']} held-out documents (fraction "
                    f"{s['heldout_fraction']}), seed {s['seed']}"],
+        ["eval sizes", ", ".join(f"{k}={v}" for k, v in s["eval_config"].items() if k != "out_dir")],
         ["device", f"{s['device']}, {s['torch_threads']} torch threads; Python {s['python']}, torch {s['torch']}"],
     ], "ll")
     times = markdown_table(["part", "items", "wall time"],

@@ -1,0 +1,196 @@
+"""longmem.evaluate on the tiny random llama backbone with tiny sizes: the whole evaluation writes its
+report, results and plots with sane numbers; the cached-filler passkey memory equals appending the
+whole text; ICL demonstrations and test words are disjoint; ChapterBreak candidates hold the true
+opening exactly once. The held-out documents are the Python docs (Debian python3.11-doc): when they
+are missing these tests fail, they do not skip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import W
+from longmem.config import LongMemConfig
+from longmem.data import passkey_prompt_parts, sentiment_lexicon
+from longmem.evaluate import (PARTS, FillerMemory, chapter_items, evaluate, heldout_documents, icl_split,
+                              passkey_filler_ids, position_buckets, section_breaks)
+
+TINY_EVAL = {
+    "ppl_docs": 2, "ppl_doc_tokens": 5 * W, "position_buckets": 4, "full_window_tokens": 3 * W,
+    "chapter_items": 3, "chapter_prefix_tokens": 3 * W, "chapter_candidates": 3, "chapter_opening_tokens": 8,
+    "icl_memory_demos": 24, "icl_local_demos": 2, "icl_test_items": 6,
+    "passkey_lengths": [2 * W - 7, 4 * W + 5], "passkey_trials": 2, "seed": 0,
+}
+
+
+def eval_config(model, **changes) -> LongMemConfig:
+    data = model.config.to_dict()
+    data["eval"] = {**data["eval"], **TINY_EVAL, **changes}
+    return LongMemConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def heldout(llama_bb):
+    docs = heldout_documents(eval_config(llama_bb))
+    assert docs, "no held-out python-docs documents"
+    return docs
+
+
+def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path):
+    model = llama_bb
+    config = eval_config(model)
+    memories_before = {m.memory_id for m in model.list_memories()}
+    results = evaluate(model, config, tmp_path, progress=False)
+
+    report = (tmp_path / "report.md").read_text()
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == results
+    for part in PARTS:
+        assert results[part]["seconds"] > 0
+        for plot in results[part]["plots"]:
+            assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"]({plot})" in report
+    assert {m.memory_id for m in model.list_memories()} == memories_before  # every memory deleted
+    for heading in ("## Setup", "## Long-document perplexity", "## ChapterBreak", "## Many-shot", "## Passkey"):
+        assert heading in report
+    assert "untrained" in report and str(model.backbone.path) in report
+
+    ppl = results["ppl"]
+    assert ppl["items"] == TINY_EVAL["ppl_docs"] and ppl["doc_tokens"] == TINY_EVAL["ppl_doc_tokens"]
+    assert ppl["full_window_tokens"] == TINY_EVAL["full_window_tokens"]
+    assert len(ppl["buckets"]) == TINY_EVAL["position_buckets"]
+    assert set(ppl["methods"]) == {"backbone_w", "backbone_full", "sidenet", "longmem"}
+    for m in ppl["methods"].values():
+        for value in [m["ppl"], *m["per_doc"], *m["by_position"]]:
+            assert math.isfinite(value) and value > 1
+
+    chapter = results["chapter"]
+    assert chapter["items"] == TINY_EVAL["chapter_items"]
+    assert chapter["chance"] == pytest.approx(1 / TINY_EVAL["chapter_candidates"])
+    icl = results["icl"]
+    assert icl["items"] == TINY_EVAL["icl_test_items"] and icl["memory_demos"] == TINY_EVAL["icl_memory_demos"]
+    assert icl["majority_baseline"] == pytest.approx(0.5)  # balanced test labels
+    for part in (chapter, icl):
+        for a in part["accuracy"].values():
+            assert 0 <= a["accuracy"] <= 1
+            assert a["accuracy"] == pytest.approx(a["correct"] / part["items"])
+
+    passkey = results["passkey"]
+    assert passkey["items"] == len(TINY_EVAL["passkey_lengths"]) * TINY_EVAL["passkey_trials"]
+    assert [b["filler_tokens"] for b in passkey["by_length"]] == sorted(TINY_EVAL["passkey_lengths"])
+    for b in passkey["by_length"]:
+        assert 0 <= b["accuracy"] <= 1 and b["trials"] == TINY_EVAL["passkey_trials"]
+        assert b["evicted"] == 0  # every trial's memory holds its whole document
+    for t in passkey["trials"]:
+        assert len(t["key"]) == 5 and t["key"].isdigit()
+        assert t["memory_capacity"] >= t["document_tokens"] - passkey["question_tokens"]
+    # The filler was encoded once (one phase), not once per trial.
+    assert len(passkey["filler_phases"]) == 1
+    assert passkey["filler_segments_encoded"] <= math.ceil(max(TINY_EVAL["passkey_lengths"]) / W)
+
+
+def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path):
+    results = evaluate(llama_bb, eval_config(llama_bb, ppl_docs=1, position_buckets=2), tmp_path,
+                       parts=("ppl",), progress=False)
+    assert set(results) == {"setup", "ppl"}
+    assert not (tmp_path / "passkey.png").exists()
+    with pytest.raises(ValueError, match="unknown evaluation parts"):
+        evaluate(llama_bb, eval_config(llama_bb), tmp_path, parts=("ppl", "squad"))
+
+
+def _search_rows(model, memory_id, queries):
+    return model.bank.search([[memory_id]], queries, 4)[0]
+
+
+@pytest.mark.parametrize("intro_kind", ["key", "short"])
+def test_cached_filler_memory_equals_appending_the_whole_text(llama_bb, heldout, fresh_memory, intro_kind):
+    model = llama_bb
+    rng = random.Random(1)
+    n_max = 5 * W + 3
+    filler = FillerMemory(model, passkey_filler_ids(model, heldout, n_max, rng))
+    intro = passkey_prompt_parts("48213")[0] if intro_kind == "key" else "Key 7.\n"
+    intro_ids = model.tokenize(intro)
+    if intro_kind == "key":
+        assert len(intro_ids) > W  # the intro spans two segments with the tiny tokenizer
+    else:
+        assert len(intro_ids) < W
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(1, 6, model.backbone.num_heads, model.backbone.head_dim, generator=generator)
+    for n in (n_max, 2 * W, W - len(intro_ids) % W - 1, 3):
+        cached, full = fresh_memory(model, 512), fresh_memory(model, 512)
+        stats_cached = filler.fill(cached, intro_ids, n)
+        stats_full = model.bank.stats(full)
+        model.append(full, token_ids=intro_ids + filler.ids[:n])
+        stats_full = model.memory_stats(full)
+        assert dataclasses.replace(stats_cached, memory_id="") == dataclasses.replace(stats_full, memory_id="")
+        a, b = model.bank.get(cached), model.bank.get(full)
+        live = a.store.live
+        assert live == b.store.live and live > 0
+        np.testing.assert_array_equal(a.store.token_ids[:live], b.store.token_ids[:live])
+        np.testing.assert_array_equal(a.store.positions[:live], b.store.positions[:live])
+        np.testing.assert_allclose(a.store.keys[:live], b.store.keys[:live], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.store.values[:live], b.store.values[:live], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a.chunker.pending_ids, b.chunker.pending_ids)
+        hits_a, hits_b = _search_rows(model, cached, queries), _search_rows(model, full, queries)
+        np.testing.assert_array_equal(hits_a.seqs, hits_b.seqs)
+        np.testing.assert_array_equal(hits_a.positions, hits_b.positions)
+        np.testing.assert_array_equal(hits_a.token_ids, hits_b.token_ids)
+        np.testing.assert_allclose(hits_a.scores, hits_b.scores, rtol=1e-5, atol=1e-5)
+    assert filler.segments_encoded <= math.ceil(n_max / W)  # encoded once, reused for every n
+
+
+def test_icl_split_is_disjoint_balanced_and_deterministic():
+    lexicon = sentiment_lexicon()
+    memory, local, test = icl_split(lexicon, 101, 4, 20, random.Random(0))
+    assert (len(memory), len(local), len(test)) == (101, 4, 20)
+    words = [w for w, _ in memory + local + test]
+    assert len(set(words)) == len(words)  # disjoint, no repeats
+    assert sum(label for _, label in test) == 10 and sum(label for _, label in local) == 2
+    assert abs(sum(label for _, label in memory) - 50.5) == 0.5
+    assert dict(lexicon)[test[0][0]] == test[0][1]
+    assert icl_split(lexicon, 101, 4, 20, random.Random(0)) == (memory, local, test)
+    with pytest.raises(ValueError, match="too few"):
+        icl_split(lexicon[:50], 40, 4, 20, random.Random(0))
+
+
+def test_chapter_candidates_include_the_true_opening_exactly_once(llama_bb, heldout):
+    model = llama_bb
+    config = eval_config(model, chapter_items=6, chapter_candidates=4)
+    ev = config.eval
+    items = chapter_items(model, config, heldout, random.Random(3))
+    assert len(items) == 6
+    texts = {d.name: d.text for d in heldout}
+    for item in items:
+        text = texts[item.doc]
+        assert len(section_breaks(text)) >= 6
+        true = model.tokenize(text[item.offset:item.offset + 2000])[:ev.chapter_opening_tokens]
+        assert sum(c == true for c in item.candidates) == 1
+        assert item.candidates[item.answer] == true
+        assert len(item.candidates) == ev.chapter_candidates
+        assert all(len(c) == ev.chapter_opening_tokens for c in item.candidates)
+        assert item.heading in text[item.offset:item.offset + 400].splitlines()[:2]
+        before = model.tokenize(text[:item.offset])
+        context = item.memory_ids + item.local_ids
+        assert context == before[-len(context):] and len(context) <= ev.chapter_prefix_tokens
+        assert len(item.memory_ids) >= W and len(item.local_ids) + ev.chapter_opening_tokens <= W
+
+
+def test_section_breaks_find_rest_headings_only():
+    text = ("Title\n=====\n\nIntro text.\n\n--------------\n\nFirst\n-----\n\nBody\nnot a heading\n"
+            "-------------\n\n    indented\n    ~~~~~~~~\n\n*****\nOver\n*****\n\nShort underline\n---\n\n"
+            "Last one\n^^^^^^^^^^^^\n")
+    breaks = section_breaks(text)
+    assert [t for _, t in breaks] == ["Title", "First", "Over", "Last one"]
+    assert [text[o:].split("\n", 1)[0] for o, _ in breaks] == ["Title", "First", "*****", "Last one"]
+
+
+def test_position_buckets_cover_every_position():
+    ranges = position_buckets(100, 3)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))

@@ -1,0 +1,95 @@
+"""Training on a tiny random model: what trains, what stays frozen, memories per row, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longmem.config import LongMemConfig
+from longmem.model import LongMem
+from longmem.train import Trainer, lr_factor, trainable_names
+
+
+def tiny_config(model_dir, **train) -> LongMemConfig:
+    return LongMemConfig.from_dict({
+        "backbone": {"name_or_path": str(model_dir)},
+        "read": {"segment_tokens": 32},
+        "memory": {"capacity_tokens": 256, "topk_tokens": 8},
+        "sidenet": {"init": "zero", "checkpoint": None},
+        "train": {"corpora": ["essays"], "steps": 4, "batch_rows": 2, "synthetic_tokens": 96,
+                  "min_doc_tokens": 64, "checkpoint_every": 2, "warmup_steps": 2, "lr": 1e-3, **train},
+    })
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_only_the_memory_block_and_those_after_it_train(tiny_llama_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_llama_dir, train_blocks=1), tmp_path)
+    mem = trainer.sidenet.memory_block
+    assert all(n.startswith((f"blocks.{mem}.", "final_norm.")) for n in trainer.names)
+    assert f"blocks.{mem}.attn.gate" in trainer.names
+    before = {n: p.detach().clone() for n, p in trainer.sidenet.named_parameters()}
+    backbone_before = {n: p.detach().clone() for n, p in trainer.backbone.model.named_parameters()}
+    losses = [trainer.train_step() for _ in range(3)]
+    assert all(np.isfinite(losses))
+    for name, p in trainer.sidenet.named_parameters():
+        changed = not torch.equal(before[name], p)
+        if name not in trainer.names:
+            assert not changed, f"{name} is frozen but changed"
+    assert any(not torch.equal(before[n], trainer.params[n]) for n in trainer.names)
+    for name, p in trainer.backbone.model.named_parameters():
+        assert torch.equal(backbone_before[name], p), f"backbone {name} changed"
+    assert trainable_names(trainer.sidenet, 0) == [n for n, _ in trainer.sidenet.named_parameters()
+                                                   if n.startswith(("blocks.", "final_norm."))]
+
+
+def test_each_row_has_its_own_memory_reset_at_document_boundaries(tiny_llama_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_llama_dir, synthetic_fraction=1.0), tmp_path)  # short documents
+    for _ in range(16):
+        trainer.train_step()
+        for b, row in enumerate(trainer.rows):
+            # the row's memory holds exactly the current document's segments read so far
+            assert trainer.bank.stats(f"row-{b}").tokens_appended == min(row.cursor, len(row.ids) - 1)
+    assert all(r.documents_read >= 2 for r in trainer.rows), "rows should have moved on to new documents"
+
+
+def test_checkpoint_resume_and_load_by_path(tiny_llama_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir, steps=2)
+    first = Trainer(config, tmp_path)
+    summary = first.run(progress=False)
+    assert summary["steps"] == 2
+    meta = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert meta["init"] == "zero" and meta["trained_parameters"] == first.names and meta["steps"] == 2
+
+    resumed = Trainer(tiny_config(tiny_llama_dir, steps=4), tmp_path)
+    assert resumed.resume() and resumed.step == 2
+    for name, p in resumed.params.items():
+        assert torch.equal(p, first.params[name])
+    assert resumed.run(progress=False)["steps"] == 4
+    log_lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_lines] == [1, 2, 3, 4]
+
+    trained = LongMem(LongMemConfig.from_dict({**config.to_dict(), "sidenet": {"checkpoint": str(tmp_path / "checkpoint")}}))
+    for name, p in resumed.params.items():
+        loaded = dict(trained.sidenet.named_parameters())[name]
+        torch.testing.assert_close(loaded, p.detach().half().float(), rtol=0, atol=0)
+    untrained = LongMem(LongMemConfig.from_dict({**config.to_dict(), "sidenet": {"init": "zero", "checkpoint": None}}))
+    text = "Memory lets a model read far back. " * 6
+    assert not np.allclose(trained.score(text).logprobs, untrained.score(text).logprobs)
+
+
+def test_checkpoint_for_another_backbone_is_refused(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    Trainer(tiny_config(tiny_llama_dir, steps=1), tmp_path).run(progress=False)
+    config = tiny_config(tiny_gpt2_dir)
+    config.backbone.memory_layer = 1
+    config.sidenet.checkpoint = str(tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match="trained for"):
+        LongMem(config)
