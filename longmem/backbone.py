@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def resolve_backbone_path(cfg: BackboneConfig) -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+class _MemoryLayerReached(Exception):
+    """Raised from the memory layer's hook to stop a forward pass that only fills memory."""
 
 
 @dataclass
@@ -122,8 +127,7 @@ class Backbone(nn.Module):
             self.num_layers, cfg.memory_layer_fraction)
         if not 0 <= self.memory_layer < self.num_layers:
             raise ValueError(f"memory_layer {self.memory_layer} outside [0, {self.num_layers})")
-        self._capture: dict[str, torch.Tensor] | None = None
-        self._hidden: list[torch.Tensor] | None = None
+        self._call = threading.local()  # per-thread capture state: Serve replicas run calls in threads
         self._install_hooks()
 
     @staticmethod
@@ -153,13 +157,15 @@ class Backbone(nn.Module):
         return self.lm_head(self.final_norm(hidden_last))
 
     def _install_hooks(self) -> None:
+        call = self._call
+
         def save_input(module, args, kwargs):
-            if self._hidden is not None:
-                self._hidden.append(args[0] if args else kwargs["hidden_states"])
+            if getattr(call, "hidden", None) is not None:
+                call.hidden.append(args[0] if args else kwargs["hidden_states"])
 
         def save_output(module, args, output):
-            if self._hidden is not None:
-                self._hidden.append(output[0] if isinstance(output, tuple) else output)
+            if getattr(call, "hidden", None) is not None:
+                call.hidden.append(output[0] if isinstance(output, tuple) else output)
 
         self.layers[0].register_forward_pre_hook(save_input, with_kwargs=True)
         for layer in self.layers:
@@ -167,17 +173,20 @@ class Backbone(nn.Module):
         attn = self.layers[self.memory_layer].self_attn if self.family == "llama" else \
             self.layers[self.memory_layer].attn
 
-        def save_as(name):
+        def save_as(name, last):
             def hook(module, args, output):
-                if self._capture is not None:
-                    self._capture[name] = output
+                capture = getattr(call, "capture", None)
+                if capture is not None:
+                    capture[name] = output
+                    if last and call.stop_after_memory:
+                        raise _MemoryLayerReached
             return hook
 
         if self.family == "llama":
-            attn.k_proj.register_forward_hook(save_as("k"))
-            attn.v_proj.register_forward_hook(save_as("v"))
+            attn.k_proj.register_forward_hook(save_as("k", last=False))
+            attn.v_proj.register_forward_hook(save_as("v", last=True))
         else:
-            attn.c_attn.register_forward_hook(save_as("qkv"))
+            attn.c_attn.register_forward_hook(save_as("qkv", last=True))
 
     def _split_kv(self, capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.family == "llama":
@@ -194,14 +203,28 @@ class Backbone(nn.Module):
 
         Returns the output and the HF cache (when `past_key_values` is given, for generation).
         """
-        self._hidden, self._capture = [], {}
+        call = self._call
+        call.hidden, call.capture, call.stop_after_memory = [], {}, False
         try:
             out = self.base(input_ids=input_ids.to(self.device), past_key_values=past_key_values,
                             use_cache=past_key_values is not None)
-            hidden = self._hidden
-            keys, values = self._split_kv(self._capture)
+            hidden = call.hidden
+            keys, values = self._split_kv(call.capture)
         finally:
-            self._hidden, self._capture = None, None
+            call.hidden, call.capture = None, None
         # hidden: L + 1 tensors [B, T, D]; the SideNet needs the even-indexed ones.
         even = torch.stack(hidden[0::2])
         return BackboneOutput(hidden=even, mem_keys=keys, mem_values=values, last=hidden[-1]), out.past_key_values
+
+    @torch.no_grad()
+    def encode_memory(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the memory layer's keys/values, [B, T, Hkv, d] each: the layers above it never run."""
+        call = self._call
+        call.hidden, call.capture, call.stop_after_memory = None, {}, True
+        try:
+            self.base(input_ids=input_ids.to(self.device), use_cache=False)
+        except _MemoryLayerReached:
+            pass
+        finally:
+            capture, call.capture, call.stop_after_memory = call.capture, None, False
+        return self._split_kv(capture)

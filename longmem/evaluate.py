@@ -705,6 +705,8 @@ def plot_passkey(result: dict, out_dir: Path) -> str:
     control = result["control"]["correct"] / max(1, result["items"])
     ax.plot(ns, [control] * len(ns), linestyle="--", color="gray", label="no memory")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [f"{n:,}" for n in ns])
+    ax.minorticks_off()
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("filler tokens N")
     ax.set_ylabel("exact-match accuracy")
@@ -775,10 +777,10 @@ def render_report(results: dict) -> str:
         ["backbone", f"`{s['backbone']}` ({s['backbone_layers']} layers, memory layer {s['memory_layer']}, "
                      f"{s['max_positions']:,} positions)"],
         ["SideNet", f"{s['sidenet']}; {s['sidenet_blocks']} blocks, memory block {s['memory_block']}"],
-        ["segment W", f"{s['segment_tokens']:,} tokens ({s['batch_segments']} segments per batch)"],
+        ["segment W", f"{s['segment_tokens']:,} tokens (batches of up to {s['batch_segments']} segments)"],
         ["memory", f"capacity {mem['capacity_tokens']:,} tokens, chunks of {mem['chunk_size']}, top-"
-                   f"{mem['topk_tokens']} tokens per query, {mem['sink_tokens']} sink token(s) per segment "
-                   f"not stored, {mem['dtype']}"],
+                   f"{mem['topk_tokens']} tokens per query, first {mem['sink_tokens']} token(s) of each segment "
+                   f"never stored (attention sinks), {mem['dtype']}"],
         ["corpus", f"{s['corpus']}: {s['heldout_documents']} held-out documents (fraction "
                    f"{s['heldout_fraction']}), seed {s['seed']}"],
         ["eval sizes", ", ".join(f"{k}={v}" for k, v in s["eval_config"].items() if k != "out_dir")],

@@ -130,7 +130,9 @@ class LocalEncoder:
         return out
 
     def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats:
-        out = self.encode(segments)
+        """Encodes segments up to the memory layer only and appends them to a memory."""
+        keys, values = self.backbone.encode_memory(pad_segments(segments, self.backbone.device))
+        out = BackboneOutput(hidden=None, mem_keys=keys, mem_values=values, last=None)
         stats = None
         for b, seg in enumerate(segments):
             stats = fill_memory(self.bank, memory_id, out, b, seg, self.config.memory.sink_tokens)

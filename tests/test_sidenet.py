@@ -318,3 +318,19 @@ def test_memory_block_by_hand(tiny_models, family):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # and memory matters: without the retriever the block gives something else
         assert (block(x, rope) - got).abs().max() > 1e-3
+
+
+def test_encode_memory_stops_early_with_the_same_keys_values(tiny_models):
+    for family in ("llama", "gpt2"):
+        backbone = tiny_models(family, "zero").backbone
+        ids = torch.randint(0, backbone.vocab_size, (2, 24))
+        full, _ = backbone.encode(ids)
+        ran = []
+        hook = backbone.layers[-1].register_forward_hook(lambda *a: ran.append(1))
+        try:
+            keys, values = backbone.encode_memory(ids)
+        finally:
+            hook.remove()
+        assert not ran, "layers above the memory layer must not run"
+        torch.testing.assert_close(keys, full.mem_keys, rtol=0, atol=0)
+        torch.testing.assert_close(values, full.mem_values, rtol=0, atol=0)
