@@ -89,6 +89,9 @@ class ServeConfig:
     lm_resource: str = "lm_node"  # custom resource encoder and reader replicas require, when present
     bank_num_cpus: float = 0.25
     bank_max_concurrency: int = 64
+    # Torch threads in encoder and reader replicas; 0: all the node's cores. (Ray gives replicas with
+    # fractional CPUs one thread; a segment's encode and read run one after the other anyway.)
+    replica_torch_threads: int = 0
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
     gateway_num_cpus: float = 0.25

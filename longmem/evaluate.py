@@ -39,7 +39,7 @@ from .config import LongMemConfig
 from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, random_key,
                    sentiment_lexicon, split_heldout)
 from .memory import MemoryStats
-from .model import LongMem, fill_memory
+from .model import LongMem, pad_segments
 
 PARTS = ("ppl", "chapter", "icl", "passkey")
 TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
@@ -557,9 +557,12 @@ class FillerMemory:
 
     The frozen backbone reads each W-token segment on its own, so the keys/values of a segment made
     only of filler do not depend on what precedes it. A document intro + filler[:n] is split into
-    segments at multiples of W: the segments holding intro tokens are encoded for each document, the
+    segments at multiples of W: the segments holding intro tokens are ingested for each document, the
     rest are slices of one encoding of the filler that starts at the same phase (filler offset
     modulo W). `fill` therefore leaves a memory exactly as appending the whole document would.
+    Encoding runs the backbone only up to its memory layer (Backbone.encode_memory), as
+    LongMem.append does; a causal backbone gives a segment's first tokens the same keys/values
+    whether or not the segment is cut short, so shorter fillers reuse the same encoding.
     """
 
     def __init__(self, model: LongMem, filler_ids: list[int], progress: bool = False):
@@ -580,14 +583,14 @@ class FillerMemory:
             t0 = time.perf_counter()
             segments = [self.ids[s:s + self.w] for s in range(phase, len(self.ids), self.w)]
             keys, values = [], []
-            batch = self.model.config.read.batch_segments
+            batch, backbone = self.model.config.read.batch_segments, self.model.backbone
             for a in tqdm(range(0, len(segments), batch), desc="encoding filler", unit="batch",
                           disable=not self.progress):
                 group = segments[a:a + batch]
-                out = self.model.encoder.encode(group)
+                k, v = backbone.encode_memory(pad_segments(group, backbone.device))
                 for b, seg in enumerate(group):
-                    keys.append(out.mem_keys[b, :len(seg)].float().cpu().numpy())
-                    values.append(out.mem_values[b, :len(seg)].float().cpu().numpy())
+                    keys.append(k[b, :len(seg)].float().cpu().numpy())
+                    values.append(v[b, :len(seg)].float().cpu().numpy())
             self.segments_encoded += len(segments)
             self._encoded[phase] = (np.concatenate(keys), np.concatenate(values))
             self.encode_seconds += time.perf_counter() - t0
@@ -604,10 +607,7 @@ class FillerMemory:
         head_segments = [head[s:s + w] for s in range(0, head_len, w)]
         batch = self.model.config.read.batch_segments
         for a in range(0, len(head_segments), batch):
-            group = head_segments[a:a + batch]
-            out = self.model.encoder.encode(group)
-            for b, seg in enumerate(group):
-                fill_memory(bank, memory_id, out, b, seg, self.sink)
+            self.model.encoder.ingest(memory_id, head_segments[a:a + batch])
         phase = head_len - len(intro_ids)  # filler offset of the first segment of filler alone
         if head_len < total:
             keys, values = self.encoded(phase)
@@ -720,7 +720,8 @@ def report_passkey(r: dict) -> str:
                            [[f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
                              f"{b['memory_capacity']:,}", f"{b['evicted']:,}"] for b in r["by_length"]])
     examples = markdown_table(["N", "key", "generated", "match"],
-                              [[f"{t['filler_tokens']:,}", t["key"], md_literal(t["generated"]), "yes" if t["match"] else "no"]
+                              [[f"{t['filler_tokens']:,}", t["key"], md_literal(t["generated"]),
+                                "yes" if t["match"] else "no"]
                                for t in r["trials"][:: max(1, r["trials_per_length"])]], "rllc")
     return "\n\n".join([
         "Each trial: a random 5-digit key stated in an intro (\"The pass key is 12345. Remember it. 12345 is the "

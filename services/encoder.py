@@ -13,13 +13,14 @@ from longmem.v1 import longmem_pb2 as pb
 
 from .bank import RemoteBank, get_bank
 from .messages import encoded_to_proto, segments_from_proto, segments_to_proto, stats_from_proto, stats_to_proto
-from .remote import result
+from .remote import result, set_replica_threads
 
 
 @serve.deployment
 class EncoderDeployment:
     def __init__(self, config: dict):
         cfg = LongMemConfig.from_dict(config)
+        set_replica_threads(cfg.serve.replica_torch_threads)
         self.backbone = Backbone(cfg.backbone)
         self.encoder = LocalEncoder(self.backbone, RemoteBank(get_bank(cfg)), cfg)
 

@@ -24,7 +24,7 @@ from longmem.v1 import longmem_pb2 as pb
 
 from .bank import RemoteBank, get_bank
 from .encoder import RemoteEncoder
-from .messages import stats_to_proto
+from .messages import spans_to_proto, stats_to_proto
 from .reader import RemoteReader
 
 log = logging.getLogger("longmem.gateway")
@@ -206,6 +206,4 @@ class Gateway:
         if request.max_spans < 0:
             raise ValueError(f"max_spans must not be negative, got {request.max_spans}")
         ids = self._ids(request.text, None)
-        spans = self.runner.retrieve(memory_id, token_ids=ids, max_spans=request.max_spans or None)
-        return pb.RetrieveResponse(spans=[pb.RetrievedSpan(start_position=s.start_position, end_position=s.end_position,
-                                                           text=s.text, score=s.score, hits=s.hits) for s in spans])
+        return spans_to_proto(self.runner.retrieve(memory_id, token_ids=ids, max_spans=request.max_spans or None))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from longmem.backbone import BackboneOutput
 from longmem.memory import Chunks, ChunkHits, MemoryStats
-from longmem.model import SegmentScores
+from longmem.model import SegmentScores, Span
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 from longmem.wire import from_tensor_proto, tensor_from_proto, to_tensor_proto
@@ -74,5 +72,10 @@ def stats_from_proto(m: pb.MemoryInfo) -> MemoryStats:
                        pending_tokens=m.pending_tokens, num_shards=m.num_shards)
 
 
-def as_int32(ids) -> np.ndarray:
-    return np.asarray(ids, np.int32)
+def spans_to_proto(spans: list[Span]) -> pb.RetrieveResponse:
+    return pb.RetrieveResponse(spans=[pb.RetrievedSpan(start_position=s.start_position, end_position=s.end_position,
+                                                       text=s.text, score=s.score, hits=s.hits) for s in spans])
+
+
+def spans_from_proto(m: pb.RetrieveResponse) -> list[Span]:
+    return [Span(s.start_position, s.end_position, [], s.text, s.score, s.hits) for s in m.spans]

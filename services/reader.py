@@ -13,14 +13,16 @@ from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 
 from .bank import RemoteBank, get_bank
-from .messages import encoded_from_proto, scores_from_proto, scores_to_proto, segments_from_proto, segments_to_proto
-from .remote import result
+from .messages import (encoded_from_proto, scores_from_proto, scores_to_proto, segments_from_proto, segments_to_proto,
+                       spans_from_proto, spans_to_proto)
+from .remote import result, set_replica_threads
 
 
 @serve.deployment
 class ReaderDeployment:
     def __init__(self, config: dict):
         cfg = LongMemConfig.from_dict(config)
+        set_replica_threads(cfg.serve.replica_torch_threads)
         backbone = Backbone(cfg.backbone)  # its LM head, positions, and the KV-cached path of generation
         self.reader = LocalReader(backbone, build_sidenet(backbone, cfg), RemoteBank(get_bank(cfg)), cfg)
 
@@ -35,9 +37,7 @@ class ReaderDeployment:
                                         req.temperature, req.top_k, req.seed, req.use_memory)
 
     def retrieve(self, req: ipb.ReadRetrieveRequest) -> pb.RetrieveResponse:
-        spans = self.reader.retrieve(req.memory_id, list(req.token_ids), req.max_spans)
-        return pb.RetrieveResponse(spans=[pb.RetrievedSpan(start_position=s.start_position, end_position=s.end_position,
-                                                           text=s.text, score=s.score, hits=s.hits) for s in spans])
+        return spans_to_proto(self.reader.retrieve(req.memory_id, list(req.token_ids), req.max_spans))
 
 
 class RemoteReader:
@@ -59,5 +59,4 @@ class RemoteReader:
 
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]:
         req = ipb.ReadRetrieveRequest(memory_id=memory_id, token_ids=ids, max_spans=max_spans)
-        res = result(self.handle.retrieve.remote(req))
-        return [Span(s.start_position, s.end_position, [], s.text, s.score, s.hits) for s in res.spans]
+        return spans_from_proto(result(self.handle.retrieve.remote(req)))

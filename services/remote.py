@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
+import torch
 
 from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound
 
@@ -29,3 +32,8 @@ def result(call):
         if cause is not None:
             raise cause from None
         raise
+
+
+def set_replica_threads(threads: int) -> None:
+    """Torch threads for a replica: `threads`, or every core of the node when 0."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
