@@ -96,6 +96,9 @@ class ServeConfig:
     reader_num_cpus: float = 0.5
     gateway_num_cpus: float = 0.25
     shard_num_cpus: float = 0.25
+    api_keys_file: str | None = None  # YAML {tenant: [key, ...]}; no keys at all: insecure local mode
+    api_keys_env: str = "LONGMEM_API_KEYS"  # tenant:key,tenant:key
+    min_api_key_chars: int = 16
     max_text_chars: int = 4_000_000
     max_choices: int = 64
     max_new_tokens_limit: int = 1024

@@ -1,8 +1,9 @@
 """The gRPC ingress: implements longmem.v1.LongMem on Ray Serve's gRPC proxy.
 
-It tokenises, validates every request, and runs the core's segment loop (`LongMemRunner`) over the
-remote encoder, reader and bank. User errors become gRPC status codes with a message naming the
-field; INTERNAL is left for real bugs.
+It authenticates the caller (services/auth.py), scopes memory ids to the caller's tenant, validates
+every request, and runs the core's segment loop (`LongMemRunner`) over the remote encoder, reader
+and bank. User errors become gRPC status codes with a message naming the field; INTERNAL is left
+for real bugs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound
 from longmem.model import LongMemRunner
 from longmem.v1 import longmem_pb2 as pb
 
+from .auth import SEPARATOR, Tenants, Unauthenticated, load_keys, scope, unscope
 from .bank import RemoteBank, get_bank
 from .encoder import RemoteEncoder
 from .messages import spans_to_proto, stats_to_proto
@@ -30,10 +32,10 @@ from .reader import RemoteReader
 log = logging.getLogger("longmem.gateway")
 
 MEMORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RESERVED_PREFIX = "scratch-"
 
-STATUS = ((MemoryNotFound, grpc.StatusCode.NOT_FOUND), (MemoryExists, grpc.StatusCode.ALREADY_EXISTS),
-          (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED), (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+STATUS = ((Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (MemoryNotFound, grpc.StatusCode.NOT_FOUND),
+          (MemoryExists, grpc.StatusCode.ALREADY_EXISTS), (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
 def status_of(error: BaseException) -> grpc.StatusCode | None:
@@ -43,20 +45,35 @@ def status_of(error: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def public_message(error: BaseException, tenant: str | None) -> str:
+    """The error's message as the caller may see it: their own ids, no tenant prefixes."""
+    text = str(error)
+    return text.replace(f"{tenant}{SEPARATOR}", "") if tenant else text
+
+
+def report(grpc_context: RayServegRPCContext, error: BaseException, tenant: str | None, method: str) -> bool:
+    """Sets the status for a user error and returns True; returns False for a real bug (logged)."""
+    code = status_of(error)
+    if code is None:
+        log.exception("%s failed", method)
+        return False
+    grpc_context.set_code(code)
+    grpc_context.set_details(public_message(error, tenant))
+    return True
+
+
 def unary(response_type):
-    """Maps core errors to status codes; the client gets the code, the message and an empty reply."""
+    """Authenticates, calls method(self, request, tenant) and maps errors to status codes."""
     def wrap(method):
         # Serve passes `grpc_context` only to methods whose own signature names it: no functools.wraps.
         def run(self, request, grpc_context: RayServegRPCContext):
+            tenant = None
             try:
-                return method(self, request)
+                tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
+                return method(self, request, tenant)
             except Exception as e:
-                code = status_of(e)
-                if code is None:
-                    log.exception("%s failed", method.__name__)
+                if not report(grpc_context, e, tenant, method.__name__):
                     raise
-                grpc_context.set_code(code)
-                grpc_context.set_details(str(e))
                 return response_type()
         run.__name__, run.__doc__ = method.__name__, method.__doc__
         return run
@@ -66,9 +83,9 @@ def unary(response_type):
 def require_memory_id(memory_id: str, field: str = "memory_id") -> str:
     if not memory_id:
         raise ValueError(f"{field} is required")
-    if not MEMORY_ID.match(memory_id) or memory_id.startswith(RESERVED_PREFIX):
+    if not MEMORY_ID.match(memory_id):
         raise ValueError(f"{field} '{memory_id[:140]}' must be 1-128 letters, digits, '.', '_' or '-', "
-                         f"start with a letter or digit, and not start with '{RESERVED_PREFIX}'")
+                         "starting with a letter or digit")
     return memory_id
 
 
@@ -78,6 +95,7 @@ class Gateway:
         from transformers import AutoTokenizer
 
         self.config = LongMemConfig.from_dict(config).validate()
+        self.tenants = Tenants(load_keys(self.config.serve))
         tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(self.config.backbone))
         dims = model_dims(self.config.backbone)
         self.runner = LongMemRunner(self.config, RemoteEncoder(encoder), RemoteReader(reader),
@@ -96,48 +114,65 @@ class Gateway:
         except ValueError as e:
             raise ValueError(f"{field}: {e}") from None
 
-    def _optional_memory(self, memory_id: str) -> str | None:
-        return require_memory_id(memory_id) if memory_id else None
+    @staticmethod
+    def _memory(tenant: str, memory_id: str) -> str:
+        return scope(tenant, require_memory_id(memory_id))
+
+    def _optional_memory(self, tenant: str, memory_id: str) -> str | None:
+        return self._memory(tenant, memory_id) if memory_id else None
+
+    def _info(self, tenant: str, scoped_id: str) -> pb.MemoryInfo:
+        info = stats_to_proto(self.runner.memory_stats(scoped_id))
+        info.memory_id = unscope(tenant, scoped_id)
+        return info
 
     # ---- memories -------------------------------------------------------------------------------
     @unary(pb.MemoryInfo)
-    def CreateMemory(self, request: pb.CreateMemoryRequest) -> pb.MemoryInfo:
-        memory_id = require_memory_id(request.memory_id) if request.memory_id else uuid.uuid4().hex
+    def CreateMemory(self, request: pb.CreateMemoryRequest, tenant: str) -> pb.MemoryInfo:
+        memory_id = self._memory(tenant, request.memory_id or uuid.uuid4().hex)
         if request.capacity_tokens < 0:
             raise ValueError(f"capacity_tokens must be positive, got {request.capacity_tokens}")
         if request.num_shards < 0:
             raise ValueError(f"num_shards must be positive, got {request.num_shards}")
         self.runner.create_memory(memory_id, request.capacity_tokens or None, request.num_shards or None)
-        return stats_to_proto(self.runner.memory_stats(memory_id))
+        return self._info(tenant, memory_id)
 
     @unary(pb.MemoryInfo)
-    def GetMemory(self, request: pb.GetMemoryRequest) -> pb.MemoryInfo:
-        return stats_to_proto(self.runner.memory_stats(require_memory_id(request.memory_id)))
+    def GetMemory(self, request: pb.GetMemoryRequest, tenant: str) -> pb.MemoryInfo:
+        return self._info(tenant, self._memory(tenant, request.memory_id))
 
     @unary(pb.ListMemoriesResponse)
-    def ListMemories(self, request: pb.ListMemoriesRequest) -> pb.ListMemoriesResponse:
-        memories = [m for m in self.runner.list_memories() if not m.memory_id.startswith(RESERVED_PREFIX)]
-        return pb.ListMemoriesResponse(memories=[stats_to_proto(m) for m in memories])
+    def ListMemories(self, request: pb.ListMemoriesRequest, tenant: str) -> pb.ListMemoriesResponse:
+        memories = []
+        for stats in self.runner.list_memories():
+            own = unscope(tenant, stats.memory_id)
+            if own is not None:
+                info = stats_to_proto(stats)
+                info.memory_id = own
+                memories.append(info)
+        return pb.ListMemoriesResponse(memories=memories)
 
     @unary(pb.DeleteMemoryResponse)
-    def DeleteMemory(self, request: pb.DeleteMemoryRequest) -> pb.DeleteMemoryResponse:
-        self.runner.delete_memory(require_memory_id(request.memory_id))
+    def DeleteMemory(self, request: pb.DeleteMemoryRequest, tenant: str) -> pb.DeleteMemoryResponse:
+        self.runner.delete_memory(self._memory(tenant, request.memory_id))
         return pb.DeleteMemoryResponse(memory_id=request.memory_id, deleted=True)
 
     @unary(pb.MemoryInfo)
-    def ResetMemory(self, request: pb.ResetMemoryRequest) -> pb.MemoryInfo:
-        return stats_to_proto(self.runner.reset_memory(require_memory_id(request.memory_id)))
+    def ResetMemory(self, request: pb.ResetMemoryRequest, tenant: str) -> pb.MemoryInfo:
+        memory_id = self._memory(tenant, request.memory_id)
+        self.runner.reset_memory(memory_id)
+        return self._info(tenant, memory_id)
 
     # ---- reading --------------------------------------------------------------------------------
     @unary(pb.AppendResponse)
-    def Append(self, request: pb.AppendRequest) -> pb.AppendResponse:
-        memory_id = require_memory_id(request.memory_id)
+    def Append(self, request: pb.AppendRequest, tenant: str) -> pb.AppendResponse:
+        memory_id = self._memory(tenant, request.memory_id)
         n = self.runner.append(memory_id, token_ids=self._ids(request.text, request.token_ids))
-        return pb.AppendResponse(memory=stats_to_proto(self.runner.memory_stats(memory_id)), tokens_appended=n)
+        return pb.AppendResponse(memory=self._info(tenant, memory_id), tokens_appended=n)
 
     @unary(pb.ScoreResponse)
-    def Score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
-        memory_id = self._optional_memory(request.memory_id)
+    def Score(self, request: pb.ScoreRequest, tenant: str) -> pb.ScoreResponse:
+        memory_id = self._optional_memory(tenant, request.memory_id)
         use_memory = request.use_memory if request.HasField("use_memory") else True
         if request.append and memory_id is None:
             raise ValueError("append=true needs a memory_id")
@@ -150,8 +185,8 @@ class Gateway:
                                 backbone_perplexity=r.backbone_perplexity)
 
     @unary(pb.ScoreChoicesResponse)
-    def ScoreChoices(self, request: pb.ScoreChoicesRequest) -> pb.ScoreChoicesResponse:
-        memory_id = self._optional_memory(request.memory_id)
+    def ScoreChoices(self, request: pb.ScoreChoicesRequest, tenant: str) -> pb.ScoreChoicesResponse:
+        memory_id = self._optional_memory(tenant, request.memory_id)
         choices = list(request.choices)
         if not choices:
             raise ValueError("choices must not be empty")
@@ -169,8 +204,11 @@ class Gateway:
         return pb.ScoreChoicesResponse(choices=out, best_index=best)
 
     def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> Iterator[pb.GenerateResponse]:
+        # A streaming status reaches the client only with a raise after set_code (see ray-notes).
+        tenant = None
         try:
-            memory_id = self._optional_memory(request.memory_id)
+            tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
+            memory_id = self._optional_memory(tenant, request.memory_id)
             ids = self._ids(request.prompt, None, field="prompt")
             limit = self.config.serve.max_new_tokens_limit
             if not 0 <= request.max_new_tokens <= limit:
@@ -192,17 +230,12 @@ class Gateway:
             eos = self.runner.tokenizer.eos_token_id
             yield pb.GenerateResponse(finish_reason="eos" if generated and generated[-1] == eos else "length")
         except Exception as e:
-            code = status_of(e)
-            if code is None:
-                log.exception("Generate failed")
-                raise
-            grpc_context.set_code(code)
-            grpc_context.set_details(str(e))
+            report(grpc_context, e, tenant, "Generate")
             raise
 
     @unary(pb.RetrieveResponse)
-    def Retrieve(self, request: pb.RetrieveRequest) -> pb.RetrieveResponse:
-        memory_id = require_memory_id(request.memory_id)
+    def Retrieve(self, request: pb.RetrieveRequest, tenant: str) -> pb.RetrieveResponse:
+        memory_id = self._memory(tenant, request.memory_id)
         if request.max_spans < 0:
             raise ValueError(f"max_spans must not be negative, got {request.max_spans}")
         ids = self._ids(request.text, None)

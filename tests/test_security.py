@@ -1,0 +1,160 @@
+"""Tenants, API keys and input validation through the real Serve gRPC endpoint (one local cluster)."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
+
+from longmem.config import LongMemConfig
+from longmem.v1 import longmem_pb2 as pb
+from longmem.v1 import longmem_pb2_grpc as pbg
+from services.app import APP_NAME, build, grpc_options
+from services.bank import stop_bank
+from tiny import save_tiny
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef0"
+SECRET = "The vault combination is 31-41-59, known only to Alice. " * 6
+BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("security")
+    model = save_tiny(root / "tiny", "llama")
+    keys = root / "keys.yaml"
+    keys.write_text(f"alice: [{ALICE_KEY}]\nbob: [{BOB_KEY}]\n")
+    port = free_port()
+    config = LongMemConfig.from_dict({
+        "backbone": {"name_or_path": str(model)}, "read": {"segment_tokens": 32},
+        "memory": {"capacity_tokens": 512, "topk_tokens": 8},
+        "serve": {"grpc_port": port, "num_shards": 2, "api_keys_file": str(keys), "max_new_tokens_limit": 8,
+                  "max_choices": 4, "max_text_chars": 2000},
+    })
+    ray.init(address="local", namespace=config.serve.namespace)
+    serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
+    serve.run(build(config), name=APP_NAME, route_prefix="/")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield pbg.LongMemStub(channel)
+    finally:
+        channel.close()
+        serve.shutdown()
+        stop_bank(config)
+        ray.shutdown()
+
+
+def auth(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+ALL_CALLS = [
+    ("CreateMemory", pb.CreateMemoryRequest(memory_id="m")),
+    ("GetMemory", pb.GetMemoryRequest(memory_id="m")),
+    ("ListMemories", pb.ListMemoriesRequest()),
+    ("DeleteMemory", pb.DeleteMemoryRequest(memory_id="m")),
+    ("ResetMemory", pb.ResetMemoryRequest(memory_id="m")),
+    ("Append", pb.AppendRequest(memory_id="m", text="hello")),
+    ("Score", pb.ScoreRequest(text="hello there")),
+    ("ScoreChoices", pb.ScoreChoicesRequest(prefix="a", choices=["b"])),
+    ("Retrieve", pb.RetrieveRequest(memory_id="m", text="x")),
+]
+
+
+@pytest.mark.parametrize("metadata", [[], auth("wrong-key-0123456789abc"), [("authorization", ALICE_KEY)]],
+                         ids=["missing", "wrong", "not-bearer"])
+def test_missing_or_wrong_key_is_unauthenticated(endpoint, metadata):
+    for name, request in ALL_CALLS:
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(endpoint, name)(request, metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+    with pytest.raises(grpc.RpcError) as err:
+        list(endpoint.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=1), metadata=metadata))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_tenant_never_reaches_another_tenants_memory(endpoint):
+    alice, bob = auth(ALICE_KEY), auth(BOB_KEY)
+    endpoint.CreateMemory(pb.CreateMemoryRequest(memory_id="vault", capacity_tokens=512), metadata=alice)
+    endpoint.Append(pb.AppendRequest(memory_id="vault", text=SECRET), metadata=alice)
+    before = endpoint.GetMemory(pb.GetMemoryRequest(memory_id="vault"), metadata=alice)
+    assert before.tokens_appended > 0
+
+    attempts = [
+        ("GetMemory", pb.GetMemoryRequest(memory_id="vault")),
+        ("Append", pb.AppendRequest(memory_id="vault", text="overwrite attempt")),
+        ("ResetMemory", pb.ResetMemoryRequest(memory_id="vault")),
+        ("Score", pb.ScoreRequest(memory_id="vault", text="The vault combination is")),
+        ("ScoreChoices", pb.ScoreChoicesRequest(memory_id="vault", prefix="The vault", choices=[" combination"])),
+        ("Retrieve", pb.RetrieveRequest(memory_id="vault", text="vault combination")),
+        ("DeleteMemory", pb.DeleteMemoryRequest(memory_id="vault")),
+        ("GetMemory", pb.GetMemoryRequest(memory_id="alice~vault")),
+        ("Retrieve", pb.RetrieveRequest(memory_id="../alice~vault", text="vault")),
+    ]
+    for name, request in attempts:
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(endpoint, name)(request, metadata=bob)
+        assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), name
+        details = err.value.details().replace(request.memory_id, "")  # Bob's own input may be echoed
+        assert "alice" not in details.lower() and "31-41-59" not in details
+    with pytest.raises(grpc.RpcError) as err:
+        list(endpoint.Generate(pb.GenerateRequest(memory_id="vault", prompt="The vault", max_new_tokens=2),
+                               metadata=bob))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    listed = endpoint.ListMemories(pb.ListMemoriesRequest(), metadata=bob).memories
+    assert all(m.memory_id != "vault" and "alice" not in m.memory_id for m in listed)
+    # Bob's own "vault" is a different memory; Alice's is untouched by everything above.
+    mine = endpoint.CreateMemory(pb.CreateMemoryRequest(memory_id="vault", capacity_tokens=256), metadata=bob)
+    assert mine.memory_id == "vault" and mine.tokens_appended == 0
+    after = endpoint.GetMemory(pb.GetMemoryRequest(memory_id="vault"), metadata=alice)
+    assert after == before
+    assert [m.memory_id for m in endpoint.ListMemories(pb.ListMemoriesRequest(), metadata=alice).memories] == ["vault"]
+    endpoint.DeleteMemory(pb.DeleteMemoryRequest(memory_id="vault"), metadata=bob)
+    assert endpoint.GetMemory(pb.GetMemoryRequest(memory_id="vault"), metadata=alice).tokens_appended > 0
+
+
+texts = st.text(max_size=60) | st.just("") | st.text(min_size=2100, max_size=2200)
+ids = st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(0, 400), max_size=20)
+memory_ids = st.sampled_from(["", "fuzz", "missing", "bad id", "x" * 200, "a~b", "../etc"]) | st.text(max_size=20)
+requests = st.one_of(
+    st.builds(pb.CreateMemoryRequest, memory_id=memory_ids, capacity_tokens=st.integers(-10, 10**9),
+              num_shards=st.integers(-3, 5)),
+    st.builds(pb.GetMemoryRequest, memory_id=memory_ids),
+    st.builds(pb.AppendRequest, memory_id=memory_ids, text=texts, token_ids=ids),
+    st.builds(pb.ScoreRequest, memory_id=memory_ids, text=texts, token_ids=ids, append=st.booleans()),
+    st.builds(pb.ScoreChoicesRequest, memory_id=memory_ids, prefix=texts, choices=st.lists(texts, max_size=6)),
+    st.builds(pb.RetrieveRequest, memory_id=memory_ids, text=texts, max_spans=st.integers(-5, 10**6)),
+    st.builds(pb.GenerateRequest, memory_id=memory_ids, prompt=texts, max_new_tokens=st.integers(-5, 12),
+              temperature=st.floats(-1, 3, allow_nan=False), top_k=st.integers(-2, 50)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=requests)
+def test_fuzzed_requests_never_get_internal_errors(endpoint, request):
+    alice = auth(ALICE_KEY)
+    name = type(request).__name__.removesuffix("Request")
+    try:
+        if name == "Generate":
+            list(endpoint.Generate(request, metadata=alice, timeout=60))
+        else:
+            getattr(endpoint, name)(request, metadata=alice, timeout=60)
+    except grpc.RpcError as e:
+        assert e.code() not in BAD_CODES, (name, e.code(), e.details())
+    finally:
+        for m in endpoint.ListMemories(pb.ListMemoriesRequest(), metadata=alice).memories:
+            if m.memory_id != "vault":
+                endpoint.DeleteMemory(pb.DeleteMemoryRequest(memory_id=m.memory_id), metadata=alice)
