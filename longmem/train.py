@@ -219,6 +219,7 @@ class Trainer:
                 log_file.write(json.dumps({"step": self.step, "loss": loss, "tokens": self.tokens,
                                            "lr": self.scheduler.get_last_lr()[0], "gate": gate,
                                            "seconds": elapsed}) + "\n")
+                log_file.flush()
                 if self.step % tc.checkpoint_every == 0:
                     self.save()
                 if tc.max_minutes and elapsed > 60 * tc.max_minutes:
