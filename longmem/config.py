@@ -83,6 +83,12 @@ class ServeConfig:
     namespace: str = "longmem"
     num_shards: int = 2  # memory shard actors in the cluster
     shard_budget_bytes: int = 2 * 1024**3  # bytes of keys/values one shard may hold
+    # Where shards and the bank keep their write-ahead logs and snapshots: a local directory or any
+    # fsspec URI (s3://bucket/prefix on a cluster, so state survives the loss of a node). Empty:
+    # {backbone.cache_dir}/storage/{namespace}. "none": nothing is persisted.
+    storage_uri: str = ""
+    snapshot_every: int = 256  # log records between snapshots (each truncates the log)
+    shard_retry_seconds: float = 30.0  # how long the bank retries a restarting shard before UNAVAILABLE
     default_memory_shards: int = 1  # shards one new memory is striped over when not asked
     shard_resource: str = "memory_node"  # custom resource a shard requires, when the cluster has it
     shard_resource_units: float = 1.0  # 1.0: one shard per memory node
@@ -208,6 +214,13 @@ class LongMemConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def storage_root(self) -> str | None:
+        """The root URI of durable service state, or None when persistence is off."""
+        uri = self.serve.storage_uri
+        if uri == "none":
+            return None
+        return uri or str(Path(self.backbone.cache_dir) / "storage" / self.serve.namespace)
 
     def validate(self) -> "LongMemConfig":
         m = self.memory

@@ -46,6 +46,10 @@ class CapacityExceeded(RuntimeError):
     """The memory does not fit in the byte budget left."""
 
 
+class ShardUnavailable(RuntimeError):
+    """A memory shard is down or restarting; the call may be retried."""
+
+
 @dataclass
 class Chunks:
     """Complete chunks, ready to store. n chunks."""
@@ -228,6 +232,7 @@ class ChunkStore:
         self.filled = 0  # slots present in the faiss indexes (<= capacity)
         self.live = 0  # newest `live` slots before `head` are searchable
         self.evicted = 0  # chunks dropped, by overwrite or by evict_before
+        self.last_seq = NO_SEQ  # newest seq stored: adding a seq again is a no-op (replays are idempotent)
 
     @staticmethod
     def bytes_per_chunk(chunk_size: int, num_kv_heads: int, head_dim: int, dtype=np.float32) -> int:
@@ -253,12 +258,17 @@ class ChunkStore:
         self.filled = max(self.filled, slot + count)
 
     def add(self, chunks: Chunks) -> None:
-        """Stores chunks in seq order; when full, each overwrites the oldest slot."""
+        """Stores chunks in seq order; when full, each overwrites the oldest slot. Chunks whose seq is
+        not newer than the newest stored one are skipped, so replaying an add changes nothing."""
+        if len(chunks) and chunks.seqs[0] <= self.last_seq:
+            chunks = chunks.select(chunks.seqs > self.last_seq)
+        if not len(chunks):
+            return
+        self.last_seq = int(chunks.seqs[-1])
         if len(chunks) > self.capacity:
             self.evicted += len(chunks) - self.capacity
             chunks = chunks.select(slice(len(chunks) - self.capacity, None))
         n = len(chunks)
-        search_keys = chunks.keys.astype(np.float32).mean(axis=2)  # [n, Hkv, d]
         done = 0
         while done < n:
             count = min(n - done, self.capacity - self.head)
@@ -268,12 +278,36 @@ class ChunkStore:
             self.token_ids[s:s + count] = chunks.token_ids[part]
             self.positions[s:s + count] = chunks.positions[part]
             self.seqs[s:s + count] = chunks.seqs[part]
-            self._write_index(s, count, search_keys[part])
+            self._write_index(s, count, self._search_keys(slice(s, s + count)))
             self.head = (self.head + count) % self.capacity
             done += count
         overflow = max(0, self.live + n - self.capacity)
         self.evicted += overflow
         self.live = min(self.capacity, self.live + n)
+
+    def _search_keys(self, slots: slice) -> np.ndarray:
+        """A chunk's search key: the mean of its stored token keys, [n, Hkv, d]."""
+        return self.keys[slots].astype(np.float32).mean(axis=2)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything needed to rebuild this store exactly (the index is derived from the keys)."""
+        n = self.filled
+        arrays = {"keys": self.keys[:n], "values": self.values[:n], "token_ids": self.token_ids[:n],
+                  "positions": self.positions[:n], "seqs": self.seqs[:n]}
+        meta = {"capacity": self.capacity, "chunk_size": self.chunk_size, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "dtype": self.dtype.name, "head": self.head, "filled": self.filled,
+                "live": self.live, "evicted": self.evicted, "last_seq": self.last_seq}
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "ChunkStore":
+        store = cls(meta["capacity"], meta["chunk_size"], meta["num_kv_heads"], meta["head_dim"], meta["dtype"])
+        n = meta["filled"]
+        for name in ("keys", "values", "token_ids", "positions", "seqs"):
+            getattr(store, name)[:n] = arrays[name]
+        store._write_index(0, n, store._search_keys(slice(0, n)))
+        store.head, store.live, store.evicted, store.last_seq = meta["head"], meta["live"], meta["evicted"], meta["last_seq"]
+        return store
 
     def oldest_slot(self) -> int:
         return (self.head - self.live) % self.capacity
@@ -335,6 +369,7 @@ class ChunkStore:
             index.reset()
         self.seqs[:] = NO_SEQ
         self.head = self.filled = self.live = self.evicted = 0
+        self.last_seq = NO_SEQ
 
 
 @dataclass

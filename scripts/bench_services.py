@@ -28,6 +28,7 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,7 +141,8 @@ def wait_actors_gone(names: list[str], namespace: str, timeout_s: float = 60.0) 
 def model_config(args, grpc_port: int):
     from longmem.config import LongMemConfig
 
-    data: dict = {"serve": {"grpc_port": grpc_port, "http_port": free_port()}, "read": {}, "backbone": {}}
+    data: dict = {"serve": {"grpc_port": grpc_port, "http_port": free_port(), "storage_uri": tempfile.mkdtemp()},
+                  "read": {}, "backbone": {}}
     if args.backbone:
         data["backbone"]["name_or_path"] = str(Path(args.backbone).expanduser().resolve())
     if args.segment:
@@ -309,7 +311,7 @@ def bench_search(args, report: Report, machine: dict) -> None:
     budget = int(per_chunk * (max(sizes) // c) * 1.05) + (64 << 20)  # the biggest memory on one shard
     cfg = LongMemConfig.from_dict({
         "memory": {"chunk_size": c},
-        "serve": {"num_shards": max(shards), "shard_budget_bytes": budget},
+        "serve": {"num_shards": max(shards), "shard_budget_bytes": budget, "storage_uri": tempfile.mkdtemp()},
     })
     omp, tt, ft = probe_worker_threads(cfg.serve.shard_num_cpus)
     machine[f"Ray worker with num_cpus={cfg.serve.shard_num_cpus:g} (shard actors)"] = (

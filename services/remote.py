@@ -7,9 +7,9 @@ import os
 import ray
 import torch
 
-from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound
+from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
 
-KNOWN_ERRORS = (MemoryNotFound, MemoryExists, CapacityExceeded, ValueError)
+KNOWN_ERRORS = (MemoryNotFound, MemoryExists, CapacityExceeded, ShardUnavailable, ValueError)
 
 
 def known_cause(error: BaseException) -> BaseException | None:

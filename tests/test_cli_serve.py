@@ -23,7 +23,8 @@ def test_longmem_serve_answers_grpc_and_stops_on_sigterm(tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "longmem.cli", "serve", "--set", f"backbone.name_or_path={model}",
            "--set", f"serve.grpc_port={port}", "--set", f"serve.http_port={free_port()}",
-           "--set", "read.segment_tokens=32", "--set", "memory.capacity_tokens=1024"]
+           "--set", "read.segment_tokens=32", "--set", "memory.capacity_tokens=1024",
+           "--set", f"serve.storage_uri={tmp_path / 'storage'}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               start_new_session=True)

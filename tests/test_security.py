@@ -41,7 +41,7 @@ def endpoint(tmp_path_factory):
         "backbone": {"name_or_path": str(model)}, "read": {"segment_tokens": 32},
         "memory": {"capacity_tokens": 512, "topk_tokens": 8},
         "serve": {"grpc_port": port, "num_shards": 2, "api_keys_file": str(keys), "max_new_tokens_limit": 8,
-                  "max_choices": 4, "max_text_chars": 2000},
+                  "max_choices": 4, "max_text_chars": 2000, "storage_uri": str(root / "storage")},
     })
     ray.init(address="local", namespace=config.serve.namespace)
     serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})

@@ -46,7 +46,8 @@ def service(tmp_path_factory):
         "backbone": {"name_or_path": str(path)},
         "read": {"segment_tokens": 64},
         "memory": {"capacity_tokens": 256, "topk_tokens": 8, "chunk_size": 4},
-        "serve": {"num_shards": NODES, "shard_budget_bytes": SHARD_BUDGET, "grpc_port": port},
+        "serve": {"num_shards": NODES, "shard_budget_bytes": SHARD_BUDGET, "grpc_port": port,
+                  "storage_uri": str(tmp_path_factory.mktemp("storage")), "shard_retry_seconds": 60},
     }).validate()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     nodes = [cluster.add_node(num_cpus=1, resources={"memory_node": 1}) for _ in range(NODES)]
