@@ -9,6 +9,8 @@ shard's write-ahead log before it is acknowledged (longmem/durable.py); a restar
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import ray
 
@@ -62,6 +64,10 @@ class Shard:
 
     def delete(self, store_id: str) -> None:
         self.stores.delete(store_id)
+
+    def pid(self) -> int:
+        """The actor's process id (operators and fault tests use it)."""
+        return os.getpid()
 
     def stats(self) -> ipb.ShardStats:
         stores = self.stores.stores.values()

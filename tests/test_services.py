@@ -29,6 +29,7 @@ from services.bank import RemoteBank, get_bank, stop_bank
 from tiny import save_tiny
 
 NODES = 3
+CLUSTER: dict[str, Cluster] = {}  # the module's cluster, for the test that removes a node
 SHARD_BUDGET = 150_000  # bytes: ~126 chunks (~500 tokens) of the tiny model per shard
 
 
@@ -50,6 +51,7 @@ def service(tmp_path_factory):
                   "storage_uri": str(tmp_path_factory.mktemp("storage")), "shard_retry_seconds": 60},
     }).validate()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    CLUSTER["cluster"] = cluster
     nodes = [cluster.add_node(num_cpus=1, resources={"memory_node": 1}) for _ in range(NODES)]
     ray.init(address=cluster.address, namespace=config.serve.namespace)
     serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
@@ -237,3 +239,118 @@ def test_unknown_memory_in_bank_raises_not_found(service):
     _, _, bank, _ = service
     with pytest.raises(MemoryNotFound):
         bank.stats("never-created")
+
+
+def _complete_and_untorn(bank: RemoteBank, memory_id: str) -> list[int]:
+    """Every live chunk of the memory is found on its shard: no holes from a half-applied append."""
+    import torch
+
+    info = bank.stats(memory_id)
+    capacity_chunks = info.capacity_tokens // 4
+    queries = torch.randn(1, 2, 4, 16)
+    hits = bank.search([[memory_id]], queries, capacity_chunks)[0]
+    found = sorted(set(hits.seqs[hits.seqs >= 0].tolist()))
+    live = info.tokens_held // 4
+    newest = (info.tokens_held + info.tokens_evicted) // 4
+    assert found == list(range(newest - live, newest))
+    return found
+
+
+def _append_load(stub, memory_id: str, threads: int, appends: int, size: int):
+    """Bounded concurrent Append load; returns (acknowledged token counts, error codes)."""
+    import threading
+
+    acked, errors, lock = [], [], threading.Lock()
+
+    def worker(w: int) -> None:
+        for i in range(appends):
+            ids = [(w * 37 + i * 11 + j) % 250 + 1 for j in range(size)]
+            try:
+                stub.Append(pb.AppendRequest(memory_id=memory_id, token_ids=ids), timeout=120)
+                with lock:
+                    acked.append(size)
+            except grpc.RpcError as e:
+                with lock:
+                    errors.append((e.code(), e.details()))
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    return pool, acked, errors
+
+
+def test_kill_9_a_shard_under_load_loses_no_acknowledged_append(service):
+    import signal
+    import time
+
+    _, stub, bank, _ = service
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="crash", capacity_tokens=1024, num_shards=NODES))
+    try:
+        pool, acked, errors = _append_load(stub, "crash", threads=3, appends=6, size=40)
+        for t in pool:
+            t.start()
+        while len(acked) < 3:
+            time.sleep(0.05)
+        victim = ray.get_actor("shard-1", namespace="longmem")
+        os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+        during = None
+        try:
+            stub.Retrieve(pb.RetrieveRequest(memory_id="crash", text="during the outage"), timeout=60)
+        except grpc.RpcError as e:
+            during = e
+        for t in pool:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in pool)
+        assert during is None or (during.code() == grpc.StatusCode.UNAVAILABLE and "retry" in during.details())
+        assert all(code == grpc.StatusCode.UNAVAILABLE and "retry" in details for code, details in errors)
+        info = stub.GetMemory(pb.GetMemoryRequest(memory_id="crash"))
+        # every acknowledged append is there; an unacknowledged one is wholly there or wholly absent
+        extra = info.tokens_appended - sum(acked)
+        assert extra >= 0 and extra % 40 == 0 and extra // 40 <= len(errors)
+        before = _complete_and_untorn(bank, "default~crash")
+
+        os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)  # once more, idle: a pure restore
+        deadline = time.time() + 60
+        while True:
+            try:
+                after = _complete_and_untorn(bank, "default~crash")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert after == before
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="crash"))
+
+
+def test_removing_a_node_moves_its_shard_with_its_memory(service):
+    import time
+
+    _, stub, bank, nodes = service
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="moving", capacity_tokens=512, num_shards=NODES))
+    try:
+        for i in range(4):
+            stub.Append(pb.AppendRequest(memory_id="moving", token_ids=[(i * 13 + j) % 250 + 1 for j in range(50)]))
+        before = _complete_and_untorn(bank, "default~moving")
+        cluster = CLUSTER["cluster"]
+        spare = cluster.add_node(num_cpus=1, resources={"memory_node": 1})
+        victim = ray.get_actor("shard-2", namespace="longmem")
+        node_id = ray.get(victim.stats.remote()).node_id
+        node = next(n for n in nodes if n.node_id == node_id)
+        cluster.remove_node(node)
+        nodes.remove(node)
+        nodes.append(spare)
+        deadline = time.time() + 90
+        while True:
+            try:
+                moved_to = ray.get(victim.stats.remote(), timeout=10).node_id
+                after = _complete_and_untorn(bank, "default~moving")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert moved_to == spare.node_id
+        assert after == before
+        assert stub.GetMemory(pb.GetMemoryRequest(memory_id="moving")).tokens_appended == 200
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="moving"))
