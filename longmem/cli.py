@@ -100,17 +100,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # "local" always starts an embedded cluster; a bare ray.init() would join any cluster it finds.
     ray.init(address=args.address or "local", namespace=config.serve.namespace)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
+    front = None
     try:
         serve.start(grpc_options=grpc_options(config),
                     http_options={"host": config.serve.host, "port": config.serve.http_port})
         serve.run(build(config), name=APP_NAME, route_prefix="/")
         print(f"LongMem gRPC API (longmem.v1.LongMem) on {config.serve.host}:{config.serve.grpc_port}. "
               "Ctrl-C or SIGTERM stops it.", flush=True)
+        if config.serve.tls_cert_file and config.serve.tls_key_file:
+            from services.tls import TlsFront
+
+            with open(config.serve.tls_cert_file, "rb") as cert, open(config.serve.tls_key_file, "rb") as key:
+                front = TlsFront(f"127.0.0.1:{config.serve.grpc_port}", config.serve.tls_port,
+                                 cert.read(), key.read()).start()
+            print(f"TLS on port {front.port}", flush=True)
         while True:
             signal.pause()
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
+        if front is not None:
+            front.stop(grace_s=5)
         serve.shutdown()
         if not args.address:
             stop_bank(config)

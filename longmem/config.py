@@ -102,6 +102,11 @@ class ServeConfig:
     reader_num_cpus: float = 0.5
     gateway_num_cpus: float = 0.25
     shard_num_cpus: float = 0.25
+    # TLS: Serve's gRPC proxy is plaintext; with a certificate and key `longmem serve` also listens on
+    # tls_port with TLS and forwards to it (services/tls.py). Keep grpc_port closed to the outside then.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_port: int = 9443
     api_keys_file: str | None = None  # YAML {tenant: [key, ...]}; no keys at all: insecure local mode
     api_keys_env: str = "LONGMEM_API_KEYS"  # tenant:key,tenant:key
     min_api_key_chars: int = 16

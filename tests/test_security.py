@@ -22,6 +22,7 @@ ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef0"
 SECRET = "The vault combination is 31-41-59, known only to Alice. " * 6
 BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+PORT: dict[str, int] = {}  # the module's plaintext Serve gRPC port
 
 
 def free_port() -> int:
@@ -36,7 +37,7 @@ def endpoint(tmp_path_factory):
     model = save_tiny(root / "tiny", "llama")
     keys = root / "keys.yaml"
     keys.write_text(f"alice: [{ALICE_KEY}]\nbob: [{BOB_KEY}]\n")
-    port = free_port()
+    port = PORT["grpc"] = free_port()
     config = LongMemConfig.from_dict({
         "backbone": {"name_or_path": str(model)}, "read": {"segment_tokens": 32},
         "memory": {"capacity_tokens": 512, "topk_tokens": 8},
@@ -158,3 +159,55 @@ def test_fuzzed_requests_never_get_internal_errors(endpoint, request):
         for m in endpoint.ListMemories(pb.ListMemoriesRequest(), metadata=alice).memories:
             if m.memory_id != "vault":
                 endpoint.DeleteMemory(pb.DeleteMemoryRequest(memory_id=m.memory_id), metadata=alice)
+
+
+def self_signed(tmp_path) -> tuple[bytes, bytes]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return pem, key_pem
+
+
+def test_tls_front_forwards_calls_streams_and_errors(endpoint, tmp_path):
+    from longmem.client import LongMemClient, LongMemError
+    from services.tls import TlsFront
+
+    cert, key = self_signed(tmp_path)
+    front = TlsFront(f"127.0.0.1:{PORT['grpc']}", 0, cert, key, host="127.0.0.1").start()
+    try:
+        target = f"localhost:{front.port}"
+        with LongMemClient(target, api_key=ALICE_KEY, tls_root_cert=cert, timeout=60) as client:
+            client.create_memory(memory_id="over-tls", capacity_tokens=256)
+            client.append("over-tls", text="Encrypted on the wire. " * 4)
+            assert "over-tls" in [m.memory_id for m in client.list_memories().memories]
+            chunks = list(client.generate("Encrypted", memory_id="over-tls", max_new_tokens=3))
+            assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == "length"
+            client.delete_memory("over-tls")
+        with LongMemClient(target, tls_root_cert=cert, timeout=60) as anonymous:
+            with pytest.raises(LongMemError) as err:
+                anonymous.list_memories()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with LongMemClient(target, api_key=ALICE_KEY, timeout=5) as plaintext:
+            with pytest.raises(LongMemError) as err:
+                plaintext.list_memories()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        front.stop()
