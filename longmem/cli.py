@@ -83,6 +83,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from .loadtest import run_load
+
+    report = run_load(args.target, args.clients, args.seconds, args.max_requests, api_key=args.api_key)
+    print(report.table())
+    return 0 if not report.errors else 1
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -151,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(serve)
     serve.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     serve.set_defaults(func=cmd_serve)
+    load = sub.add_parser("loadtest", help="bounded mixed Append/Score/Generate load against an endpoint; "
+                                           "throughput, p50/p99 latency and errors")
+    load.add_argument("--target", default="localhost:9000")
+    load.add_argument("--api-key", default=None)
+    load.add_argument("--clients", type=int, default=32)
+    load.add_argument("--seconds", type=float, default=60.0)
+    load.add_argument("--max-requests", type=int, default=100_000)
+    load.set_defaults(func=cmd_loadtest)
     add_client_commands(sub)
     return parser
 

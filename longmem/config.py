@@ -95,12 +95,16 @@ class ServeConfig:
     lm_resource: str = "lm_node"  # custom resource encoder and reader replicas require, when present
     bank_num_cpus: float = 0.25
     bank_max_concurrency: int = 64
-    # Torch threads in encoder and reader replicas; 0: all the node's cores. (Ray gives replicas with
-    # fractional CPUs one thread; a segment's encode and read run one after the other anyway.)
+    # Torch threads in encoder and reader replicas; 0: Ray's choice (one thread for a fractional CPU
+    # request). On a node that runs one encoder and one reader, its core count makes a lone request
+    # faster; under concurrent load more threads than cores only contend.
     replica_torch_threads: int = 0
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
     gateway_num_cpus: float = 0.25
+    # Admission control: requests beyond ongoing + queued are refused with RESOURCE_EXHAUSTED.
+    gateway_max_ongoing_requests: int = 32
+    gateway_max_queued_requests: int = 128
     shard_num_cpus: float = 0.25
     # TLS: Serve's gRPC proxy is plaintext; with a certificate and key `longmem serve` also listens on
     # tls_port with TLS and forwards to it (services/tls.py). Keep grpc_port closed to the outside then.

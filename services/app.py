@@ -40,7 +40,9 @@ def build(config: LongMemConfig):
     cfg = config.to_dict()
     encoder = EncoderDeployment.options(ray_actor_options=_actor_options(config, config.serve.encoder_num_cpus)).bind(cfg)
     reader = ReaderDeployment.options(ray_actor_options=_actor_options(config, config.serve.reader_num_cpus)).bind(cfg)
-    return Gateway.options(ray_actor_options={"num_cpus": config.serve.gateway_num_cpus}).bind(cfg, encoder, reader)
+    return Gateway.options(ray_actor_options={"num_cpus": config.serve.gateway_num_cpus},
+                           max_ongoing_requests=config.serve.gateway_max_ongoing_requests,
+                           max_queued_requests=config.serve.gateway_max_queued_requests).bind(cfg, encoder, reader)
 
 
 def build_app(args: dict[str, Any] | None = None):

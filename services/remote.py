@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import ray
 import torch
 
@@ -35,5 +33,6 @@ def result(call):
 
 
 def set_replica_threads(threads: int) -> None:
-    """Torch threads for a replica: `threads`, or every core of the node when 0."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Torch threads for a replica, when configured (0 keeps what Ray set up)."""
+    if threads:
+        torch.set_num_threads(threads)

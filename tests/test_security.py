@@ -42,7 +42,8 @@ def endpoint(tmp_path_factory):
         "backbone": {"name_or_path": str(model)}, "read": {"segment_tokens": 32},
         "memory": {"capacity_tokens": 512, "topk_tokens": 8},
         "serve": {"grpc_port": port, "num_shards": 2, "api_keys_file": str(keys), "max_new_tokens_limit": 8,
-                  "max_choices": 4, "max_text_chars": 2000, "storage_uri": str(root / "storage")},
+                  "max_choices": 4, "max_text_chars": 2000, "storage_uri": str(root / "storage"),
+                  "gateway_max_ongoing_requests": 2, "gateway_max_queued_requests": 4},
     })
     ray.init(address="local", namespace=config.serve.namespace)
     serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
@@ -211,3 +212,24 @@ def test_tls_front_forwards_calls_streams_and_errors(endpoint, tmp_path):
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         front.stop()
+
+
+def test_bounded_load_within_capacity_has_no_errors(endpoint):
+    from longmem.loadtest import run_load
+
+    report = run_load(f"127.0.0.1:{PORT['grpc']}", clients=4, seconds=8, max_requests=60, api_key=ALICE_KEY)
+    assert not report.errors, report.table()
+    assert set(report.latencies) == {"Append", "Score", "Generate"}
+    assert report.requests >= 4 and report.throughput > 0
+    assert 0 < report.percentile("Score", 0.5) <= report.percentile("Score", 0.99)
+
+
+def test_overload_is_refused_with_resource_exhausted_and_the_service_stays_up(endpoint):
+    from longmem.loadtest import run_load
+
+    report = run_load(f"127.0.0.1:{PORT['grpc']}", clients=24, seconds=8, max_requests=300, api_key=ALICE_KEY,
+                      mix=(0.0, 1.0, 0.0))
+    assert set(report.errors) <= {"RESOURCE_EXHAUSTED"}, report.table()
+    assert report.errors["RESOURCE_EXHAUSTED"] > 0, report.table()
+    assert report.latencies["Score"], "admitted requests are served"
+    endpoint.ListMemories(pb.ListMemoriesRequest(), metadata=auth(ALICE_KEY))
