@@ -24,7 +24,7 @@ def smollm2():
     def config(init: str):
         return LongMemConfig.from_dict({"read": {"segment_tokens": W},
                                         "memory": {"capacity_tokens": 4096},
-                                        "sidenet": {"init": init}})
+                                        "sidenet": {"init": init, "checkpoint": None}})
 
     zero = LongMem(config("zero"))
     paper = LongMem(config("backbone"), backbone=zero.backbone)
@@ -107,3 +107,15 @@ def test_backbone_init_with_memory(smollm2, essay_ids):
         assert np.abs(without.logprobs - r.logprobs[:W - 1]).max() > 1e-3  # memory is read
     finally:
         paper.delete_memory(memory_id)
+
+
+def test_the_shipped_checkpoint_loads_by_default():
+    from longmem.checkpoint import SHIPPED, read_meta, resolve_checkpoint
+    from longmem.config import LongMemConfig
+
+    config = LongMemConfig()
+    assert resolve_checkpoint(config) == SHIPPED
+    meta = read_meta(SHIPPED)
+    assert meta["backbone"] == "smollm2-135m" and meta["memory_layer"] == 21 and meta["init"] == "zero"
+    assert (SHIPPED / "sidenet.safetensors").stat().st_size <= 25 * 1024 * 1024
+    assert resolve_checkpoint(LongMemConfig.from_dict({"sidenet": {"checkpoint": None}})) is None
