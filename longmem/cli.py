@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -77,9 +76,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     out = args.out or config.eval.out_dir
-    results = evaluate(LongMem(config), config, out, parts=tuple(args.parts), progress=True)
+    evaluate(LongMem(config), config, out, parts=tuple(args.parts), progress=True)
     print(f"report: {out}/report.md")
-    print(json.dumps(results.get("summary", {}), indent=2))
     return 0
 
 
