@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from longmem.client import LongMemClient
-from tiny import save_tiny
+from tiny import free_port, save_tiny
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_longmem_serve_answers_grpc_and_stops_on_sigterm(tmp_path):

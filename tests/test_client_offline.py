@@ -11,7 +11,6 @@ import argparse
 import datetime
 import io
 import json
-import socket
 import time
 from concurrent import futures
 
@@ -22,6 +21,7 @@ from longmem.client import DEFAULT_PIECE_CHARS, LongMemClient, LongMemError, spl
 from longmem.client_cli import add_client_commands
 from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pb_grpc
+from tiny import free_port
 
 GENERATED = [" once", " upon", " a", " time", ",", " there", " was"]
 
@@ -147,12 +147,6 @@ def target(fake):
 def client(target):
     with LongMemClient(target, timeout=5) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the client -------------------------------------------------------------------------------------

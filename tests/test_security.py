@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pbg
 from services.app import APP_NAME, build, grpc_options
 from services.bank import stop_bank
-from tiny import save_tiny
+from tiny import free_port, save_tiny
 
 ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef0"
@@ -24,11 +23,6 @@ SECRET = "The vault combination is 31-41-59, known only to Alice. " * 6
 BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 PORT: dict[str, int] = {}  # the module's plaintext Serve gRPC port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,17 +25,12 @@ from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pbg
 from services.app import APP_NAME, build, grpc_options
 from services.bank import RemoteBank, get_bank, stop_bank
-from tiny import save_tiny
+from tiny import free_port, save_tiny
 
 NODES = 3
 CLUSTER: dict[str, Cluster] = {}  # the module's cluster, for the test that removes a node
 SHARD_BUDGET = 150_000  # bytes: ~126 chunks (~500 tokens) of the tiny model per shard
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,12 @@ def save_tiny(path: Path, family: str = "llama", num_layers: int = 6, seed: int 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for servers the tests start."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
