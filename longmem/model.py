@@ -147,7 +147,7 @@ class LocalReader:
         self.backbone, self.sidenet, self.bank, self.config = backbone, sidenet, bank, config
         self.k_chunks = config.memory.topk_tokens // config.memory.chunk_size
 
-    def _retriever(self, search: list[list[str]], record: list[ChunkHits] | None = None):
+    def retriever(self, search: list[list[str]], record: list[ChunkHits] | None = None):
         if not any(search):
             return None
 
@@ -161,7 +161,8 @@ class LocalReader:
     def _positions(self, batch: int, length: int, offset: int = 0) -> torch.Tensor:
         return (offset + torch.arange(length, device=self.backbone.device)).expand(batch, length)
 
-    def _state(self, out: BackboneOutput, retriever, cache=None, offset: int = 0) -> torch.Tensor:
+    def read_state(self, out: BackboneOutput, retriever, cache=None, offset: int = 0) -> torch.Tensor:
+        """The SideNet's final normed state [B, T, D] for encoded segments (with grad when enabled)."""
         b, t = out.hidden.shape[1:3]
         rope = self.backbone.rotary(out.hidden[0], self._positions(b, t, offset))
         return self.sidenet(out.hidden, rope, retriever, cache)  # [B, T, D]
@@ -169,7 +170,7 @@ class LocalReader:
     @torch.no_grad()
     def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
              fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]:
-        state = self._state(encoded, self._retriever(search))
+        state = self.read_state(encoded, self.retriever(search))
         logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
         base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1)
         scores = []
@@ -204,7 +205,7 @@ class LocalReader:
         new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
         with self._scratch(use_memory and len(ids) + max_new_tokens > w, len(ids) + max_new_tokens) as scratch:
             search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
-            retriever = self._retriever(search)
+            retriever = self.retriever(search)
             split = (len(ids) - 1) // w * w  # whole segments before the last are read, then cached
             if scratch is not None:
                 for s in range(0, split, w):
@@ -217,7 +218,7 @@ class LocalReader:
             for _ in range(max_new_tokens):
                 x = torch.tensor([pending], device=self.backbone.device)
                 out, bb_cache = self.backbone.encode(x, past_key_values=bb_cache)
-                state = self._state(out, retriever, side_cache, offset=len(segment))
+                state = self.read_state(out, retriever, side_cache, offset=len(segment))
                 segment += pending
                 keys.append(out.mem_keys)
                 values.append(out.mem_values)
@@ -237,7 +238,7 @@ class LocalReader:
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]:
         recorded: list[ChunkHits] = []
         out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
-        self._state(out, self._retriever([[memory_id]], recorded))
+        self.read_state(out, self.retriever([[memory_id]], recorded))
         return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
 
 

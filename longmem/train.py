@@ -31,8 +31,7 @@ from .backbone import Backbone
 from .checkpoint import save_checkpoint
 from .config import LongMemConfig
 from .data import Document, filler_text, load_corpus, recall_document, split_heldout
-from .memory import hits_to_retrieved
-from .model import build_sidenet, make_bank, pad_segments
+from .model import LocalReader, build_sidenet, fill_memory, make_bank, pad_segments
 from .sidenet import SideNet
 
 log = logging.getLogger("longmem.train")
@@ -112,6 +111,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
         self.bank = make_bank(config, self.backbone)
+        self.reader = LocalReader(self.backbone, self.sidenet, self.bank, config)  # its retrieval and SideNet pass
         self.step, self.tokens = 0, 0
         self.rows = self._rows()
 
@@ -166,7 +166,6 @@ class Trainer:
         return True
 
     def train_step(self) -> float:
-        k_chunks = self.config.memory.topk_tokens // self.config.memory.chunk_size
         batch = []
         for b, row in enumerate(self.rows):
             segment, targets, new = row.next_segment()
@@ -179,11 +178,7 @@ class Trainer:
         for b, (_, targets) in enumerate(batch):
             labels[b, :len(targets)] = torch.tensor(targets, device=device)
         out, _ = self.backbone.encode(input_ids)
-        b, t = input_ids.shape
-        rope = self.backbone.rotary(out.hidden[0], torch.arange(t, device=device).expand(b, t))
-        memories = [[f"row-{i}"] for i in range(b)]
-        retriever = lambda q: hits_to_retrieved(self.bank.search(memories, q, k_chunks), q.dtype, q.device)
-        state = self.sidenet(out.hidden, rope, retriever)
+        state = self.reader.read_state(out, self.reader.retriever([[f"row-{i}"] for i in range(len(batch))]))
         logits = self.backbone.lm_head(state).float()  # [B, T, V]
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
         self.optimizer.zero_grad(set_to_none=True)
@@ -192,10 +187,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         for i, (segment, _) in enumerate(batch):
-            self.bank.append(f"row-{i}", out.mem_keys[i, :len(segment)].float().cpu().numpy(),
-                             out.mem_values[i, :len(segment)].float().cpu().numpy(),
-                             torch.tensor(segment, dtype=torch.int32).numpy(),
-                             skip_first=self.config.memory.sink_tokens)
+            fill_memory(self.bank, f"row-{i}", out, i, segment, self.config.memory.sink_tokens)
         self.step += 1
         self.tokens += int((labels != -100).sum())
         return loss.item()
