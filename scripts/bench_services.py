@@ -154,7 +154,6 @@ def model_config(args, grpc_port: int):
 
 def bench_model(args, report: Report, machine: dict) -> None:
     import numpy as np
-    import ray
     from ray import serve
     from transformers import AutoTokenizer
 
@@ -370,7 +369,7 @@ def bench_search(args, report: Report, machine: dict) -> None:
             rows.append([fmt_size(size), str(s), f"{lat * 1e3:.1f}", f"{min(times) * 1e3:.1f}",
                          f"{lat * 1e3 * 1000 / tq:.0f}", f"{lat / medians[(size, base_s)]:.2f}",
                          f"{lat / ideal:.2f}", f"{lat / local:.2f}", f"{size / fill_s:,.0f}", f"{match:.4f}"])
-    report.add(f"## 2. Search latency vs memory size and shards\n")
+    report.add("## 2. Search latency vs memory size and shards\n")
     report.add(f"Bank actor driven directly (`start_bank` + `RemoteBank`, {max(shards)} shard actors, "
                f"{budget / 2**30:.2f} GiB budget each, chunk {c}); random float32 keys/values "
                f"[T, {hkv}, {d}] appended {fmt_size(args.fill_tokens)} tokens at a time. One search = "
