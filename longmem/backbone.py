@@ -93,6 +93,27 @@ class BackboneOutput:
     mem_values: torch.Tensor | None  # [B, T, Hkv, d]
     last: torch.Tensor  # [B, T, D] H[L], pre final norm (equals hidden[-1] when L is even)
 
+    def rows(self, start: int, stop: int, length: int) -> "BackboneOutput":
+        """Batch rows [start, stop) and their first `length` positions (one request of a batched call)."""
+        cut = lambda t, batch_dim: None if t is None else t.narrow(batch_dim, start, stop - start).narrow(
+            batch_dim + 1, 0, length)
+        return BackboneOutput(cut(self.hidden, 1), cut(self.mem_keys, 0), cut(self.mem_values, 0), cut(self.last, 0))
+
+    @staticmethod
+    def concat(parts: list["BackboneOutput"]) -> "BackboneOutput":
+        """Stacks outputs along the batch, right-padding positions with zeros (causal attention never
+        sees the padding, as with pad_segments)."""
+        width = max(p.last.shape[1] for p in parts)
+
+        def cat(tensors: list[torch.Tensor], batch_dim: int) -> torch.Tensor:
+            padded = []
+            for t in tensors:
+                pad = [0, 0] * (t.dim() - batch_dim - 2) + [0, width - t.shape[batch_dim + 1]]
+                padded.append(torch.nn.functional.pad(t, pad))
+            return torch.cat(padded, batch_dim)
+        return BackboneOutput(cat([p.hidden for p in parts], 1), cat([p.mem_keys for p in parts], 0),
+                              cat([p.mem_values for p in parts], 0), cat([p.last for p in parts], 0))
+
 
 class Backbone(nn.Module):
     """Frozen HF causal LM exposing hidden states after every layer and the memory layer's K/V."""

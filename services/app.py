@@ -1,7 +1,8 @@
 """Builds the LongMem Serve application: `serve run deploy/serve.yaml`, or `longmem serve`.
 
 The builder starts (or finds) the detached bank and shard actors, then binds the gateway to the
-encoder and reader deployments. Encoder and reader replicas ask for the `lm_node` resource when the
+encoder and reader deployments, which autoscale (serve.encoder_autoscaling / reader_autoscaling)
+and batch concurrent requests (serve.batch_max_requests). Encoder and reader replicas ask for the `lm_node` resource when the
 cluster has it, so both land on the LM nodes and hidden states move through the node's object store.
 """
 
@@ -38,8 +39,15 @@ def build(config: LongMemConfig):
     dims = model_dims(config.backbone)
     start_bank(config, dims.num_kv_heads, dims.head_dim)
     cfg = config.to_dict()
-    encoder = EncoderDeployment.options(ray_actor_options=_actor_options(config, config.serve.encoder_num_cpus)).bind(cfg)
-    reader = ReaderDeployment.options(ray_actor_options=_actor_options(config, config.serve.reader_num_cpus)).bind(cfg)
+    serve_cfg = config.serve
+    encoder = EncoderDeployment.options(
+        ray_actor_options=_actor_options(config, serve_cfg.encoder_num_cpus),
+        autoscaling_config=serve_cfg.encoder_autoscaling,
+        max_ongoing_requests=serve_cfg.replica_max_ongoing_requests).bind(cfg)
+    reader = ReaderDeployment.options(
+        ray_actor_options=_actor_options(config, serve_cfg.reader_num_cpus),
+        autoscaling_config=serve_cfg.reader_autoscaling,
+        max_ongoing_requests=serve_cfg.replica_max_ongoing_requests).bind(cfg)
     return Gateway.options(ray_actor_options={"num_cpus": config.serve.gateway_num_cpus},
                            max_ongoing_requests=config.serve.gateway_max_ongoing_requests,
                            max_queued_requests=config.serve.gateway_max_queued_requests).bind(cfg, encoder, reader)

@@ -30,6 +30,7 @@ from longmem.wire import from_tensor_proto, to_tensor_proto
 
 from .messages import chunks_to_proto, hits_from_proto, hits_to_proto, stats_from_proto, stats_to_proto
 from .remote import result
+from .metrics import metrics
 from .shard import ShardActor
 
 BANK_NAME = "bank"
@@ -67,8 +68,10 @@ class Bank:
 
     def __init__(self, shard_names: list[str], namespace: str, chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype: str = "float32",
-                 storage_root: str | None = None, snapshot_every: int = 256, retry_seconds: float = 30.0):
+                 storage_root: str | None = None, snapshot_every: int = 256, retry_seconds: float = 30.0,
+                 latency_buckets_s: tuple[float, ...] = ()):
         self.shards = {n: ray.get_actor(n, namespace=namespace) for n in shard_names}
+        self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
         self.chunk_size, self.num_kv_heads, self.head_dim = chunk_size, num_kv_heads, head_dim
         self.default_capacity, self.default_shards = default_capacity, default_shards
         self.dtype = np.dtype(dtype)
@@ -258,6 +261,12 @@ class Bank:
         return stats_to_proto(placement.stats())
 
     async def search(self, req: ipb.BankSearchRequest) -> ipb.BankSearchResponse:
+        if self.metrics is None:
+            return await self._search(req)
+        with self.metrics.timed(self.metrics.search_seconds, {"component": "bank"}):
+            return await self._search(req)
+
+    async def _search(self, req: ipb.BankSearchRequest) -> ipb.BankSearchResponse:
         await self._ready()
         queries = from_tensor_proto(req.queries)  # [B, T, Hq, d]
         rows = []
@@ -334,13 +343,13 @@ def start_bank(config: LongMemConfig, num_kv_heads: int, head_dim: int):
                            num_cpus=serve_cfg.shard_num_cpus, resources=resources, scheduling_strategy="SPREAD",
                            max_restarts=-1).remote(name, serve_cfg.shard_budget_bytes, config.memory.chunk_size,
                                                    num_kv_heads, head_dim, config.memory.dtype, root,
-                                                   serve_cfg.snapshot_every)
+                                                   serve_cfg.snapshot_every, tuple(serve_cfg.latency_buckets_s))
     return BankActor.options(name=BANK_NAME, namespace=ns, lifetime="detached", get_if_exists=True,
                              num_cpus=serve_cfg.bank_num_cpus, max_restarts=-1,
                              max_concurrency=serve_cfg.bank_max_concurrency).remote(
         names, ns, config.memory.chunk_size, num_kv_heads, head_dim, config.memory.capacity_tokens,
         serve_cfg.default_memory_shards, config.memory.dtype, root, serve_cfg.snapshot_every,
-        serve_cfg.shard_retry_seconds)
+        serve_cfg.shard_retry_seconds, tuple(serve_cfg.latency_buckets_s))
 
 
 def get_bank(config: LongMemConfig):

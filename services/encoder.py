@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 
 from longmem.backbone import Backbone
@@ -13,22 +15,44 @@ from longmem.v1 import longmem_pb2 as pb
 
 from .bank import RemoteBank, get_bank
 from .messages import encoded_to_proto, segments_from_proto, segments_to_proto, stats_from_proto, stats_to_proto
-from .remote import result, set_replica_threads
+from .remote import configure_batching, raise_if_error, result, row_starts, set_replica_threads
 
 
 @serve.deployment
 class EncoderDeployment:
+    """Concurrent requests are batched (@serve.batch): one padded backbone pass for all their segments."""
+
     def __init__(self, config: dict):
         cfg = LongMemConfig.from_dict(config)
         set_replica_threads(cfg.serve.replica_torch_threads)
         self.backbone = Backbone(cfg.backbone)
         self.encoder = LocalEncoder(self.backbone, RemoteBank(get_bank(cfg)), cfg)
+        configure_batching(cfg, self._encode_batch, self._ingest_batch)
 
-    def encode(self, req: ipb.EncodeRequest) -> ipb.Encoded:
-        return encoded_to_proto(self.encoder.encode(segments_from_proto(req.segments)))
+    async def encode(self, req: ipb.EncodeRequest) -> ipb.Encoded:
+        return raise_if_error(await self._encode_batch(segments_from_proto(req.segments)))
 
-    def ingest(self, req: ipb.IngestRequest) -> pb.MemoryInfo:
-        return stats_to_proto(self.encoder.ingest(req.memory_id, segments_from_proto(req.segments)))
+    async def ingest(self, req: ipb.IngestRequest) -> pb.MemoryInfo:
+        return raise_if_error(await self._ingest_batch(req.memory_id, segments_from_proto(req.segments)))
+
+    @serve.batch
+    async def _encode_batch(self, requests: list[list[list[int]]]) -> list[ipb.Encoded]:
+        out = await asyncio.to_thread(self.encoder.encode, [seg for segs in requests for seg in segs])
+        return [encoded_to_proto(out.rows(start, start + len(segs), max(map(len, segs))))
+                for start, segs in zip(row_starts(requests), requests)]
+
+    @serve.batch
+    async def _ingest_batch(self, memory_ids: list[str], requests: list[list[list[int]]]) -> list:
+        """One pass up to the memory layer for every request's segments; then each request's memory
+        gets its own rows, an error (e.g. a memory deleted meanwhile) failing only that request."""
+        out = await asyncio.to_thread(self.encoder.encode_memory, [seg for segs in requests for seg in segs])
+        results = []
+        for memory_id, start, segs in zip(memory_ids, row_starts(requests), requests):
+            try:
+                results.append(stats_to_proto(await asyncio.to_thread(self.encoder.fill, memory_id, out, segs, start)))
+            except Exception as e:
+                results.append(e)
+        return results
 
 
 class RemoteEncoder:

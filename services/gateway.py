@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ from .auth import SEPARATOR, Tenants, Unauthenticated, load_keys, scope, unscope
 from .bank import RemoteBank, get_bank
 from .encoder import RemoteEncoder
 from .messages import spans_to_proto, stats_to_proto
+from .metrics import metrics
 from .reader import RemoteReader
 
 log = logging.getLogger("longmem.gateway")
@@ -51,9 +53,12 @@ def public_message(error: BaseException, tenant: str | None) -> str:
     return text.replace(f"{tenant}{SEPARATOR}", "") if tenant else text
 
 
-def report(grpc_context: RayServegRPCContext, error: BaseException, tenant: str | None, method: str) -> bool:
-    """Sets the status for a user error and returns True; returns False for a real bug (logged)."""
+def report(grpc_context: RayServegRPCContext, error: BaseException, tenant: str | None, method: str,
+           errors) -> bool:
+    """Sets the status for a user error and returns True; returns False for a real bug (logged).
+    Either way the error is counted by method and status code."""
     code = status_of(error)
+    errors.inc(tags={"method": method, "code": (code or grpc.StatusCode.INTERNAL).name})
     if code is None:
         log.exception("%s failed", method)
         return False
@@ -63,18 +68,20 @@ def report(grpc_context: RayServegRPCContext, error: BaseException, tenant: str 
 
 
 def unary(response_type):
-    """Authenticates, calls method(self, request, tenant) and maps errors to status codes."""
+    """Authenticates, calls method(self, request, tenant) and maps errors to status codes; times the
+    request and counts its errors."""
     def wrap(method):
         # Serve passes `grpc_context` only to methods whose own signature names it: no functools.wraps.
         def run(self, request, grpc_context: RayServegRPCContext):
             tenant = None
-            try:
-                tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
-                return method(self, request, tenant)
-            except Exception as e:
-                if not report(grpc_context, e, tenant, method.__name__):
-                    raise
-                return response_type()
+            with self.metrics.timed(self.metrics.request_seconds, {"method": method.__name__}):
+                try:
+                    tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
+                    return method(self, request, tenant)
+                except Exception as e:
+                    if not report(grpc_context, e, tenant, method.__name__, self.metrics.errors):
+                        raise
+                    return response_type()
         run.__name__, run.__doc__ = method.__name__, method.__doc__
         return run
     return wrap
@@ -96,6 +103,7 @@ class Gateway:
 
         self.config = LongMemConfig.from_dict(config).validate()
         self.tenants = Tenants(load_keys(self.config.serve))
+        self.metrics = metrics(tuple(self.config.serve.latency_buckets_s))
         tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(self.config.backbone))
         dims = model_dims(self.config.backbone)
         self.runner = LongMemRunner(self.config, RemoteEncoder(encoder), RemoteReader(reader),
@@ -168,6 +176,7 @@ class Gateway:
     def Append(self, request: pb.AppendRequest, tenant: str) -> pb.AppendResponse:
         memory_id = self._memory(tenant, request.memory_id)
         n = self.runner.append(memory_id, token_ids=self._ids(request.text, request.token_ids))
+        self.metrics.tokens_appended.inc(n, tags={"source": "grpc"})
         return pb.AppendResponse(memory=self._info(tenant, memory_id), tokens_appended=n)
 
     @unary(pb.ScoreResponse)
@@ -180,6 +189,9 @@ class Gateway:
         if len(ids) < 2:
             raise ValueError("text must have at least 2 tokens to score")
         r = self.runner.score_batch([ids], [memory_id], use_memory, request.append)[0]
+        self.metrics.tokens_scored.inc(len(ids), tags={"source": "grpc"})
+        if request.append:
+            self.metrics.tokens_appended.inc(len(ids), tags={"source": "grpc"})
         return pb.ScoreResponse(token_ids=ids, logprobs=r.logprobs.tolist(), perplexity=r.perplexity,
                                 num_scored_tokens=len(r.logprobs), backbone_logprobs=r.backbone_logprobs.tolist(),
                                 backbone_perplexity=r.backbone_perplexity)
@@ -199,6 +211,7 @@ class Gateway:
         self._ids(request.prefix, None, field="prefix")
         use_memory = request.use_memory if request.HasField("use_memory") else True
         scored = self.runner.score_choices(request.prefix, choices, memory_id, use_memory)
+        self.metrics.tokens_scored.inc(sum(n for _, n in scored), tags={"source": "grpc"})
         out = [pb.ChoiceScore(choice=c, logprob=lp, num_tokens=n, mean_logprob=lp / n) for c, (lp, n) in zip(choices, scored)]
         best = max(range(len(out)), key=lambda i: out[i].logprob)
         return pb.ScoreChoicesResponse(choices=out, best_index=best)
@@ -206,6 +219,7 @@ class Gateway:
     def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> Iterator[pb.GenerateResponse]:
         # A streaming status reaches the client only with a raise after set_code (see ray-notes).
         tenant = None
+        start = time.perf_counter()
         try:
             tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
             memory_id = self._optional_memory(tenant, request.memory_id)
@@ -230,8 +244,10 @@ class Gateway:
             eos = self.runner.tokenizer.eos_token_id
             yield pb.GenerateResponse(finish_reason="eos" if generated and generated[-1] == eos else "length")
         except Exception as e:
-            report(grpc_context, e, tenant, "Generate")
+            report(grpc_context, e, tenant, "Generate", self.metrics.errors)
             raise
+        finally:
+            self.metrics.request_seconds.observe(time.perf_counter() - start, tags={"method": "Generate"})
 
     @unary(pb.RetrieveResponse)
     def Retrieve(self, request: pb.RetrieveRequest, tenant: str) -> pb.RetrieveResponse:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 from ray import serve
 
-from longmem.backbone import Backbone
+from longmem.backbone import Backbone, BackboneOutput
 from longmem.config import LongMemConfig
 from longmem.model import LocalReader, SegmentScores, Span, build_sidenet
 from longmem.v1 import internal_pb2 as ipb
@@ -15,22 +16,56 @@ from longmem.v1 import longmem_pb2 as pb
 from .bank import RemoteBank, get_bank
 from .messages import (encoded_from_proto, scores_from_proto, scores_to_proto, segments_from_proto, segments_to_proto,
                        spans_from_proto, spans_to_proto)
-from .remote import result, set_replica_threads
+from .remote import configure_batching, raise_if_error, result, row_starts, set_replica_threads
 
 
 @serve.deployment
 class ReaderDeployment:
+    """Concurrent reads are batched (@serve.batch): one SideNet pass over all their rows."""
+
     def __init__(self, config: dict):
         cfg = LongMemConfig.from_dict(config)
         set_replica_threads(cfg.serve.replica_torch_threads)
         backbone = Backbone(cfg.backbone)  # its LM head, positions, and the KV-cached path of generation
         self.reader = LocalReader(backbone, build_sidenet(backbone, cfg), RemoteBank(get_bank(cfg)), cfg)
+        configure_batching(cfg, self._read_batch)
 
-    def read(self, encoded: ipb.Encoded, req: ipb.ReadRequest) -> ipb.ReadResponse:
-        rows = self.reader.read(encoded_from_proto(encoded), segments_from_proto(req.segments),
-                                [list(s.memory_ids) for s in req.search], [f or None for f in req.fill],
-                                segments_from_proto(req.targets))
-        return scores_to_proto(rows)
+    async def read(self, encoded: ipb.Encoded, req: ipb.ReadRequest) -> ipb.ReadResponse:
+        return raise_if_error(await self._read_batch(encoded, req))
+
+    @serve.batch
+    async def _read_batch(self, encoded: list[ipb.Encoded], requests: list[ipb.ReadRequest]) -> list:
+        """Scores every request's rows in one pass (no memory changes, so a failed batch is re-run
+        request by request to isolate the failure), then fills each request's memories."""
+        outs = [encoded_from_proto(e) for e in encoded]
+        targets = [segments_from_proto(r.targets) for r in requests]
+        search = [[list(s.memory_ids) for s in r.search] for r in requests]
+        try:
+            rows = await asyncio.to_thread(self.reader.score, BackboneOutput.concat(outs),
+                                           [s for ss in search for s in ss], [t for ts in targets for t in ts])
+            scores = [rows[start:start + len(ts)] for start, ts in zip(row_starts(targets), targets)]
+        except Exception:
+            if len(requests) == 1:
+                raise
+            scores = [await self._score_alone(o, s, t) for o, s, t in zip(outs, search, targets)]
+        results = []
+        for out, req, rows in zip(outs, requests, scores):
+            if isinstance(rows, Exception):
+                results.append(rows)
+                continue
+            try:
+                await asyncio.to_thread(self.reader.fill, out, segments_from_proto(req.segments),
+                                        [f or None for f in req.fill])
+                results.append(scores_to_proto(rows))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    async def _score_alone(self, out: BackboneOutput, search: list[list[str]], targets: list[list[int]]):
+        try:
+            return await asyncio.to_thread(self.reader.score, out, search, targets)
+        except Exception as e:
+            return e
 
     def generate(self, req: ipb.ReadGenerateRequest) -> Iterator[int]:
         yield from self.reader.generate(list(req.token_ids), req.memory_id or None, req.max_new_tokens,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ray
 import torch
 
+from longmem.config import LongMemConfig
+
 from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
 
 KNOWN_ERRORS = (MemoryNotFound, MemoryExists, CapacityExceeded, ShardUnavailable, ValueError)
@@ -36,3 +38,26 @@ def set_replica_threads(threads: int) -> None:
     """Torch threads for a replica, when configured (0 keeps what Ray set up)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def configure_batching(config: LongMemConfig, *handlers) -> None:
+    """Applies the configured batch size and wait to @serve.batch methods of a replica."""
+    for handler in handlers:
+        handler.set_max_batch_size(config.serve.batch_max_requests)
+        handler.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
+
+
+def raise_if_error(value):
+    """A batched handler returns a failed request's exception in its place: raise it there."""
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def row_starts(requests: list[list]) -> list[int]:
+    """The first batch row of each request, when their rows are concatenated."""
+    starts, row = [], 0
+    for rows in requests:
+        starts.append(row)
+        row += len(rows)
+    return starts

@@ -10,6 +10,7 @@ shard's write-ahead log before it is acknowledged (longmem/durable.py); a restar
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray
@@ -21,18 +22,27 @@ from longmem.v1 import internal_pb2 as ipb
 from longmem.wire import from_tensor_proto
 
 from .messages import chunks_from_proto, hits_to_proto
+from .metrics import metrics
 
 
 class Shard:
     def __init__(self, name: str, budget_bytes: int, chunk_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: str = "float32", storage_root: str | None = None, snapshot_every: int = 256):
+                 dtype: str = "float32", storage_root: str | None = None, snapshot_every: int = 256,
+                 latency_buckets_s: tuple[float, ...] = ()):
         self.name = name
+        self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
         self.budget_bytes = budget_bytes
         self.dims = (chunk_size, num_kv_heads, head_dim)
         self.dtype = np.dtype(dtype)
         storage = Storage(f"{storage_root}/shards/{name}") if storage_root else None
         self.stores = StoreSet(*self.dims, self.dtype, storage, snapshot_every)
         self.stores.restore()
+        self._record_tokens()
+
+    def _record_tokens(self) -> None:
+        if self.metrics is not None:
+            held = sum(s.live for s in self.stores.stores.values()) * self.dims[0]
+            self.metrics.memory_tokens.set(held, tags={"shard": self.name})
 
     def bytes_for(self, capacity_chunks: int) -> int:
         return capacity_chunks * ChunkStore.bytes_per_chunk(*self.dims, self.dtype)
@@ -54,16 +64,29 @@ class Shard:
         return self.stats()
 
     def add(self, req: ipb.ShardAddRequest) -> int:
-        return self.stores.add(req.store_id, chunks_from_proto(req.chunks), req.min_seq)
+        store = self.stores.get(req.store_id)
+        evicted = store.evicted
+        added = self.stores.add(req.store_id, chunks_from_proto(req.chunks), req.min_seq)
+        if self.metrics is not None:
+            if store.evicted > evicted:  # a Ray counter takes only positive increments
+                self.metrics.evictions.inc((store.evicted - evicted) * self.dims[0], tags={"shard": self.name})
+            self._record_tokens()
+        return added
 
     def search(self, req: ipb.ShardSearchRequest) -> ipb.Hits:
-        return hits_to_proto(self.stores.get(req.store_id).search(from_tensor_proto(req.queries), req.k_chunks))
+        start = time.perf_counter()
+        hits = self.stores.get(req.store_id).search(from_tensor_proto(req.queries), req.k_chunks)
+        if self.metrics is not None:
+            self.metrics.search_seconds.observe(time.perf_counter() - start, tags={"component": "shard"})
+        return hits_to_proto(hits)
 
     def reset(self, store_id: str) -> None:
         self.stores.reset(store_id)
+        self._record_tokens()
 
     def delete(self, store_id: str) -> None:
         self.stores.delete(store_id)
+        self._record_tokens()
 
     def pid(self) -> int:
         """The actor's process id (operators and fault tests use it)."""

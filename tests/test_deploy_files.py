@@ -93,6 +93,21 @@ def test_serve_config(serve_config):
     assert app.args == {"config": None}
 
 
+def test_serve_config_autoscales_and_batches_the_model_deployments(serve_config):
+    from longmem.config import LongMemConfig
+    from services.encoder import EncoderDeployment
+    from services.reader import ReaderDeployment
+
+    [app] = validate_serve_config(serve_config).applications
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {EncoderDeployment.name, ReaderDeployment.name}
+    for d in deployments.values():
+        auto = d.autoscaling_config
+        assert 1 <= auto["min_replicas"] < auto["max_replicas"]
+        assert d.max_ongoing_requests >= LongMemConfig().serve.batch_max_requests
+        assert d.max_ongoing_requests >= auto["target_ongoing_requests"]
+
+
 def test_grpc_servicer_function_is_importable(serve_config):
     for dotted_path in serve_config["grpc_options"]["grpc_servicer_functions"]:
         assert callable(import_function(dotted_path))
@@ -101,6 +116,7 @@ def test_grpc_servicer_function_is_importable(serve_config):
 def test_rayservice_manifest(rayservice, serve_config):
     assert rayservice["apiVersion"] == "ray.io/v1"
     assert rayservice["kind"] == "RayService"
+    assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     validate_serve_config(embedded)
     assert embedded == serve_config, "serveConfigV2 must match deploy/serve.yaml"
