@@ -151,9 +151,14 @@ class BatchConfig:
     # Autoscaling actor pools: [min, max] actors each for ingest (the encoder) and scoring (the reader).
     encoder_actors: list[int] = field(default_factory=lambda: [1, 2])
     reader_actors: list[int] = field(default_factory=lambda: [1, 2])
-    actor_num_cpus: float = 1.0
-    actor_torch_threads: int = 0  # 0: Ray's choice (as many as actor_num_cpus)
+    # CPUs per model actor. 0.5 lets one encoder and one reader run beside the bank and shards on a
+    # 2-core machine; on a cluster give each actor the cores it should use (and as many torch threads).
+    actor_num_cpus: float = 0.5
+    actor_torch_threads: int = 0  # 0: Ray's choice (as many as a whole actor_num_cpus, else 1)
     docs_per_call: int = 1  # documents one actor call receives
+    # CPUs of the light tasks (reading, decoding, writing): small, so they never wait for the model
+    # actors (nor for the bank and shards) to free whole cores.
+    io_num_cpus: float = 0.1
 
 
 @dataclass

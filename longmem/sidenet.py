@@ -193,6 +193,12 @@ def block_spec(backbone: Backbone) -> BlockSpec:
                      hf.n_inner or 4 * hf.hidden_size, hf.layer_norm_epsilon, True, hf.activation_function)
 
 
+def trains(module: nn.Module) -> bool:
+    """Whether a forward pass now would train the module (grad on, parameters requiring it): a block
+    that is still the identity must then run anyway, or its zero projections never get a gradient."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+
 class SideNet(nn.Module):
     """Reads a segment from the backbone's hidden states, with memory at one block."""
 
@@ -232,7 +238,7 @@ class SideNet(nn.Module):
         for i, block in enumerate(self.blocks):
             x = x + (hidden[i + 1] - hidden[i])
             reads_memory = i == self.memory_block and retriever is not None
-            if not reads_memory and block.is_identity():  # zero-initialised, untrained: no work to do
+            if not reads_memory and not trains(block) and block.is_identity():  # zero-init, untrained: no work
                 continue
             x = block(x, rope, retriever if i == self.memory_block else None,
                       cache[i] if cache is not None else None)

@@ -150,17 +150,18 @@ def read_corpus(source: str, cfg: BatchConfig) -> ray.data.Dataset:
     fmt, root = input_format(source, cfg), _strip_scheme(source).rstrip("/")
     if fmt == "parquet":
         root = os.path.dirname(root) if root.endswith(".parquet") else root
-        ds = ray.data.read_parquet(source, include_paths=True)
-        return ds.map_batches(_parquet_records, batch_format="pandas", fn_kwargs={
+        ds = ray.data.read_parquet(source, include_paths=True, num_cpus=cfg.io_num_cpus)
+        return ds.map_batches(_parquet_records, batch_format="pandas", num_cpus=cfg.io_num_cpus, fn_kwargs={
             "root": root, "source": source, "text_field": cfg.text_field, "id_fields": cfg.id_fields})
     extensions = ["jsonl", "json"] if fmt == "jsonl" else [e.lstrip(".") for e in cfg.text_extensions] or None
-    ds = ray.data.read_binary_files(source, include_paths=True, file_extensions=extensions)
+    ds = ray.data.read_binary_files(source, include_paths=True, file_extensions=extensions, num_cpus=cfg.io_num_cpus)
     if root.endswith(tuple(extensions or ())):
         root = os.path.dirname(root)
     if fmt == "jsonl":
-        return ds.map_batches(_jsonl_records, batch_format="pandas", fn_kwargs={
+        return ds.map_batches(_jsonl_records, batch_format="pandas", num_cpus=cfg.io_num_cpus, fn_kwargs={
             "root": root, "source": source, "text_field": cfg.text_field, "id_fields": cfg.id_fields})
-    return ds.map_batches(_decode_files, batch_format="pandas", fn_kwargs={"root": root, "source": source})
+    return ds.map_batches(_decode_files, batch_format="pandas", num_cpus=cfg.io_num_cpus,
+                          fn_kwargs={"root": root, "source": source})
 
 
 def _prepare(batch: pd.DataFrame, mode: str, run_id: str, done: frozenset[str]) -> pd.DataFrame:
@@ -360,7 +361,7 @@ def run_batch(config: LongMemConfig, source: str, out: str, progress: bool = Tru
     done = done_ids(previous, cfg.mode)
     run_id = uuid.uuid4().hex[:12]
     start = time.perf_counter()
-    ds = read_corpus(source, cfg).map_batches(_prepare, batch_format="pandas",
+    ds = read_corpus(source, cfg).map_batches(_prepare, batch_format="pandas", num_cpus=cfg.io_num_cpus,
                                               fn_kwargs={"mode": cfg.mode, "run_id": run_id, "done": done})
     stage_args = {"batch_format": "pandas", "batch_size": cfg.docs_per_call, "num_cpus": cfg.actor_num_cpus,
                   "fn_constructor_kwargs": {"config": config.to_dict()}}
@@ -370,11 +371,12 @@ def run_batch(config: LongMemConfig, source: str, out: str, progress: bool = Tru
         ds = ds.map_batches(IngestStage, compute=_pool(cfg.encoder_actors), **stage_args)
     if cfg.mode in ("score", "both"):
         ds = ds.map_batches(ScoreStage, compute=_pool(cfg.reader_actors), **stage_args)
-    ds = ds.drop_columns(["text"])
+    ds = ds.drop_columns(["text"], num_cpus=cfg.io_num_cpus)
+    write_args = {"ray_remote_args": {"num_cpus": cfg.io_num_cpus}}
     if cfg.output_format == "parquet":
-        ds.write_parquet(out)
+        ds.write_parquet(out, **write_args)
     else:
-        ds.write_json(out)
+        ds.write_json(out, **write_args)
     seconds = time.perf_counter() - start
     results = read_results(out, cfg.output_format)
     mine = results[results["run_id"] == run_id]

@@ -3,6 +3,7 @@ reimplementation against the HF decoder layers it is copied from."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -334,3 +335,20 @@ def test_encode_memory_stops_early_with_the_same_keys_values(tiny_models):
         assert not ran, "layers above the memory layer must not run"
         torch.testing.assert_close(keys, full.mem_keys, rtol=0, atol=0)
         torch.testing.assert_close(values, full.mem_values, rtol=0, atol=0)
+
+
+def test_zero_init_blocks_get_gradients_when_training(tiny_models):
+    """Identity (zero-init) blocks are skipped when reading, but must run when training, or their zero
+    output projections would never receive a gradient and stay zero."""
+    model = tiny_models("llama", "zero")
+    sidenet, bb = copy.deepcopy(model.sidenet), model.backbone
+    ids = torch.tensor([model.tokenize(TEXT)[:W]])
+    out, _ = bb.encode(ids)
+    rope = bb.rotary(out.hidden[0], _positions(ids.shape[1]))
+    sidenet.train()
+    loss = bb.lm_head(sidenet(out.hidden, rope)).float().logsumexp(-1).mean()
+    loss.backward()
+    for block in sidenet.blocks:
+        assert block.attn.o_proj.weight.grad is not None and block.attn.o_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(sidenet(out.hidden, rope), model.sidenet(out.hidden, rope))
