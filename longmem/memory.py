@@ -93,6 +93,50 @@ class ChunkHits:
         )
 
 
+@dataclass
+class CompactHits:
+    """ChunkHits with every retrieved (chunk, kv head) pair stored once: what crosses the network.
+
+    The query tokens of a segment, and the query heads sharing a kv head (GQA), retrieve many of
+    the same chunks; a search's keys/values then shrink from [T, Hq, k, c, d] to [U, c, d]."""
+
+    scores: np.ndarray  # [T, Hq, k] float32
+    seqs: np.ndarray  # [T, Hq, k] int64
+    rows: np.ndarray  # [T, Hq, k] int32: the hit's row in the table below; -1 where empty
+    positions: np.ndarray  # [U, c] int64
+    token_ids: np.ndarray  # [U, c] int32
+    keys: np.ndarray  # [U, c, d]
+    values: np.ndarray  # [U, c, d]
+
+    @staticmethod
+    def of(hits: ChunkHits, num_kv_heads: int) -> "CompactHits":
+        t, hq, k, c, d = hits.keys.shape
+        kv_of_head = np.arange(hq) // (hq // num_kv_heads)  # [Hq]
+        valid = hits.seqs != NO_SEQ
+        pair = np.where(valid, hits.seqs * num_kv_heads + kv_of_head[None, :, None], -1).reshape(-1)
+        live = np.flatnonzero(pair >= 0)
+        uniq, first, inverse = np.unique(pair[live], return_index=True, return_inverse=True)
+        rows = np.full(pair.shape, -1, np.int32)
+        rows[live] = inverse
+        source = live[first]  # flat hit index of each table row's first occurrence
+        return CompactHits(hits.scores, hits.seqs, rows.reshape(t, hq, k),
+                           hits.positions.reshape(-1, c)[source], hits.token_ids.reshape(-1, c)[source],
+                           hits.keys.reshape(-1, c, d)[source], hits.values.reshape(-1, c, d)[source])
+
+    def expand(self) -> ChunkHits:
+        t, hq, k = self.rows.shape
+        c, d = self.keys.shape[1:]
+        hits = ChunkHits.empty(t, hq, k, c, d, self.keys.dtype)
+        hits.scores[:], hits.seqs[:] = self.scores, self.seqs
+        valid = self.rows >= 0
+        rows = self.rows[valid]
+        hits.positions[valid] = self.positions[rows]
+        hits.token_ids[valid] = self.token_ids[rows]
+        hits.keys[valid] = self.keys[rows]
+        hits.values[valid] = self.values[rows]
+        return hits
+
+
 def merge_hits(parts: list[ChunkHits], k: int) -> ChunkHits:
     """Exact top-k over the union of several searches (shards, or a memory plus a scratch memory).
 

@@ -283,7 +283,7 @@ class Bank:
             if not parts:
                 t, hq, d = queries.shape[1:]
                 parts = [ChunkHits.empty(t, hq, req.k_chunks, self.chunk_size, d, self.dtype)]
-            rows.append(hits_to_proto(merge_hits(parts, req.k_chunks)))
+            rows.append(hits_to_proto(merge_hits(parts, req.k_chunks), self.num_kv_heads))
         return ipb.BankSearchResponse(rows=rows)
 
     async def shard_stats(self) -> list[ipb.ShardStats]:

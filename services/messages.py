@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from longmem.backbone import BackboneOutput
-from longmem.memory import Chunks, ChunkHits, MemoryStats
+from longmem.memory import ChunkHits, Chunks, CompactHits, MemoryStats
 from longmem.model import SegmentScores, Span
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
@@ -21,15 +21,16 @@ def chunks_from_proto(m: ipb.ChunkBatch) -> Chunks:
                   from_tensor_proto(m.positions), from_tensor_proto(m.seqs))
 
 
-HIT_FIELDS = ("scores", "seqs", "positions", "token_ids", "keys", "values")
+HIT_FIELDS = ("scores", "seqs", "rows", "positions", "token_ids", "keys", "values")
 
 
-def hits_to_proto(h: ChunkHits) -> ipb.Hits:
-    return ipb.Hits(**{name: to_tensor_proto(getattr(h, name)) for name in HIT_FIELDS})
+def hits_to_proto(h: ChunkHits, num_kv_heads: int) -> ipb.Hits:
+    compact = CompactHits.of(h, num_kv_heads)
+    return ipb.Hits(**{name: to_tensor_proto(getattr(compact, name)) for name in HIT_FIELDS})
 
 
 def hits_from_proto(m: ipb.Hits) -> ChunkHits:
-    return ChunkHits(**{name: from_tensor_proto(getattr(m, name)) for name in HIT_FIELDS})
+    return CompactHits(**{name: from_tensor_proto(getattr(m, name)) for name in HIT_FIELDS}).expand()
 
 
 def encoded_to_proto(out: BackboneOutput) -> ipb.Encoded:

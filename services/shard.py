@@ -78,7 +78,7 @@ class Shard:
         hits = self.stores.get(req.store_id).search(from_tensor_proto(req.queries), req.k_chunks)
         if self.metrics is not None:
             self.metrics.search_seconds.observe(time.perf_counter() - start, tags={"component": "shard"})
-        return hits_to_proto(hits)
+        return hits_to_proto(hits, self.dims[1])
 
     def reset(self, store_id: str) -> None:
         self.stores.reset(store_id)

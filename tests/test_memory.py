@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longmem.memory import NO_SEQ, Chunker, ChunkStore, Memory, MemoryBank, hits_to_retrieved, merge_hits
+from longmem.memory import (NO_SEQ, Chunker, ChunkStore, CompactHits, Memory, MemoryBank, hits_to_retrieved,
+                            merge_hits)
 
 HKV, HQ, D, C = 2, 4, 8, 4  # GQA: query head h searches kv head h // 2
 
@@ -407,3 +408,22 @@ def test_memory_rejects_bad_shapes_and_capacity():
                       np.zeros(3, np.int32))
     with pytest.raises(ValueError):
         memory.search(np.zeros((2, 3, D), np.float32), 2)  # 3 query heads over 2 kv heads
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), capacity=st.integers(1, 40), n_tokens=st.integers(0, 200),
+       t=st.integers(1, 6), k=st.integers(1, 12))
+def test_compact_hits_round_trip_and_store_each_chunk_head_once(seed, capacity, n_tokens, t, k):
+    rng = np.random.default_rng(seed)
+    hq = 2 * HKV
+    store, chunker = ChunkStore(capacity, C, HKV, D), Chunker(C, HKV, D)
+    keys, values = rng.standard_normal((2, n_tokens, HKV, D)).astype(np.float32)
+    store.add(chunker.push(keys, values, rng.integers(0, 99, n_tokens).astype(np.int32)))
+    hits = store.search(rng.standard_normal((t, hq, D)).astype(np.float32), k)
+    compact = CompactHits.of(hits, HKV)
+    back = compact.expand()
+    for name in ("scores", "seqs", "positions", "token_ids", "keys", "values"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(hits, name))
+    valid = hits.seqs >= 0
+    pairs = {(int(s), h // 2) for (_, h, _), s in zip(np.argwhere(valid), hits.seqs[valid])}
+    assert len(compact.keys) == len(pairs) <= min(valid.sum(), store.live * HKV)
