@@ -109,11 +109,14 @@ class CompactHits:
     values: np.ndarray  # [U, c, d]
 
     @staticmethod
-    def of(hits: ChunkHits, num_kv_heads: int) -> "CompactHits":
+    def of(hits: ChunkHits, num_kv_heads: int, sources: np.ndarray | None = None) -> "CompactHits":
+        """sources: [T, Hq, k] which memory each hit came from, when hits merge several memories
+        (seqs are numbered per memory); None when they come from one."""
         t, hq, k, c, d = hits.keys.shape
         kv_of_head = np.arange(hq) // (hq // num_kv_heads)  # [Hq]
         valid = hits.seqs != NO_SEQ
-        pair = np.where(valid, hits.seqs * num_kv_heads + kv_of_head[None, :, None], -1).reshape(-1)
+        chunk = hits.seqs if sources is None else hits.seqs * (int(sources.max()) + 1) + sources
+        pair = np.where(valid, chunk * num_kv_heads + kv_of_head[None, :, None], -1).reshape(-1)
         live = np.flatnonzero(pair >= 0)
         uniq, first, inverse = np.unique(pair[live], return_index=True, return_inverse=True)
         rows = np.full(pair.shape, -1, np.int32)
@@ -142,16 +145,23 @@ def merge_hits(parts: list[ChunkHits], k: int) -> ChunkHits:
 
     Ties keep the order of `parts`, then each part's own order, so the result is deterministic.
     """
+    return merge_hits_with_sources(parts, k)[0]
+
+
+def merge_hits_with_sources(parts: list[ChunkHits], k: int) -> tuple[ChunkHits, np.ndarray]:
+    """merge_hits, and for each hit the index of the part it came from: [T, Hq, k]."""
     if len(parts) == 1:
-        return parts[0]
+        return parts[0], np.zeros(parts[0].seqs.shape, np.int64)
     cat = {name: np.concatenate([getattr(p, name) for p in parts], axis=2)
            for name in ("scores", "seqs", "positions", "token_ids", "keys", "values")}
+    cat["sources"] = np.concatenate([np.full(p.seqs.shape, i, np.int64) for i, p in enumerate(parts)], axis=2)
     order = np.argsort(-cat["scores"], axis=2, kind="stable")[:, :, :k]  # [T, Hq, k]
     picked = {}
     for name, arr in cat.items():
         idx = order.reshape(order.shape + (1,) * (arr.ndim - 3))
         picked[name] = np.take_along_axis(arr, idx, axis=2)
-    return ChunkHits(**picked)
+    sources = picked.pop("sources")
+    return ChunkHits(**picked), sources
 
 
 @dataclass

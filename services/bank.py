@@ -22,7 +22,7 @@ import torch
 
 from longmem.config import LongMemConfig
 from longmem.memory import (CapacityExceeded, ChunkHits, Chunker, MemoryExists, MemoryNotFound, MemoryStats,
-                            ShardUnavailable, merge_hits)
+                            ShardUnavailable, merge_hits_with_sources)
 from longmem.storage import Storage, WriteAheadLog, pack_arrays, unpack_arrays
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
@@ -283,7 +283,8 @@ class Bank:
             if not parts:
                 t, hq, d = queries.shape[1:]
                 parts = [ChunkHits.empty(t, hq, req.k_chunks, self.chunk_size, d, self.dtype)]
-            rows.append(hits_to_proto(merge_hits(parts, req.k_chunks), self.num_kv_heads))
+            merged, sources = merge_hits_with_sources(parts, req.k_chunks)
+            rows.append(hits_to_proto(merged, self.num_kv_heads, sources))
         return ipb.BankSearchResponse(rows=rows)
 
     async def shard_stats(self) -> list[ipb.ShardStats]:

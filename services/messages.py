@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from longmem.backbone import BackboneOutput
 from longmem.memory import ChunkHits, Chunks, CompactHits, MemoryStats
 from longmem.model import SegmentScores, Span
@@ -24,8 +26,8 @@ def chunks_from_proto(m: ipb.ChunkBatch) -> Chunks:
 HIT_FIELDS = ("scores", "seqs", "rows", "positions", "token_ids", "keys", "values")
 
 
-def hits_to_proto(h: ChunkHits, num_kv_heads: int) -> ipb.Hits:
-    compact = CompactHits.of(h, num_kv_heads)
+def hits_to_proto(h: ChunkHits, num_kv_heads: int, sources: np.ndarray | None = None) -> ipb.Hits:
+    compact = CompactHits.of(h, num_kv_heads, sources)
     return ipb.Hits(**{name: to_tensor_proto(getattr(compact, name)) for name in HIT_FIELDS})
 
 

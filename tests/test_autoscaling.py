@@ -25,12 +25,12 @@ AUTOSCALING_PUSH_S = "0.5"
 METRICS_REPORT_MS = 500
 MAX_REPLICAS = 2
 LOAD_CLIENTS = 8
-SCALE_UP_DEADLINE_S = 90
+SCALE_UP_DEADLINE_S = 120
 SCALE_DOWN_DEADLINE_S = 60
 METRICS_DEADLINE_S = 30
 MODEL_DEPLOYMENTS = ("EncoderDeployment", "ReaderDeployment")
 # A low target: the tiny model is fast, so a replica averages well under one ongoing request.
-AUTOSCALING = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "target_ongoing_requests": 0.25,
+AUTOSCALING = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "target_ongoing_requests": 0.1,
                "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 1.5,
                "metrics_interval_s": 0.5}
 

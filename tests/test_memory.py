@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longmem.memory import (NO_SEQ, Chunker, ChunkStore, CompactHits, Memory, MemoryBank, hits_to_retrieved,
-                            merge_hits)
+                            merge_hits, merge_hits_with_sources)
 
 HKV, HQ, D, C = 2, 4, 8, 4  # GQA: query head h searches kv head h // 2
 
@@ -427,3 +427,20 @@ def test_compact_hits_round_trip_and_store_each_chunk_head_once(seed, capacity, 
     valid = hits.seqs >= 0
     pairs = {(int(s), h // 2) for (_, h, _), s in zip(np.argwhere(valid), hits.seqs[valid])}
     assert len(compact.keys) == len(pairs) <= min(valid.sum(), store.live * HKV)
+
+
+def test_compact_hits_of_merged_memories_keep_each_memory_s_chunks_apart():
+    """Two memories number their chunks from 0: a merged result must not take one's keys for the other's."""
+    rng = np.random.default_rng(0)
+    stores = []
+    for _ in range(2):
+        store, chunker = ChunkStore(8, C, HKV, D), Chunker(C, HKV, D)
+        keys, values = rng.standard_normal((2, 32, HKV, D)).astype(np.float32)
+        store.add(chunker.push(keys, values, rng.integers(0, 99, 32).astype(np.int32)))
+        stores.append(store)
+    queries = rng.standard_normal((3, HQ, D)).astype(np.float32)
+    merged, sources = merge_hits_with_sources([s.search(queries, 6) for s in stores], 6)
+    assert set(np.unique(sources)) == {0, 1}
+    back = CompactHits.of(merged, HKV, sources).expand()
+    np.testing.assert_array_equal(back.keys, merged.keys)
+    np.testing.assert_array_equal(back.values, merged.values)
