@@ -109,6 +109,29 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if not summary.errors else 1
 
 
+BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "search")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from services.bench import BENCH_FILES, render, run_bench
+
+    config = load_config(args)
+    if args.quick:  # the quick sizes first, so that --set still overrides them
+        quick = [f"bench.{key}={json.dumps(value)}" for key, value in config.bench.quick.items()]
+        config = LongMemConfig.load(args.config, quick + args.overrides).validate()
+    out = args.out or config.bench.out_dir
+    command = shlex.join(["longmem", "bench", *(["--quick"] if args.quick else []), "--parts", *args.parts,
+                          "--out", out, *(["--config", args.config] if args.config else []),
+                          *[x for item in args.overrides for x in ("--set", item)]])
+    report = run_bench(config, args.parts, out, command)
+    print(render(report), end="")
+    print("wrote " + ", ".join(f"{out}/{name}" for name in BENCH_FILES))
+    return 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -188,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     batch.add_argument("--no-progress", action="store_true")
     batch.set_defaults(func=cmd_batch)
+    bench = sub.add_parser("bench", help="benchmark: roofline, eviction, memory cost, long context, service "
+                                         "overhead, sharded search; a table, bench.json, bench.md and bench.png")
+    add_config_args(bench)
+    bench.add_argument("--parts", nargs="+", default=list(BENCH_PARTS), choices=BENCH_PARTS, metavar="PART",
+                       help=f"parts to run, any of: {' '.join(BENCH_PARTS)} (default: all)")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes (bench.quick) for a smoke run of a minute or two")
+    bench.add_argument("--out", default=None, help="report directory (default: bench.out_dir, results/bench)")
+    bench.set_defaults(func=cmd_bench)
     load = sub.add_parser("loadtest", help="bounded mixed Append/Score/Generate load against an endpoint; "
                                            "throughput, p50/p99 latency and errors")
     load.add_argument("--target", default="localhost:9000")

@@ -213,6 +213,26 @@ class DemoConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`longmem bench`: how big each part is (longmem/bench.py, services/bench.py). The defaults run in
+    about 15 minutes on a 2-core CPU machine; `--quick` applies `quick` first, for a smoke run."""
+
+    out_dir: str = "results/bench"
+    roofline_tokens: int = 2048  # appended, then as many scored (in-process core against the FLOP bound)
+    eviction_sizes: list[int] = field(default_factory=lambda: [16_384, 65_536, 262_144, 1_048_576])
+    memory_cost_tokens: int = 16_384  # real keys/values stored in each storage option
+    long_context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    service_tokens: int = 2048  # appended, then as many scored, through gRPC + Ray and in process
+    search_sizes: list[int] = field(default_factory=lambda: [16_384, 262_144, 1_048_576])  # memory tokens
+    search_shards: list[int] = field(default_factory=lambda: [1, 2, 4])
+    search_repeats: int = 5  # timed searches per (size, shards); the median counts
+    quick: dict[str, Any] = field(default_factory=lambda: {
+        "roofline_tokens": 256, "eviction_sizes": [16_384, 65_536], "memory_cost_tokens": 4096,
+        "long_context_lengths": [512], "service_tokens": 256, "search_sizes": [16_384],
+        "search_shards": [1, 2], "search_repeats": 3})
+
+
+@dataclass
 class LongMemConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -223,6 +243,7 @@ class LongMemConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
 
     @classmethod

@@ -54,6 +54,7 @@ SEARCH_WARMUP = 1  # untimed searches first
 SHARD_BUDGET_HEADROOM = 1.05  # shard byte budget: the biggest memory on one shard, x this ...
 SHARD_BUDGET_EXTRA_BYTES = 64 << 20  # ... plus this
 READY_TIMEOUT_S = 300.0  # Serve deploy until the gRPC API answers
+RAY_START_ATTEMPTS = 2  # a local Ray instance may time out starting on a busy machine: try once more
 BENCH_NAMESPACE = "longmem-bench"  # Ray namespace of the bank and shard actors the benchmarks start
 SEED = 0
 PARTS = {  # `longmem bench --parts` name -> result key
@@ -85,8 +86,16 @@ def local_ray(config: LongMemConfig, num_cpus: float) -> Iterator[None]:
         raise RuntimeError("the service benchmarks start their own local Ray instance; call them with Ray not "
                            "initialized")
     cpus = max(float(len(os.sched_getaffinity(0))), num_cpus)
-    ray.init(address="local", namespace=config.serve.namespace, num_cpus=cpus, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", namespace=config.serve.namespace, num_cpus=cpus, include_dashboard=False,
+                     log_to_driver=False, logging_level="WARNING")
+            break
+        except Exception as e:  # Ray raises a bare Exception when its raylet is slow to register
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS or "timed out during startup" not in str(e):
+                raise
+            _log(f"local Ray did not start ({e}); trying again")
     try:
         yield
     finally:
