@@ -59,7 +59,7 @@ LOGPROB_ROWS = 1024  # log-softmax over the vocabulary this many rows at a time 
 PLOT_COLUMNS = 3  # subplots per row of the PNG
 CHARS_PER_TOKEN_GUESS = 5  # how much essay text to tokenize first when n tokens are needed
 SEED = 0
-KIB = 1024  # Linux reports ru_maxrss in KiB
+KIB = 1024  # Linux reports VmHWM and ru_maxrss in KiB
 # SmolLM2-135M's memory layer: 3 kv heads of 64 dims; chunks of 4 tokens (config defaults)
 STORE_CHUNK_SIZE, STORE_KV_HEADS, STORE_HEAD_DIM = 4, 3, 64
 # Index parameters of memory_cost
@@ -601,8 +601,16 @@ def _memory_mark(device: torch.device) -> int:
 
 
 def _memory_peak(device: torch.device) -> int:
+    """Peak memory since the last _memory_mark, in bytes. CPU: VmHWM of /proc/self/status, the high-water
+    mark clear_refs resets. Not ru_maxrss: a spawned process inherits its parent's peak through exec
+    there, which clear_refs does not reset, so a child of a big process would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * KIB  # "VmHWM:   123456 kB"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
 
 
@@ -633,7 +641,7 @@ def long_context(config: LongMemConfig, lengths: Sequence[int] = LONG_CONTEXT_LE
     backbone with full attention over all n tokens (one forward pass; only up to its position
     limit). Both compute the log-probability of every token. Every measurement runs in a fresh
     spawned process with this process's torch thread count; memory is the peak above what the
-    loaded model holds: CPU resident set (ru_maxrss, its high-water mark reset after loading), or
+    loaded model holds: CPU resident set (VmHWM, its high-water mark reset after loading), or
     torch.cuda.max_memory_allocated."""
     from transformers import AutoConfig, AutoTokenizer
 

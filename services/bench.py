@@ -487,6 +487,9 @@ def _plot_search(axes, r: dict) -> None:
                 label=f"{core._tokens(row['tokens'])} tokens")
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
+    shards = [x["shards"] for x in r["rows"][0]["sharded"]]
+    ax.set_xticks(shards, [str(s) for s in shards])
+    ax.minorticks_off()
     ax.set_xlabel("shards")
     ax.set_ylabel("measured / ideal latency")
     ax.set_title("search scaling", fontsize=10)

@@ -211,3 +211,14 @@ def test_format_table_and_plot(roofline_result, eviction_result, memory_cost_res
     for name, part in (("all.png", results), ("one.png", {"memory_cost": memory_cost_result})):
         path = bench.plot(part, tmp_path / name)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fresh_process_memory_is_its_own_not_its_parents(llama_bb):
+    """A spawned child inherits its parent's ru_maxrss through exec; the peak must be the child's."""
+    ballast = np.ones(2**30 // 8)  # 1 GiB resident in this (the parent) process
+    parent_peak = bench._memory_peak(torch.device("cpu"))
+    ids = bench.text_ids(llama_bb.tokenizer, 64)
+    m = bench._in_fresh_process(bench._read_context, llama_bb.config.to_dict(), "longmem", ids, 1)
+    del ballast
+    check_context_read(m, 64)
+    assert m["peak_bytes"] < parent_peak - 2**29
