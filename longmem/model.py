@@ -260,6 +260,18 @@ class LocalReader:
         return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
 
 
+def ingest_tokens(encoder: Encoder, memory_id: str, ids: list[int], config: LongMemConfig,
+                  progress: bool = False) -> MemoryStats:
+    """Appends a token stream to a memory in segments of W tokens, read.batch_segments per encoder call.
+    Returns the memory's stats after the last call."""
+    w, batch = config.read.segment_tokens, config.read.batch_segments
+    segments = [ids[i:i + w] for i in range(0, len(ids), w)]
+    stats = None
+    for start in tqdm(range(0, len(segments), batch), desc="appending", unit="batch", disable=not progress):
+        stats = encoder.ingest(memory_id, segments[start:start + batch])
+    return stats
+
+
 def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:
     """A temporary memory for a call's own earlier segments, sized to hold all of them if it can."""
     c = config.memory.chunk_size
@@ -424,10 +436,7 @@ class LongMemRunner:
         """Encodes a text with the frozen backbone and appends it to a memory. Returns its token count."""
         ids = self.token_ids(text, token_ids)
         self.bank.stats(memory_id)
-        w, batch = self.config.read.segment_tokens, self.config.read.batch_segments
-        segments = [ids[i:i + w] for i in range(0, len(ids), w)]
-        for start in tqdm(range(0, len(segments), batch), desc="appending", unit="batch", disable=not progress):
-            self.encoder.ingest(memory_id, segments[start:start + batch])
+        ingest_tokens(self.encoder, memory_id, ids, self.config, progress)
         return len(ids)
 
     def score_choices(self, prefix: str, choices: list[str], memory_id: str | None = None,

@@ -38,7 +38,7 @@ from longmem.backbone import Backbone, model_dims
 from longmem.config import BatchConfig, LongMemConfig
 from longmem.data import NAMED_CORPORA, load_corpus
 from longmem.memory import MemoryExists, MemoryNotFound
-from longmem.model import LocalEncoder, LongMem
+from longmem.model import LocalEncoder, LongMem, ingest_tokens
 
 from .auth import scope
 from .bank import RemoteBank, get_bank, start_bank
@@ -288,11 +288,7 @@ class IngestStage(_Stage):
         memory_id = memory_id_for(doc_id, cfg.batch.memory_prefix)
         scoped = scope(cfg.batch.tenant, memory_id)
         self._fresh_memory(scoped, len(ids))
-        w, per_call = cfg.read.segment_tokens, cfg.read.batch_segments
-        segments = [ids[s:s + w] for s in range(0, len(ids), w)]
-        stats = None
-        for s in range(0, len(segments), per_call):
-            stats = self.encoder.ingest(scoped, segments[s:s + per_call])
+        stats = ingest_tokens(self.encoder, scoped, ids, cfg)
         batch.at[i, "memory_id"] = memory_id
         batch.at[i, "memory_tokens"] = stats.tokens_held
         self.metrics.tokens_appended.inc(len(ids), tags={"source": "batch"})
