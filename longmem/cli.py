@@ -142,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from longmem.storage import StorageLocked
     from services.app import APP_NAME, build, grpc_options
     from services.bank import stop_bank
 
@@ -151,9 +152,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
     front = None
     try:
+        try:
+            app = build(config)  # restores the memories first; refuses a storage another server uses
+        except StorageLocked as e:
+            print(f"longmem serve: {e}", file=sys.stderr, flush=True)
+            return 1
         serve.start(grpc_options=grpc_options(config),
                     http_options={"host": config.serve.host, "port": config.serve.http_port})
-        serve.run(build(config), name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"LongMem gRPC API (longmem.v1.LongMem) on {config.serve.host}:{config.serve.grpc_port}. "
               "Ctrl-C or SIGTERM stops it.", flush=True)
         if config.serve.tls_cert_file and config.serve.tls_key_file:

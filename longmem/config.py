@@ -91,6 +91,11 @@ class ServeConfig:
     storage_uri: str = ""
     snapshot_every: int = 256  # log records between snapshots (each truncates the log)
     shard_retry_seconds: float = 30.0  # how long the bank retries a restarting shard before UNAVAILABLE
+    # One server per storage location: the bank holds a lock file there, refreshed every
+    # lock_refresh_seconds; a lock not refreshed for lock_stale_seconds (or whose process is gone, on
+    # the same host) belongs to a crashed server and is taken over.
+    lock_refresh_seconds: float = 5.0
+    lock_stale_seconds: float = 30.0
     default_memory_shards: int = 1  # shards one new memory is striped over when not asked
     shard_resource: str = "memory_node"  # custom resource a shard requires, when the cluster has it
     shard_resource_units: float = 1.0  # 1.0: one shard per memory node

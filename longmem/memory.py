@@ -12,9 +12,10 @@ Vocabulary (shapes use T query tokens, Hq query heads, Hkv key/value heads, d he
   tokens, which are not searchable, until the next append completes the chunk;
 - a `Memory` is a chunker plus one store; a `MemoryBank` holds many memories side by side.
 
-The sharded bank (services/bank.py) reuses the chunker and stores unchanged: it stripes chunks over
-several stores by `seq % num_shards`, keeps the global FIFO by telling every store the oldest live seq,
-and merges their hits with `merge_hits` — which gives exactly what a single store would.
+The striped bank (longmem/striped.py, run over Ray by services/bank.py) reuses the chunker and stores
+unchanged: it stripes chunks over several stores by `seq % num_shards`, keeps the global FIFO by
+telling every store the oldest live seq, and merges their hits with `merge_hits` — which gives
+exactly what a single store would.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 NO_SEQ = -1  # seq of an empty hit slot (fewer chunks in memory than asked for)
+CHUNK_FIELDS = ("keys", "values", "token_ids", "positions", "seqs")
 
 
 class MemoryNotFound(KeyError):
@@ -66,6 +68,11 @@ class Chunks:
     def select(self, index: np.ndarray | slice) -> "Chunks":
         return Chunks(self.keys[index], self.values[index], self.token_ids[index],
                       self.positions[index], self.seqs[index])
+
+    @staticmethod
+    def cat(parts: list["Chunks"]) -> "Chunks":
+        """Chunks of several pushes, in order, as one batch."""
+        return Chunks(*(np.concatenate([getattr(p, f) for p in parts]) for f in CHUNK_FIELDS))
 
 
 @dataclass
@@ -254,6 +261,19 @@ class Chunker:
         self.next_position = 0
         self.tokens_offered = 0
         self._clear_pending()
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Counters and pending tokens: everything `load_state` needs to continue the stream exactly."""
+        arrays = {"keys": self.pending_keys, "values": self.pending_values, "ids": self.pending_ids,
+                  "positions": self.pending_positions}
+        return arrays, {"next_seq": self.next_seq, "next_position": self.next_position,
+                        "tokens_offered": self.tokens_offered}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        self.next_seq, self.next_position = int(meta["next_seq"]), int(meta["next_position"])
+        self.tokens_offered = int(meta["tokens_offered"])
+        self.pending_keys, self.pending_values = arrays["keys"], arrays["values"]
+        self.pending_ids, self.pending_positions = arrays["ids"], arrays["positions"]
 
 
 class ChunkStore:

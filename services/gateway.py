@@ -21,6 +21,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from longmem.backbone import model_dims, resolve_backbone_path
 from longmem.config import LongMemConfig
 from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
+from longmem.storage import StorageLocked
 from longmem.model import LongMemRunner
 from longmem.v1 import longmem_pb2 as pb
 
@@ -37,7 +38,8 @@ MEMORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 STATUS = ((Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (MemoryNotFound, grpc.StatusCode.NOT_FOUND),
           (MemoryExists, grpc.StatusCode.ALREADY_EXISTS), (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-          (ShardUnavailable, grpc.StatusCode.UNAVAILABLE), (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+          (ShardUnavailable, grpc.StatusCode.UNAVAILABLE), (StorageLocked, grpc.StatusCode.FAILED_PRECONDITION),
+          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
 def status_of(error: BaseException) -> grpc.StatusCode | None:

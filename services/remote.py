@@ -8,8 +8,9 @@ import torch
 from longmem.config import LongMemConfig
 
 from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
+from longmem.storage import StorageLocked
 
-KNOWN_ERRORS = (MemoryNotFound, MemoryExists, CapacityExceeded, ShardUnavailable, ValueError)
+KNOWN_ERRORS = (MemoryNotFound, MemoryExists, CapacityExceeded, ShardUnavailable, StorageLocked, ValueError)
 
 
 def known_cause(error: BaseException) -> BaseException | None:

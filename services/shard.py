@@ -1,10 +1,10 @@
 """A memory shard: a Ray actor holding chunk stores (ring buffers + faiss indexes) for many memories.
 
-Each memory striped over S shards has one store on each, holding its chunks with seq % S == the
-shard's place in the memory's placement. A shard has a byte budget; a store is reserved at its full
-capacity when created, so a shard never grows past its budget later. Every change goes to the
-shard's write-ahead log before it is acknowledged (longmem/durable.py); a restarted shard actor
-(`max_restarts`) reruns __init__, which restores the newest snapshot and replays the log.
+Each memory incarnation striped over S shards has one store on each, holding its chunks with
+seq % S == the shard's place in the memory's placement. A shard has a byte budget; a store is
+reserved at its full capacity when created, so a shard never grows past its budget later. Every
+change goes to the shard's journal before it is acknowledged (longmem/durable.py); a restarted shard
+actor (`max_restarts`) reruns __init__, which restores the newest snapshot and replays the log.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from longmem.durable import StoreSet
-from longmem.memory import CapacityExceeded, ChunkStore
+from longmem.memory import CapacityExceeded
 from longmem.storage import Storage
 from longmem.v1 import internal_pb2 as ipb
 from longmem.wire import from_tensor_proto
@@ -31,62 +31,49 @@ class Shard:
                  latency_buckets_s: tuple[float, ...] = ()):
         self.name = name
         self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
-        self.budget_bytes = budget_bytes
-        self.dims = (chunk_size, num_kv_heads, head_dim)
-        self.dtype = np.dtype(dtype)
+        self.chunk_size = chunk_size
         storage = Storage(f"{storage_root}/shards/{name}") if storage_root else None
-        self.stores = StoreSet(*self.dims, self.dtype, storage, snapshot_every)
+        self.stores = StoreSet(chunk_size, num_kv_heads, head_dim, np.dtype(dtype), storage, snapshot_every,
+                               budget_bytes)
         self.stores.restore()
         self._record_tokens()
 
     def _record_tokens(self) -> None:
         if self.metrics is not None:
-            held = sum(s.live for s in self.stores.stores.values()) * self.dims[0]
+            held = sum(s.live for s in self.stores.stores.values()) * self.chunk_size
             self.metrics.memory_tokens.set(held, tags={"shard": self.name})
 
-    def bytes_for(self, capacity_chunks: int) -> int:
-        return capacity_chunks * ChunkStore.bytes_per_chunk(*self.dims, self.dtype)
-
-    @property
-    def reserved_bytes(self) -> int:
-        return sum(s.nbytes for s in self.stores.stores.values())
-
-    def free_bytes(self) -> int:
-        return self.budget_bytes - self.reserved_bytes
-
-    def create(self, req: ipb.ShardCreateRequest) -> ipb.ShardStats:
-        if req.store_id not in self.stores.stores:
-            need = self.bytes_for(req.capacity_chunks)
-            if need > self.free_bytes():
-                raise CapacityExceeded(f"shard {self.name} has {self.free_bytes():,} bytes free, "
-                                       f"a store of {req.capacity_chunks:,} chunks needs {need:,}")
+    def create(self, req: ipb.ShardCreateRequest) -> None:
+        try:
             self.stores.create(req.store_id, req.capacity_chunks)
-        return self.stats()
+        except CapacityExceeded as e:
+            raise CapacityExceeded(f"shard {self.name}: {e}") from None
 
     def add(self, req: ipb.ShardAddRequest) -> int:
         store = self.stores.get(req.store_id)
         evicted = store.evicted
-        added = self.stores.add(req.store_id, chunks_from_proto(req.chunks), req.min_seq)
+        live = self.stores.add(req.store_id, chunks_from_proto(req.chunks), req.min_seq)
         if self.metrics is not None:
             if store.evicted > evicted:  # a Ray counter takes only positive increments
-                self.metrics.evictions.inc((store.evicted - evicted) * self.dims[0], tags={"shard": self.name})
+                self.metrics.evictions.inc((store.evicted - evicted) * self.chunk_size, tags={"shard": self.name})
             self._record_tokens()
-        return added
+        return live
 
     def search(self, req: ipb.ShardSearchRequest) -> ipb.Hits:
         start = time.perf_counter()
         hits = self.stores.get(req.store_id).search(from_tensor_proto(req.queries), req.k_chunks)
         if self.metrics is not None:
             self.metrics.search_seconds.observe(time.perf_counter() - start, tags={"component": "shard"})
-        return hits_to_proto(hits, self.dims[1])
-
-    def reset(self, store_id: str) -> None:
-        self.stores.reset(store_id)
-        self._record_tokens()
+        return hits_to_proto(hits, self.stores.dims[1])
 
     def delete(self, store_id: str) -> None:
         self.stores.delete(store_id)
         self._record_tokens()
+
+    def sync(self, req: ipb.ShardSyncRequest) -> ipb.ShardSyncResponse:
+        last = self.stores.sync(dict(req.capacity_chunks))
+        self._record_tokens()
+        return ipb.ShardSyncResponse(last_seq=last)
 
     def pid(self) -> int:
         """The actor's process id (operators and fault tests use it)."""
@@ -95,7 +82,7 @@ class Shard:
     def stats(self) -> ipb.ShardStats:
         stores = self.stores.stores.values()
         return ipb.ShardStats(name=self.name, node_id=ray.get_runtime_context().get_node_id(),
-                              budget_bytes=self.budget_bytes, reserved_bytes=self.reserved_bytes,
+                              budget_bytes=self.stores.budget_bytes, reserved_bytes=self.stores.reserved_bytes,
                               num_stores=len(stores), live_chunks=sum(s.live for s in stores))
 
 

@@ -42,9 +42,9 @@ def fill(stores: StoreSet, rng, rounds: int = 12) -> None:
             chunkers[store_id] = Chunker(C, HKV, D)
         chunker = chunkers.setdefault(store_id, Chunker(C, HKV, D))
         stores.add(store_id, make_chunks(chunker, int(rng.integers(3, 30)), rng), chunker.next_seq - 10)
-    stores.reset("m1")
-    chunkers["m1"].reset()
-    stores.add("m1", make_chunks(chunkers["m1"], 9, rng), 0)
+    stores.delete("m1")  # a memory's next incarnation is a new store
+    stores.create("m1@2", 9)
+    stores.add("m1@2", make_chunks(Chunker(C, HKV, D), 9, rng), 0)
 
 
 @pytest.mark.parametrize("snapshot_every", [1000, 5, 1])
@@ -122,9 +122,10 @@ def test_an_unlogged_change_is_wholly_absent_after_restore(tmp_path):
     acknowledged.restore()
     # a crash while writing the next record: its file is torn, so the whole add is absent
     live.add("m", make_chunks(chunker, 13, rng), 0)
-    last = max(live.wal.lsns())
-    torn = live.storage.read(f"wal/{last:016d}")
-    live.storage.write(f"wal/{last:016d}", torn[: len(torn) // 2])
+    storage = live.journal.storage
+    last = max(live.journal.wal.lsns())
+    torn = storage.read(f"wal/{last:016d}")
+    storage.write(f"wal/{last:016d}", torn[: len(torn) // 2])
     restored = StoreSet(C, HKV, D, storage=Storage(str(tmp_path)))
     restored.restore()
     assert_same_answers(acknowledged, restored, rng)

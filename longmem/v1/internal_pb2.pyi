@@ -179,6 +179,32 @@ class ShardAddRequest(_message.Message):
     min_seq: int
     def __init__(self, store_id: _Optional[str] = ..., chunks: _Optional[_Union[ChunkBatch, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
 
+class ShardSyncRequest(_message.Message):
+    __slots__ = ("capacity_chunks",)
+    class CapacityChunksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CAPACITY_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    capacity_chunks: _containers.ScalarMap[str, int]
+    def __init__(self, capacity_chunks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ShardSyncResponse(_message.Message):
+    __slots__ = ("last_seq",)
+    class LastSeqEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    last_seq: _containers.ScalarMap[str, int]
+    def __init__(self, last_seq: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class ShardSearchRequest(_message.Message):
     __slots__ = ("store_id", "queries", "k_chunks")
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
