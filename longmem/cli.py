@@ -26,33 +26,46 @@ def load_config(args: argparse.Namespace) -> LongMemConfig:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .checkpoint import resolve_checkpoint
     from .data import essays_document
+    from .evaluate import answer_matches
     from .model import LongMem
 
     config = load_config(args)
+    demo = config.demo
     t0 = time.perf_counter()
     model = LongMem(config)
     t_load = time.perf_counter() - t0
-    ids = model.tokenize(essays_document())[:config.demo.tokens]
+    essay_ids = model.tokenize(essays_document())[:demo.tokens]
+    # A fact stated near the start of the document, asked after the whole of it.
+    ids = essay_ids[:demo.fact_position] + model.tokenize(demo.fact) + essay_ids[demo.fact_position:]
     print(f"backbone: {model.backbone.path} ({model.backbone.num_layers} layers, memory layer "
           f"{model.backbone.memory_layer}, SideNet {model.sidenet.num_blocks} blocks, memory block "
           f"{model.sidenet.memory_block}); loaded in {t_load:.1f} s")
-    print(f"document: Paul Graham's essays, first {len(ids):,} tokens, read in segments of "
-          f"{config.read.segment_tokens} tokens")
+    checkpoint = resolve_checkpoint(config)
+    print(f"SideNet: {checkpoint or 'untrained'}")
+    print(f"document: Paul Graham's essays, first {len(essay_ids):,} tokens, with {demo.fact!r} at token "
+          f"{demo.fact_position:,}; read in segments of {config.read.segment_tokens} tokens")
     memory_id = model.create_memory("demo")
     t0 = time.perf_counter()
     result = model.score(token_ids=ids, memory_id=memory_id, append=True, progress=True)
     t_score = time.perf_counter() - t0
+    without = model.score(token_ids=ids, use_memory=False, progress=True)
     stats = model.memory_stats(memory_id)
-    print(f"perplexity, backbone with a {config.read.segment_tokens}-token window: {result.backbone_perplexity:.3f}")
-    checkpoint = resolve_checkpoint(config)
-    print(f"perplexity, LongMem with memory (SideNet {checkpoint or 'untrained'}): "
-          f"{result.perplexity:.3f}")
-    print(f"read {len(ids):,} tokens in {t_score:.1f} s ({len(ids) / t_score:.0f} tokens/s)")
+    w = config.read.segment_tokens
+    print(f"perplexity, backbone with a {w}-token window: {result.backbone_perplexity:.3f}")
+    print(f"perplexity, SideNet without memory:            {without.perplexity:.3f}")
+    print(f"perplexity, LongMem with memory:               {result.perplexity:.3f}")
+    print(f"read {len(ids):,} tokens with memory in {t_score:.1f} s ({len(ids) / t_score:.0f} tokens/s)")
     print(f"memory '{stats.memory_id}': {stats.tokens_held:,} tokens held of {stats.capacity_tokens:,}, "
           f"{stats.tokens_evicted:,} evicted, {stats.pending_tokens} pending, {stats.tokens_appended:,} appended")
+    print(f"recall, {len(ids) - demo.fact_position:,} tokens after the fact: {demo.question!r}")
+    for label, use_memory in (("LongMem with memory", True), ("SideNet without memory", False)):
+        answer = model.decode(list(model.generate(demo.question, memory_id=memory_id, use_memory=use_memory,
+                                                  max_new_tokens=demo.answer_tokens)))
+        verdict = "right" if answer_matches(answer, demo.answer) else "wrong"
+        print(f"  {label}: {answer!r} ({verdict}; the fact says {demo.answer})")
     t0 = time.perf_counter()
-    spans = model.retrieve(memory_id, config.demo.query, max_spans=3)
-    print(f"retrieve({config.demo.query!r}) in {time.perf_counter() - t0:.2f} s:")
+    spans = model.retrieve(memory_id, demo.query, max_spans=3)
+    print(f"retrieve({demo.query!r}) in {time.perf_counter() - t0:.2f} s:")
     for span in spans:
         print(f"  tokens {span.start_position}-{span.end_position} hits={span.hits} score={span.score:.2f}: "
               f"{span.text!r}")

@@ -168,24 +168,60 @@ class BatchConfig:
 
 @dataclass
 class TrainConfig:
+    """`longmem train` (longmem/train.py): each step reads `batch_rows` segments of real long documents
+    (language modelling, per-row memories) and `recall_rows` recall-curriculum examples
+    (longmem/curriculum.py), loss = lm_weight * LM loss + recall_weight * recall loss."""
+
     # Corpora: "python-docs", "jargon", "essays" (see longmem/data.py), or paths to a directory of
     # .txt files, a .jsonl file or a .parquet file with a "text" field.
-    corpora: list[str] = field(default_factory=lambda: ["python-docs", "jargon"])
+    corpora: list[str] = field(default_factory=lambda: ["python-docs"])
     heldout_fraction: float = 0.05  # documents (by stable hash of their name) never trained on
-    synthetic_fraction: float = 0.3  # share of training documents that are synthetic key-value recall
-    synthetic_tokens: int = 4096  # length of one synthetic recall document
-    min_doc_tokens: int = 1024  # shorter documents are joined with the next ones
-    steps: int = 600
-    batch_rows: int = 2  # documents read side by side, each with its own memory
-    lr: float = 2e-4
+    # Language modelling: documents of at least min_doc_tokens (cut at max_doc_tokens) in a seeded
+    # order until they hold lm_tokens tokens (0: every document); each is encoded once (cache) and
+    # read for as many epochs as the steps take. Their segments are also the curriculum's filler.
+    lm_tokens: int = 262_144
+    min_doc_tokens: int = 3072
+    max_doc_tokens: int = 16_384
+    batch_rows: int = 1  # documents read side by side, each with its own memory
+    lm_loss_tokens: int = 256  # random positions of a segment whose next token is scored; 0: all
+    lm_weight: float = 1.0
+    # Recall curriculum (longmem/curriculum.py).
+    recall_rows: int = 8  # examples per step
+    recall_weight: float = 1.0
+    recall_kinds: dict[str, float] = field(default_factory=lambda: {"passkey": 0.4, "words": 0.3, "person": 0.3})
+    # Tokens of cached filler searched beside each example's facts: log-uniform between the two, the
+    # upper end growing from the first to the second over the first recall_ramp_fraction of the steps.
+    recall_memory_tokens: list[int] = field(default_factory=lambda: [1024, 131_072])
+    recall_ramp_fraction: float = 0.5
+    recall_prefix_tokens: int = 64  # most filler tokens before the first fact in its segment
+    recall_segment_start_fraction: float = 0.25  # share of examples whose first fact opens its segment
+    recall_gap_tokens: int = 16  # most filler tokens between two facts
+    recall_suffix_tokens: int = 16  # most filler tokens after the last fact
+    recall_local_tokens: int = 32  # most filler tokens before the question
+    recall_max_facts: int = 8  # "words" examples state 2..recall_max_facts facts
+    recall_number_digits: list[int] = field(default_factory=lambda: [5, 7])  # min, max digits of numbers
+    # Frozen-backbone cache: what the trained blocks read for each document segment, stored once.
+    cache: bool = True
+    cache_dir: str = ""  # empty: {out_dir}/cache
+    cache_dtype: str = "float16"
+    steps: int = 1600
+    lr: float = 1e-3
+    gate_lr: float = 1e-2  # the memory block's per-head gates
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # linear decay from lr to lr * min_lr_ratio
     grad_clip: float = 1.0
-    train_blocks: int = 3  # the memory block and the blocks after it that train; 0: every block
-    checkpoint_every: int = 25
+    train_blocks: int = 1  # the memory block and the blocks after it that train; 0: every block
+    # Recall validation (greedy exact match of the answer), every val_every steps: val_items examples
+    # with training phrasings at each size in val_memory_tokens, and as many with held-out phrasings at
+    # val_heldout_tokens; the same examples every time.
+    val_every: int = 50
+    val_items: int = 12
+    val_memory_tokens: list[int] = field(default_factory=lambda: [4096, 65_536])
+    val_heldout_tokens: int = 16_384
+    checkpoint_every: int = 50
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0: no limit
     out_dir: str = "runs/train"
     checkpoint_dtype: str = "float16"
@@ -206,8 +242,15 @@ class EvalConfig:
     icl_memory_demos: int = 2000
     icl_local_demos: int = 4
     icl_test_items: int = 200
-    passkey_lengths: list[int] = field(default_factory=lambda: [4096, 16384, 65536, 262144])
+    passkey_lengths: list[int] = field(default_factory=lambda: [4096, 16384, 65536, 262144, 1048576])
     passkey_trials: int = 20
+    # Corpora the training never saw: perplexity, and the filler of passkey and recall.
+    unseen_corpora: list[str] = field(default_factory=lambda: ["essays", "jargon"])
+    filler_tokens: int = 262_144  # filler encoded once; longer memories repeat its segments
+    recall_lengths: list[int] = field(default_factory=lambda: [16384, 65536])  # the facts8 set
+    recall_facts: int = 8
+    unseen_phrasing_lengths: list[int] = field(default_factory=lambda: [16384])
+    recall_trials: int = 20  # per set and length (unseen phrasings: split over the kinds of facts)
     seed: int = 0
 
 
@@ -215,6 +258,12 @@ class EvalConfig:
 class DemoConfig:
     tokens: int = 16_384  # how much of the essays the demo reads
     query: str = "What did the founders learn about raising money from investors?"
+    # The recall demonstration: a fact stated at token fact_position, asked after the whole document.
+    fact: str = "\nRemember this: the code of the blue safe is 73914.\n"
+    fact_position: int = 300
+    question: str = "What is the code of the blue safe? The code of the blue safe is"
+    answer: str = "73914"
+    answer_tokens: int = 8
 
 
 @dataclass
@@ -312,6 +361,13 @@ class LongMemConfig:
             raise ValueError("sidenet.init must be 'backbone' or 'zero'")
         if self.read.segment_tokens <= 0:
             raise ValueError("read.segment_tokens must be positive")
+        t = self.train
+        if t.batch_rows < 0 or t.recall_rows < 0 or t.batch_rows + t.recall_rows == 0:
+            raise ValueError("train.batch_rows and train.recall_rows must be >= 0, not both 0")
+        if len(t.recall_memory_tokens) != 2 or not 0 < t.recall_memory_tokens[0] <= t.recall_memory_tokens[1]:
+            raise ValueError("train.recall_memory_tokens must be [min, max] with 0 < min <= max")
+        if len(t.recall_number_digits) != 2 or not 1 <= t.recall_number_digits[0] <= t.recall_number_digits[1]:
+            raise ValueError("train.recall_number_digits must be [min, max] with 1 <= min <= max")
         b = self.batch
         if b.mode not in ("ingest", "score", "both"):
             raise ValueError("batch.mode must be 'ingest', 'score' or 'both'")

@@ -338,10 +338,9 @@ def corpus_stats(docs: Sequence[Document], tokenizer: Any = None) -> dict[str, i
     return stats
 
 
-# ---- synthetic long-range recall ---------------------------------------------------------------
-# A fact stated at the start of a document and asked for at its end: the answer is predictable only
-# from far back. With SmolLM2's tokenizer the answer " 12345" is six tokens (" ", then one per digit)
-# and tokenizes the same alone or after the question.
+# ---- long-range recall (the curriculum's words, the passkey evaluation's prompt) ----------------
+# With SmolLM2's tokenizer the answer " 12345" is six tokens (" ", then one per digit) and tokenizes
+# the same alone or after the question.
 
 FACT_WORDS = (
     "apple", "river", "candle", "garden", "marble", "pencil", "window", "violin", "harbor", "lantern",
@@ -363,62 +362,6 @@ def passkey_prompt_parts(key: str) -> tuple[str, str, str]:
     intro = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
     question = "\nWhat is the pass key? The pass key is"
     return intro, question, f" {key}"
-
-
-def fact_prompt_parts(word: str, key: str) -> tuple[str, str, str]:
-    """(statement, question, answer) of one word -> number fact, in the pass-key format."""
-    statement = f"The number for {word} is {key}. Remember it. {key} is the number for {word}.\n"
-    question = f"\nWhat is the number for {word}? The number for {word} is"
-    return statement, question, f" {key}"
-
-
-def filler_window(rng: random.Random, filler: str, num_chars: int) -> str:
-    """A random stretch of `filler` of about `num_chars` characters that starts and ends at
-    whitespace."""
-    if num_chars <= 0:
-        return ""
-    if len(filler) < num_chars:
-        raise ValueError(f"filler has {len(filler):,} characters, {num_chars:,} needed (see filler_text)")
-    start = rng.randint(0, len(filler) - num_chars)
-    end = start + num_chars
-    if start > 0:
-        space = re.search(r"\s", filler[start:end])
-        start = start + space.end() if space else start
-    if end < len(filler):
-        cut = max(filler.rfind(c, start, end) for c in " \n\t")
-        end = cut if cut > start else end
-    return filler[start:end].strip()
-
-
-def recall_document(rng: random.Random, filler: str, num_chars: int, n_facts: int = 1) -> Document:
-    """A document of about `num_chars` characters: facts stated at the start, a random window of
-    `filler`, then each fact's question followed by its answer.
-
-    n_facts == 1: the pass-key format of passkey_prompt_parts. n_facts > 1: distinct word -> number
-    facts (fact_prompt_parts), asked in a shuffled order. Every number is a random 5-digit key that
-    does not occur in the filler window, so each key appears only in its statement and its answer."""
-    if not 1 <= n_facts <= len(FACT_WORDS):
-        raise ValueError(f"n_facts must be in [1, {len(FACT_WORDS)}], got {n_facts}")
-    words: list[str | None] = list(rng.sample(FACT_WORDS, n_facts)) if n_facts > 1 else [None]
-    order = list(range(n_facts))
-    rng.shuffle(order)
-    # Keys always have 5 digits, so the facts' length is known before the keys are drawn.
-    intro, qa = _recall_parts(words, ["00000"] * n_facts, order)
-    window = filler_window(rng, filler, num_chars - len(intro) - len(qa))
-    keys: list[str] = []
-    for _ in words:
-        key = random_key(rng)
-        while key in window or key in keys:
-            key = random_key(rng)
-        keys.append(key)
-    intro, qa = _recall_parts(words, keys, order)
-    return Document(f"recall/{n_facts}x{num_chars}/{'-'.join(keys)}", intro + window + qa)
-
-
-def _recall_parts(words: list[str | None], keys: list[str], order: list[int]) -> tuple[str, str]:
-    """(statements, questions with answers) of recall_document; word None: the pass key."""
-    parts = [passkey_prompt_parts(k) if w is None else fact_prompt_parts(w, k) for w, k in zip(words, keys)]
-    return "".join(p[0] for p in parts), "".join(parts[i][1] + parts[i][2] + "." for i in order)
 
 
 def filler_text(docs: Sequence[Document], num_chars: int, rng: random.Random) -> str:

@@ -11,12 +11,16 @@ PNG plots into `out_dir`:
   sections of the same document;
 - "icl": many-shot in-context learning on word sentiment, with thousands of demonstrations in memory
   and a few in the local context;
-- "passkey": a 5-digit key stated at the start of N tokens of real filler, asked for at the end.
+- "passkey": a 5-digit key stated at the start of N tokens of real filler, asked for at the end;
+- "recall": eight word -> number facts at once, and facts stated and asked in phrasings no training
+  example used (longmem/curriculum.py), with the filler of "passkey".
 
-Every document comes from the held-out split of `config.eval.corpus` (never trained on). `config`
-supplies the `eval` sizes and the held-out split (`train.heldout_fraction`); everything about how the
-model reads (segment W, memory sizes) is the model's own configuration. Cost is bounded by the
-`config.eval` sizes alone.
+Perplexity, passkey and recall read corpora the training never saw (`config.eval.unseen_corpora`);
+ChapterBreak reads held-out documents of `config.eval.corpus` (it needs their reST sections). Every
+question is also asked without memory (the control). `results.json` starts with a `headline` object
+of the figures that matter. `config` supplies the `eval` sizes and the held-out split
+(`train.heldout_fraction`); everything about how the model reads (segment W, memory sizes) is the
+model's own configuration. Cost is bounded by the `config.eval` sizes alone.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import json
 import math
 import platform
 import random
+import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,22 +42,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import LongMemConfig
+from .curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, RecallExample, curriculum_config, phrasings
 from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, random_key,
                    sentiment_lexicon, split_heldout)
 from .memory import MemoryStats
 from .model import LongMem, pad_segments
 
-PARTS = ("ppl", "chapter", "icl", "passkey")
+PARTS = ("ppl", "chapter", "icl", "passkey", "recall")
 TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
           "icl": "Many-shot in-context learning with demonstrations in memory",
-          "passkey": "Passkey retrieval"}
+          "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, unseen phrasings"}
 LOGSOFTMAX_ROWS = 512  # rows of full-window logits turned into log-probabilities at once
 CHAPTER_LOCAL_TOKENS = 32  # tokens before a section break that the reader sees locally
 CHAPTER_MIN_BREAKS = 6  # documents with fewer section breaks give no ChapterBreak items
 HEADING_CHARS = "=-~^*"  # reST section adornments used by the Python docs
 ICL_LABELS = ("negative", "positive")  # label 0, label 1 (sentiment_lexicon)
-PASSKEY_NEW_TOKENS = 8
 PASSKEY_DIGITS = 5
+RECALL_EXTRA_TOKENS = 2  # greedy tokens generated past the answer's own, so a longer answer shows
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -89,6 +96,31 @@ def round_up(n: int, multiple: int) -> int:
 
 def heldout_documents(config: LongMemConfig) -> list[Document]:
     return split_heldout(load_corpus(config.eval.corpus), config.train.heldout_fraction)[1]
+
+
+@dataclass
+class EvalData:
+    """What the parts read: held-out documents of a training corpus (`eval.corpus`: ChapterBreak needs
+    its reST sections) and every document of corpora the training never saw (`eval.unseen_corpora`:
+    perplexity, and the filler of passkey and recall)."""
+
+    heldout: list[Document]
+    unseen: dict[str, list[Document]]
+
+    @property
+    def unseen_documents(self) -> list[Document]:
+        return [d for docs in self.unseen.values() for d in docs]
+
+
+def eval_data(config: LongMemConfig) -> EvalData:
+    trained = sorted(set(config.eval.unseen_corpora) & set(config.train.corpora))
+    if trained:
+        raise ValueError(f"eval.unseen_corpora {trained} are in train.corpora: they are not unseen text")
+    heldout = heldout_documents(config)
+    if not heldout:
+        raise ValueError(f"corpus {config.eval.corpus!r} has no held-out documents at fraction "
+                         f"{config.train.heldout_fraction}")
+    return EvalData(heldout, {name: load_corpus(name) for name in config.eval.unseen_corpora})
 
 
 def _jsonable(x: Any) -> Any:
@@ -221,12 +253,12 @@ def bucket_ppl(logprobs: list[np.ndarray], ranges: list[tuple[int, int]]) -> lis
     return result
 
 
-def run_ppl(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
-            progress: bool) -> dict:
+def ppl_corpus(model: LongMem, config: LongMemConfig, docs: Sequence[Document], name: str,
+               progress: bool) -> dict:
     ev, w = config.eval, model.config.read.segment_tokens
     chosen = ppl_documents(model, docs, ev.ppl_docs, ev.ppl_doc_tokens)
     if not chosen:
-        raise ValueError(f"no held-out text of {ev.ppl_doc_tokens} tokens in corpus {ev.corpus!r}")
+        raise ValueError(f"no text of {ev.ppl_doc_tokens} tokens in corpus {name!r}")
     ids = [d.ids for d in chosen]
     n_tokens = len(ids[0])
     window = min(n_tokens, ev.full_window_tokens, model.backbone.max_positions)
@@ -243,27 +275,36 @@ def run_ppl(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out
     ranges = position_buckets(n_tokens, ev.position_buckets)
     scratch_capacity = min(model.config.memory.capacity_tokens, round_up(n_tokens, model.config.memory.chunk_size))
     result = {
-        "items": len(chosen), "doc_tokens": n_tokens, "segment_tokens": w, "full_window_tokens": window,
-        "memory_capacity_tokens": scratch_capacity,
+        "corpus": name, "items": len(chosen), "doc_tokens": n_tokens, "segment_tokens": w,
+        "full_window_tokens": window, "memory_capacity_tokens": scratch_capacity,
         "documents": [{"name": d.name, "tokens": len(d.ids), "joined_documents": d.joined} for d in chosen],
         "buckets": [list(r) for r in ranges],
+        # logprobs[i] predicts token i + 1: the tokens after the first segment are logprobs[w - 1:]
         "methods": {key: {"label": label, "ppl": ppl_of(np.concatenate(lps)),
+                          "after_first_segment": ppl_of(np.concatenate([lp[w - 1:] for lp in lps])),
                           "per_doc": [ppl_of(lp) for lp in lps], "by_position": bucket_ppl(lps, ranges)}
                     for key, (label, lps) in methods.items()},
         "notes": [],
     }
+    m = result["methods"]
+    result["longmem_vs_sidenet_after_first_segment"] = m["longmem"]["after_first_segment"] / m["sidenet"][
+        "after_first_segment"] - 1
     joined = sum(d.joined > 1 for d in chosen)
     if joined:
-        result["notes"].append(f"Too few held-out documents have {ev.ppl_doc_tokens:,} tokens: {joined} of the "
-                               f"{len(chosen)} documents join consecutive shorter held-out documents.")
+        result["notes"].append(f"Too few documents have {ev.ppl_doc_tokens:,} tokens: {joined} of the "
+                               f"{len(chosen)} documents join consecutive shorter documents.")
     if len(chosen) < ev.ppl_docs:
-        result["notes"].append(f"Only {len(chosen)} of the {ev.ppl_docs} documents asked for could be formed "
-                               f"from the held-out text.")
+        result["notes"].append(f"Only {len(chosen)} of the {ev.ppl_docs} documents asked for could be formed.")
     if scratch_capacity < n_tokens - w:
         result["notes"].append(f"Memory capacity ({scratch_capacity:,} tokens) is smaller than the text before the "
                                f"last segment: the FIFO evicts the oldest segments.")
-    result["plots"] = [plot_ppl(result, out_dir)]
     return result
+
+
+def run_ppl(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, progress: bool) -> dict:
+    corpora = {name: ppl_corpus(model, config, docs, name, progress) for name, docs in data.unseen.items()}
+    return {"items": sum(c["items"] for c in corpora.values()), "corpora": corpora,
+            "plots": [plot_ppl(c, out_dir) for c in corpora.values()]}
 
 
 def plot_ppl(result: dict, out_dir: Path) -> str:
@@ -274,30 +315,38 @@ def plot_ppl(result: dict, out_dir: Path) -> str:
     ax.set_xlabel("token position (bucket centre)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
-    ax.set_title(f"Perplexity by position, {result['items']} held-out documents", fontsize=10)
+    ax.set_title(f"Perplexity by position, {result['items']} {result['corpus']} documents", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, "ppl_by_position.png")
+    return _save(fig, out_dir, f"ppl_by_position_{result['corpus']}.png")
 
 
-def report_ppl(r: dict) -> str:
+def report_ppl_corpus(r: dict, plot: str) -> str:
     overall = markdown_table(
-        ["reader", "perplexity", "per document"],
-        [[m["label"], fmt_ppl(m["ppl"]), ", ".join(fmt_ppl(p) for p in m["per_doc"])]
-         for m in r["methods"].values()], "lrl")
+        ["reader", "perplexity", "after the first segment", "per document"],
+        [[m["label"], fmt_ppl(m["ppl"]), fmt_ppl(m["after_first_segment"]),
+          ", ".join(fmt_ppl(p) for p in m["per_doc"])] for m in r["methods"].values()], "lrrl")
     buckets = markdown_table(
         ["reader"] + [f"{a:,}–{b - 1:,}" for a, b in r["buckets"]],
         [[m["label"]] + [fmt_ppl(p) for p in m["by_position"]] for m in r["methods"].values()])
     docs = markdown_table(["document", "tokens", "joined documents"],
                           [[d["name"], f"{d['tokens']:,}", d["joined_documents"]] for d in r["documents"]])
     return "\n\n".join([
-        f"The first {r['doc_tokens']:,} tokens of {r['items']} held-out documents. The backbone reads them in "
+        f"### {r['corpus']}",
+        f"The first {r['doc_tokens']:,} tokens of {r['items']} {r['corpus']} documents. The backbone reads them in "
         f"{r['segment_tokens']:,}-token segments (each segment from scratch) and in windows of "
         f"{r['full_window_tokens']:,} tokens; the SideNet reads {r['segment_tokens']:,}-token segments without "
         f"memory, and LongMem with a memory (capacity {r['memory_capacity_tokens']:,} tokens) of the document's "
         "own earlier segments. Perplexity is exp of the mean negative log-likelihood over all predicted tokens "
-        "of all documents.",
+        f"of all documents; after the first segment, over tokens at positions {r['segment_tokens']:,} and later "
+        f"(the ones memory can help). LongMem vs the SideNet without memory there: "
+        f"{r['longmem_vs_sidenet_after_first_segment']:+.2%}.",
         overall, "By token position (perplexity of the tokens at those positions):", buckets,
-        f"![perplexity by position]({r['plots'][0]})", docs, *[f"Note: {n}" for n in r["notes"]]])
+        f"![perplexity by position]({plot})", docs, *[f"Note: {n}" for n in r["notes"]]])
+
+
+def report_ppl(r: dict) -> str:
+    return "\n\n".join(["Corpora the training never saw (`eval.unseen_corpora`), each document read on its own.",
+                         *(report_ppl_corpus(c, plot) for c, plot in zip(r["corpora"].values(), r["plots"]))])
 
 
 # ---- b. ChapterBreak-style suffix identification ------------------------------------------------
@@ -388,10 +437,9 @@ def chapter_items(model: LongMem, config: LongMemConfig, docs: Sequence[Document
     return items
 
 
-def run_chapter(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
-                progress: bool) -> dict:
+def run_chapter(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, progress: bool) -> dict:
     ev, c = config.eval, model.config.memory.chunk_size
-    items = chapter_items(model, config, docs, random.Random(ev.seed))
+    items = chapter_items(model, config, data.heldout, random.Random(ev.seed))
     if not items:
         raise ValueError(f"no held-out document of corpus {ev.corpus!r} has {CHAPTER_MIN_BREAKS} section breaks "
                          f"with enough text before them")
@@ -485,8 +533,7 @@ def icl_split(lexicon: Sequence[tuple[str, int]], n_memory: int, n_local: int, n
     return memory, local, test
 
 
-def run_icl(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
-            progress: bool) -> dict:
+def run_icl(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, progress: bool) -> dict:
     ev, c = config.eval, model.config.memory.chunk_size
     memory_demos, local_demos, tests = icl_split(sentiment_lexicon(), ev.icl_memory_demos, ev.icl_local_demos,
                                                  ev.icl_test_items, random.Random(ev.seed))
@@ -597,9 +644,8 @@ class FillerMemory:
         return self._encoded[phase]
 
     def fill(self, memory_id: str, intro_ids: list[int], n: int) -> MemoryStats:
-        """Appends intro_ids + filler[:n] to a memory, as model.append(memory_id, token_ids=...) would."""
-        if n > len(self.ids):
-            raise ValueError(f"{n} filler tokens asked for, {len(self.ids)} encoded")
+        """Appends intro_ids + filler[:n] to a memory, as model.append(memory_id, token_ids=...) would.
+        n may exceed the filler: its whole W-segments then repeat (`repeats(n)` says how often)."""
         w, bank = self.w, self.model.bank
         total = len(intro_ids) + n
         head_len = min(total, math.ceil(len(intro_ids) / w) * w)  # the segments that hold intro tokens
@@ -611,15 +657,22 @@ class FillerMemory:
         phase = head_len - len(intro_ids)  # filler offset of the first segment of filler alone
         if head_len < total:
             keys, values = self.encoded(phase)
+            period = (len(self.ids) - phase) // w * w  # whole segments of filler after the phase
             for s in range(phase, n, w):
                 e = min(s + w, n)
-                bank.append(memory_id, keys[s - phase:e - phase], values[s - phase:e - phase],
-                            np.asarray(self.ids[s:e], np.int32), skip_first=self.sink)
+                a = s - phase if n <= len(self.ids) else (s - phase) % period
+                b = a + e - s
+                bank.append(memory_id, keys[a:b], values[a:b], np.asarray(self.ids[phase + a:phase + b], np.int32),
+                            skip_first=self.sink)
         return bank.stats(memory_id)
+
+    def repeats(self, n: int) -> float:
+        """How many times the filler's text occurs in n filler tokens (1 when it is long enough)."""
+        return max(1.0, n / len(self.ids))
 
 
 def passkey_filler_ids(model: LongMem, docs: Sequence[Document], num_tokens: int, rng: random.Random) -> list[int]:
-    """`num_tokens` tokens of real held-out text (filler_text), asking for more text until enough."""
+    """`num_tokens` tokens of real unseen text (filler_text), asking for more text until enough."""
     chars = 6 * num_tokens + 1000
     while True:
         ids = model.tokenize(filler_text(docs, chars, rng))
@@ -628,72 +681,122 @@ def passkey_filler_ids(model: LongMem, docs: Sequence[Document], num_tokens: int
         chars *= 2
 
 
-def run_passkey(model: LongMem, config: LongMemConfig, docs: Sequence[Document], out_dir: Path,
-                progress: bool) -> dict:
-    ev, c = config.eval, model.config.memory.chunk_size
+def answer_matches(generated: str, answer: str) -> bool:
+    """Exact match: the greedy continuation starts with the answer, not followed by more of a word or number."""
+    return re.match(rf"\s*{re.escape(answer)}(?![\w])", generated) is not None
+
+
+@dataclass
+class RecallItem:
+    """A question about facts stated at the start of a long document."""
+
+    intro_ids: list[int]  # the facts: the document's first tokens, then filler follows
+    question_ids: list[int]  # the prompt, after the document
+    answer: str
+    info: dict  # what the report shows of it
+
+
+class RecallTrials:
+    """Runs recall items: each document (intro + n filler tokens) goes into a fresh memory sized to hold
+    it all, the question is the prompt, and the greedy continuation must start with the answer. The
+    control asks the same question without memory."""
+
+    def __init__(self, model: LongMem, filler: "FillerMemory", bar):
+        self.model, self.filler, self.bar = model, filler, bar
+        self.controls: dict[tuple[tuple[int, ...], int], str] = {}  # (question, new tokens) -> answer
+        self.fill_seconds = self.generate_seconds = 0.0
+
+    def _greedy(self, ids: list[int], memory_id: str | None, new_tokens: int) -> str:
+        return self.model.decode(list(self.model.generate(token_ids=ids, memory_id=memory_id, temperature=0.0,
+                                                          max_new_tokens=new_tokens,
+                                                          use_memory=memory_id is not None)))
+
+    def run(self, item: RecallItem, n: int) -> dict:
+        model = self.model
+        new_tokens = len(model.tokenize(" " + item.answer)) + RECALL_EXTRA_TOKENS
+        capacity = round_up(len(item.intro_ids) + n, model.config.memory.chunk_size)
+        memory_id = model.create_memory(capacity_tokens=capacity)
+        try:
+            t0 = time.perf_counter()
+            stats = self.filler.fill(memory_id, item.intro_ids, n)
+            t1 = time.perf_counter()
+            text = self._greedy(item.question_ids, memory_id, new_tokens)
+            self.fill_seconds += t1 - t0
+            self.generate_seconds += time.perf_counter() - t1
+        finally:
+            model.delete_memory(memory_id)
+        key = (tuple(item.question_ids), new_tokens)
+        if key not in self.controls:
+            self.controls[key] = self._greedy(item.question_ids, None, new_tokens)
+        control = self.controls[key]
+        self.bar.update()
+        return {**item.info, "filler_tokens": n, "answer": item.answer,
+                "document_tokens": len(item.intro_ids) + n + len(item.question_ids), "memory_capacity": capacity,
+                "tokens_held": stats.tokens_held, "tokens_evicted": stats.tokens_evicted,
+                "filler_repeats": self.filler.repeats(n), "generated": text, "match": answer_matches(text, item.answer),
+                "control_generated": control, "control_match": answer_matches(control, item.answer)}
+
+
+def accuracy_rows(trials: list[dict], keys: Sequence[str]) -> list[dict]:
+    """Accuracy with and without memory for each distinct value of `keys` among the trials, in order."""
+    groups: dict[tuple, list[dict]] = {}
+    for t in trials:
+        groups.setdefault(tuple(t[k] for k in keys), []).append(t)
+    return [{**dict(zip(keys, group)), "trials": len(ts), "correct": sum(t["match"] for t in ts),
+             "accuracy": sum(t["match"] for t in ts) / len(ts),
+             "control_correct": sum(t["control_match"] for t in ts),
+             "control_accuracy": sum(t["control_match"] for t in ts) / len(ts),
+             "memory_capacity": max(t["memory_capacity"] for t in ts),
+             "evicted": sum(t["tokens_evicted"] for t in ts), "filler_repeats": max(t["filler_repeats"] for t in ts)}
+            for group, ts in groups.items()]
+
+
+def unseen_filler(model: LongMem, config: LongMemConfig, data: EvalData, lengths: Sequence[int],
+                  rng: random.Random, progress: bool) -> "FillerMemory":
+    """Filler of unseen text, encoded once, up to eval.filler_tokens (longer memories repeat it)."""
+    n = min(max(lengths), config.eval.filler_tokens)
+    return FillerMemory(model, passkey_filler_ids(model, data.unseen_documents, n, rng), progress)
+
+
+def run_passkey(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, progress: bool) -> dict:
+    ev = config.eval
     lengths = sorted(set(ev.passkey_lengths))
     rng = random.Random(ev.seed)
-    filler = FillerMemory(model, passkey_filler_ids(model, docs, max(lengths), rng), progress)
+    filler = unseen_filler(model, config, data, lengths, rng, progress)
     filler_text_used = model.decode(filler.ids)
-    heldout_chars = sum(len(d.text.strip()) + 2 for d in docs)
     question_ids = model.tokenize(passkey_prompt_parts("0" * PASSKEY_DIGITS)[1])
-    fill_seconds = generate_seconds = 0.0
-    trials, keys = [], []
-    bar = tqdm(total=len(lengths) * ev.passkey_trials, desc="passkey", unit="trial", disable=not progress)
-    for n in lengths:
-        for _ in range(ev.passkey_trials):
-            key = random_key(rng)
-            while key in filler_text_used or key in keys:  # the key must occur only in the intro
+    keys: list[str] = []
+    with tqdm(total=len(lengths) * ev.passkey_trials, desc="passkey", unit="trial", disable=not progress) as bar:
+        runner = RecallTrials(model, filler, bar)
+        trials = []
+        for n in lengths:
+            for _ in range(ev.passkey_trials):
                 key = random_key(rng)
-            keys.append(key)
-            intro_ids = model.tokenize(passkey_prompt_parts(key)[0])
-            capacity = round_up(len(intro_ids) + n, c)
-            memory_id = model.create_memory(capacity_tokens=capacity)
-            try:
-                t0 = time.perf_counter()
-                stats = filler.fill(memory_id, intro_ids, n)
-                t1 = time.perf_counter()
-                new = list(model.generate(token_ids=question_ids, memory_id=memory_id, temperature=0.0,
-                                          max_new_tokens=PASSKEY_NEW_TOKENS, use_memory=True))
-                fill_seconds += t1 - t0
-                generate_seconds += time.perf_counter() - t1
-            finally:
-                model.delete_memory(memory_id)
-            text = model.decode(new)
-            trials.append({"filler_tokens": n, "key": key, "document_tokens": len(intro_ids) + n + len(question_ids),
-                           "memory_capacity": capacity, "tokens_held": stats.tokens_held,
-                           "tokens_evicted": stats.tokens_evicted, "generated": text,
-                           "match": text.lstrip().startswith(key)})
-            bar.update()
-    bar.close()
-    control = model.decode(list(model.generate(token_ids=question_ids, temperature=0.0,
-                                               max_new_tokens=PASSKEY_NEW_TOKENS, use_memory=False)))
-    by_length = []
-    for n in lengths:
-        ts = [t for t in trials if t["filler_tokens"] == n]
-        by_length.append({"filler_tokens": n, "trials": len(ts), "correct": sum(t["match"] for t in ts),
-                          "accuracy": sum(t["match"] for t in ts) / len(ts),
-                          "memory_capacity": max(t["memory_capacity"] for t in ts),
-                          "evicted": sum(t["tokens_evicted"] for t in ts)})
+                while key in filler_text_used or key in keys:  # the key must occur only in the intro
+                    key = random_key(rng)
+                keys.append(key)
+                item = RecallItem(model.tokenize(passkey_prompt_parts(key)[0]), question_ids, key, {"key": key})
+                trials.append(runner.run(item, n))
     result = {
         "items": len(trials), "lengths": lengths, "trials_per_length": ev.passkey_trials,
-        "by_length": by_length, "trials": trials, "question_tokens": len(question_ids),
+        "by_length": accuracy_rows(trials, ["filler_tokens"]), "trials": trials, "question_tokens": len(question_ids),
         "filler_tokens": len(filler.ids), "filler_segments_encoded": filler.segments_encoded,
         "filler_phases": filler.phases, "filler_encode_seconds": filler.encode_seconds,
-        "fill_seconds": fill_seconds - filler.encode_seconds, "generate_seconds": generate_seconds,
-        "configured_capacity": model.config.memory.capacity_tokens,
-        "control": {"generated": control, "correct": sum(control.lstrip().startswith(t["key"]) for t in trials)},
-        "notes": [],
+        "fill_seconds": runner.fill_seconds - filler.encode_seconds, "generate_seconds": runner.generate_seconds,
+        "configured_capacity": model.config.memory.capacity_tokens, "notes": [],
     }
-    larger = [b["filler_tokens"] for b in by_length if b["memory_capacity"] > model.config.memory.capacity_tokens]
+    larger = [b["filler_tokens"] for b in result["by_length"]
+              if b["memory_capacity"] > model.config.memory.capacity_tokens]
     if larger:
         result["notes"].append(
             f"Filler lengths {', '.join(f'{n:,}' for n in larger)} exceed the configured memory capacity "
             f"({model.config.memory.capacity_tokens:,} tokens): their memories are sized to the document instead, "
             "since a FIFO memory of the configured size would have evicted the key.")
-    if len(filler_text_used) > heldout_chars:
-        result["notes"].append(f"The filler ({len(filler_text_used):,} characters) is longer than all held-out text "
-                               f"({heldout_chars:,} characters): held-out documents repeat in it.")
+    repeated = [b["filler_tokens"] for b in result["by_length"] if b["filler_repeats"] > 1]
+    if repeated:
+        result["notes"].append(
+            f"Filler lengths {', '.join(f'{n:,}' for n in repeated)} exceed the {len(filler.ids):,} tokens of filler "
+            "encoded (eval.filler_tokens): the filler's segments repeat in those memories.")
     result["plots"] = [plot_passkey(result, out_dir)]
     return result
 
@@ -702,8 +805,8 @@ def plot_passkey(result: dict, out_dir: Path) -> str:
     fig, ax = _figure()
     ns = [b["filler_tokens"] for b in result["by_length"]]
     ax.plot(ns, [b["accuracy"] for b in result["by_length"]], marker="o", label="LongMem, document in memory")
-    control = result["control"]["correct"] / max(1, result["items"])
-    ax.plot(ns, [control] * len(ns), linestyle="--", color="gray", label="no memory")
+    ax.plot(ns, [b["control_accuracy"] for b in result["by_length"]], linestyle="--", color="gray",
+            label="no memory")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [f"{n:,}" for n in ns])
     ax.minorticks_off()
@@ -716,24 +819,23 @@ def plot_passkey(result: dict, out_dir: Path) -> str:
 
 
 def report_passkey(r: dict) -> str:
-    table = markdown_table(["filler tokens N", "accuracy", "memory capacity", "tokens evicted"],
+    table = markdown_table(["filler tokens N", "accuracy", "without memory", "memory capacity", "tokens evicted"],
                            [[f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
-                             f"{b['memory_capacity']:,}", f"{b['evicted']:,}"] for b in r["by_length"]])
+                             fmt_acc(b["control_correct"], b["trials"]), f"{b['memory_capacity']:,}",
+                             f"{b['evicted']:,}"] for b in r["by_length"]])
     examples = markdown_table(["N", "key", "generated", "match"],
                               [[f"{t['filler_tokens']:,}", t["key"], md_literal(t["generated"]),
                                 "yes" if t["match"] else "no"]
                                for t in r["trials"][:: max(1, r["trials_per_length"])]], "rllc")
     return "\n\n".join([
         "Each trial: a random 5-digit key stated in an intro (\"The pass key is 12345. Remember it. 12345 is the "
-        "pass key.\"), then N tokens of real held-out text, then the question \"What is the pass key? The pass key "
-        f"is\" ({r['question_tokens']} tokens). Intro and filler go into a fresh memory sized to hold them all "
-        f"(up to {max(b['memory_capacity'] for b in r['by_length']):,} tokens; the configured capacity is "
+        "pass key.\"), then N tokens of text the training never saw, then the question \"What is the pass key? The "
+        f"pass key is\" ({r['question_tokens']} tokens). Intro and filler go into a fresh memory sized to hold them "
+        f"all (up to {max(b['memory_capacity'] for b in r['by_length']):,} tokens; the configured capacity is "
         f"{r['configured_capacity']:,}, and a smaller FIFO memory would evict the key), so nothing is evicted; the "
-        f"question is the prompt, and the trial counts when the greedy continuation ({PASSKEY_NEW_TOKENS} new "
-        "tokens) starts with the key. The key never occurs in the filler.",
+        "question is the prompt, and the trial counts when the greedy continuation is the key (exact match). "
+        "The key never occurs in the filler. Without memory: the same question with no memory.",
         table, f"![passkey accuracy]({r['plots'][0]})",
-        f"Without memory the model answers {md_literal(r['control']['generated'])} to the question alone "
-        f"({r['control']['correct']}/{r['items']} keys).",
         f"The filler's keys/values ({r['filler_tokens']:,} tokens, {r['filler_segments_encoded']:,} segments) were "
         f"encoded once ({r['filler_encode_seconds']:.1f} s) and appended to every trial's memory after the "
         f"segment(s) holding the key, encoded per trial (filling the memories took {r['fill_seconds']:.1f} s in "
@@ -741,15 +843,84 @@ def report_passkey(r: dict) -> str:
         "First trial of each length:", examples, *[f"Note: {n}" for n in r["notes"]]])
 
 
+# ---- e. recall of facts: many facts at once, unseen phrasings ------------------------------------
+
+def recall_item(model: LongMem, example: RecallExample) -> RecallItem:
+    """A curriculum example as an evaluation item: its fact segment opens the document, its question
+    (without the answer) is the prompt."""
+    question = example.reading[:len(example.reading) - example.answer_tokens]
+    return RecallItem(example.fact_segment, question, example.answer,
+                      {"kind": example.kind, "facts": len(example.facts), "question": example.question,
+                       "statements": example.statements})
+
+
+def run_recall(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, progress: bool) -> dict:
+    """Two sets of questions on unseen filler: `facts8` states eval.recall_facts word -> number facts
+    (training phrasings) and asks one, the others being distractors; `unseen_phrasing` states and asks
+    facts of every kind in phrasings no training example used (curriculum.HELDOUT)."""
+    ev, w = config.eval, model.config.read.segment_tokens
+    rng = random.Random(ev.seed + 1)
+    sets = [("facts8", n, "words", False, ev.recall_facts) for n in ev.recall_lengths]
+    sets += [("unseen_phrasing", n, kind, True, None) for n in ev.unseen_phrasing_lengths for kind in KINDS]
+    filler = unseen_filler(model, config, data, [n for _, n, *_ in sets], rng, progress)
+    pool = [filler.ids[a:a + w] for a in range(0, len(filler.ids), w)]
+    # An evaluation document may span segments (FillerMemory ingests the ones holding facts), so facts
+    # and questions are not held to W as in training.
+    curriculum = Curriculum(pool, model.tokenize, model.decode, curriculum_config(config, sys.maxsize))
+    per_set = {"facts8": ev.recall_trials, "unseen_phrasing": math.ceil(ev.recall_trials / len(KINDS))}
+    total = sum(per_set[name] for name, *_ in sets)
+    with tqdm(total=total, desc="recall", unit="trial", disable=not progress) as bar:
+        runner = RecallTrials(model, filler, bar)
+        trials = [{"set": name, **runner.run(recall_item(model, curriculum.example(rng, kind, heldout, facts)), n)}
+                  for name, n, kind, heldout, facts in sets for _ in range(per_set[name])]
+    result = {"items": len(trials), "by_set": accuracy_rows(trials, ["set", "filler_tokens"]),
+              "by_kind": accuracy_rows([t for t in trials if t["set"] == "unseen_phrasing"], ["kind"]),
+              "trials": trials, "filler_tokens": len(filler.ids), "facts": ev.recall_facts,
+              "fill_seconds": runner.fill_seconds - filler.encode_seconds,
+              "generate_seconds": runner.generate_seconds,
+              "heldout_statements": [x.text for x in phrasings(STATEMENTS, True)],
+              "heldout_questions": [x.text for x in phrasings(QUESTIONS, True)]}
+    result["plots"] = [_bar_plot(out_dir, "recall_accuracy.png", "Recall of facts, unseen filler",
+                                 [f"{r['set']}\n{r['filler_tokens']:,}" for r in result["by_set"]],
+                                 [r["accuracy"] for r in result["by_set"]])]
+    return result
+
+
+def report_recall(r: dict) -> str:
+    table = markdown_table(["set", "filler tokens N", "accuracy", "without memory"],
+                           [[b["set"], f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
+                             fmt_acc(b["control_correct"], b["trials"])] for b in r["by_set"]])
+    kinds = markdown_table(["unseen phrasing, kind", "accuracy", "without memory"],
+                           [[b["kind"], fmt_acc(b["correct"], b["trials"]),
+                             fmt_acc(b["control_correct"], b["trials"])] for b in r["by_kind"]])
+    first = {}
+    for t in r["trials"]:
+        first.setdefault((t["set"], t["filler_tokens"], t["kind"]), t)
+    examples = markdown_table(["set", "N", "question", "answer", "generated", "match"],
+                              [[t["set"], f"{t['filler_tokens']:,}", md_literal(t["question"]), t["answer"],
+                                md_literal(t["generated"]), "yes" if t["match"] else "no"] for t in first.values()],
+                              "lrlllc")
+    statements = "; ".join(f"`{x}`" for x in r["heldout_statements"])
+    questions = "; ".join(f"`{x}`" for x in r["heldout_questions"])
+    return "\n\n".join([
+        "Facts are stated at the start of a document of N tokens of text the training never saw (numbers and "
+        "towns that do not occur in it), and one of them is asked after the whole document; the document goes "
+        "into a fresh memory and the greedy continuation of the question must be the answer (exact match). "
+        f"`facts8`: {r['facts']} \"the number for <word>\" facts, one asked, the rest distractors, in training "
+        f"phrasings. `unseen_phrasing`: pass keys, word numbers and facts about people, stated and asked only in "
+        f"phrasings no training example used — statements {statements}; questions {questions}.",
+        table, kinds, f"![recall accuracy]({r['plots'][0]})", "First trial of each set and kind:", examples])
+
+
 # ---- the whole evaluation -----------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[..., dict]] = {"ppl": run_ppl, "chapter": run_chapter, "icl": run_icl,
-                                           "passkey": run_passkey}
+                                           "passkey": run_passkey, "recall": run_recall}
 REPORTERS: dict[str, Callable[[dict], str]] = {"ppl": report_ppl, "chapter": report_chapter, "icl": report_icl,
-                                               "passkey": report_passkey}
+                                               "passkey": report_passkey, "recall": report_recall}
 
 
-def setup_info(model: LongMem, config: LongMemConfig, heldout: Sequence[Document]) -> dict:
+def setup_info(model: LongMem, config: LongMemConfig, data: EvalData) -> dict:
     from .checkpoint import resolve_checkpoint
 
     mc = model.config
@@ -764,10 +935,36 @@ def setup_info(model: LongMem, config: LongMemConfig, heldout: Sequence[Document
                    "topk_tokens": mc.memory.topk_tokens, "sink_tokens": mc.memory.sink_tokens,
                    "dtype": mc.memory.dtype},
         "corpus": config.eval.corpus, "heldout_fraction": config.train.heldout_fraction,
-        "heldout_documents": len(heldout), "seed": config.eval.seed, "eval_config": vars(config.eval).copy(),
+        "heldout_documents": len(data.heldout),
+        "unseen_corpora": {name: len(docs) for name, docs in data.unseen.items()}, "seed": config.eval.seed, "eval_config": vars(config.eval).copy(),
         "device": str(model.backbone.device), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
     }
+
+
+def headline(results: dict) -> dict:
+    """The figures the project is judged by, by name: exact-match accuracies with memory and without
+    (the control), and perplexities after the first segment on each unseen corpus."""
+    h: dict[str, Any] = {}
+    if "passkey" in results:
+        h["passkey"] = {str(b["filler_tokens"]): b["accuracy"] for b in results["passkey"]["by_length"]}
+        h["passkey_without_memory"] = {str(b["filler_tokens"]): b["control_accuracy"]
+                                       for b in results["passkey"]["by_length"]}
+    if "recall" in results:
+        for b in results["recall"]["by_set"]:
+            h.setdefault(b["set"], {})[str(b["filler_tokens"])] = b["accuracy"]
+            h.setdefault(f"{b['set']}_without_memory", {})[str(b["filler_tokens"])] = b["control_accuracy"]
+    if "ppl" in results:
+        h["ppl_after_first_segment"] = {
+            name: {**{k: m["after_first_segment"] for k, m in c["methods"].items()},
+                   "longmem_vs_sidenet": c["longmem_vs_sidenet_after_first_segment"]}
+            for name, c in results["ppl"]["corpora"].items()}
+        h["ppl"] = {name: {k: m["ppl"] for k, m in c["methods"].items()}
+                    for name, c in results["ppl"]["corpora"].items()}
+    for part in ("chapter", "icl"):
+        if part in results:
+            h[part] = {k: a["accuracy"] for k, a in results[part]["accuracy"].items()}
+    return h
 
 
 def render_report(results: dict) -> str:
@@ -784,6 +981,7 @@ def render_report(results: dict) -> str:
                    f"never stored (attention sinks), {mem['dtype']}"],
         ["corpus", f"{s['corpus']}: {s['heldout_documents']} held-out documents (fraction "
                    f"{s['heldout_fraction']}), seed {s['seed']}"],
+        ["unseen corpora", ", ".join(f"{name}: {n} documents" for name, n in s["unseen_corpora"].items())],
         ["eval sizes", ", ".join(f"{k}={v}" for k, v in s["eval_config"].items() if k != "out_dir")],
         ["device", f"{s['device']}, {s['torch_threads']} torch threads; Python {s['python']}, torch {s['torch']}"],
     ], "ll")
@@ -803,18 +1001,15 @@ def evaluate(model: LongMem, config: LongMemConfig, out_dir: str | Path, parts: 
         raise ValueError(f"unknown evaluation parts {unknown}; choose from {', '.join(PARTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_documents(config)
-    if not heldout:
-        raise ValueError(f"corpus {config.eval.corpus!r} has no held-out documents at fraction "
-                         f"{config.train.heldout_fraction}")
-    results: dict[str, Any] = {"setup": setup_info(model, config, heldout)}
+    data = eval_data(config)
+    results: dict[str, Any] = {"setup": setup_info(model, config, data)}
     for part in PARTS:
         if part not in parts:
             continue
         t0 = time.perf_counter()
-        results[part] = RUNNERS[part](model, config, heldout, out, progress)
+        results[part] = RUNNERS[part](model, config, data, out, progress)
         results[part]["seconds"] = time.perf_counter() - t0
-    results = _jsonable(results)
+    results = _jsonable({"headline": headline(results), **results})
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "report.md").write_text(render_report(results))
     return results

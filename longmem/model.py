@@ -37,7 +37,7 @@ from .backbone import Backbone, BackboneOutput
 from .checkpoint import load_weights, read_meta, resolve_checkpoint
 from .config import LongMemConfig
 from .memory import ChunkHits, MemoryBank, MemoryStats, hits_to_retrieved
-from .sidenet import SideNet
+from .sidenet import FrozenInputs, SideNet
 
 
 @dataclass
@@ -111,7 +111,7 @@ def pad_segments(segments: list[list[int]], device: torch.device | str = "cpu") 
     return batch.to(device)
 
 
-def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput, row: int, ids: list[int], sink_tokens: int) -> MemoryStats:
+def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput | FrozenInputs, row: int, ids: list[int], sink_tokens: int) -> MemoryStats:
     """Appends one encoded segment (row `row` of a batch, its first len(ids) tokens) to a memory."""
     n = len(ids)
     return bank.append(memory_id, out.mem_keys[row, :n].float().cpu().numpy(),
@@ -168,11 +168,20 @@ class LocalReader:
     def _positions(self, batch: int, length: int, offset: int = 0) -> torch.Tensor:
         return (offset + torch.arange(length, device=self.backbone.device)).expand(batch, length)
 
-    def read_state(self, out: BackboneOutput, retriever, cache=None, offset: int = 0) -> torch.Tensor:
-        """The SideNet's final normed state [B, T, D] for encoded segments (with grad when enabled)."""
+    def read_state(self, out: BackboneOutput | FrozenInputs, retriever, cache=None, offset: int = 0) -> torch.Tensor:
+        """The SideNet's final normed state [B, T, D] for encoded segments (with grad when enabled);
+        from FrozenInputs only the blocks from its `start` run."""
         b, t = out.hidden.shape[1:3]
         rope = self.backbone.rotary(out.hidden[0], self._positions(b, t, offset))
+        if isinstance(out, FrozenInputs):
+            return self.sidenet(out.hidden, rope, retriever, cache, out.start, out.entry)
         return self.sidenet(out.hidden, rope, retriever, cache)  # [B, T, D]
+
+    def frozen_inputs(self, out: BackboneOutput, start: int) -> FrozenInputs:
+        """What SideNet blocks start.. read for encoded segments (see SideNet.frozen_inputs)."""
+        b, t = out.hidden.shape[1:3]
+        rope = self.backbone.rotary(out.hidden[0], self._positions(b, t))
+        return self.sidenet.frozen_inputs(out.hidden, rope, out.mem_keys, out.mem_values, start)
 
     def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
              fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]:

@@ -32,6 +32,18 @@ from .memory import Retrieved
 Retriever = Callable[[torch.Tensor], Retrieved]
 
 
+@dataclass
+class FrozenInputs:
+    """The inputs of SideNet blocks start.. for a batch of segments (SideNet.frozen_inputs): they do
+    not change while only those blocks train, so training can read them from a cache."""
+
+    start: int
+    entry: torch.Tensor  # [B, T, D] the state entering block `start`
+    hidden: torch.Tensor  # [L/2 + 1 - start, B, T, D]: H[2 start], ..., H[L]
+    mem_keys: torch.Tensor  # [B, T, Hkv, d] pre-rotary keys of the memory layer
+    mem_values: torch.Tensor  # [B, T, Hkv, d]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -232,17 +244,37 @@ class SideNet(nn.Module):
         return self.blocks[self.memory_block].attn.gate
 
     def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                retriever: Retriever | None = None, cache: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
-        """hidden: [L/2 + 1, B, T, D] from Backbone.encode. Returns the final normed state [B, T, D]."""
-        x = hidden[0]
-        for i, block in enumerate(self.blocks):
-            x = x + (hidden[i + 1] - hidden[i])
+                retriever: Retriever | None = None, cache: list[list[torch.Tensor]] | None = None,
+                start: int = 0, x: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [L/2 + 1 - start, B, T, D], the backbone states H[2 start], ..., H[L] (Backbone.encode
+        gives all of them, start 0); x: [B, T, D] the state entering block `start` (start 0: the
+        embeddings hidden[0]). Runs blocks start.. and returns the final normed state [B, T, D]."""
+        x = self.run_blocks(hidden[0] if x is None else x, hidden, rope, retriever, cache, start, self.num_blocks)
+        return self.final_norm(x)
+
+    def run_blocks(self, x: torch.Tensor, hidden: torch.Tensor, rope, retriever: Retriever | None,
+                   cache: list[list[torch.Tensor]] | None, start: int, stop: int) -> torch.Tensor:
+        """Blocks start..stop-1 on x [B, T, D]; hidden[j] is H[2 (start + j)]. Returns x, not normed."""
+        for i in range(start, stop):
+            x = x + (hidden[i + 1 - start] - hidden[i - start])
+            block = self.blocks[i]
             reads_memory = i == self.memory_block and retriever is not None
             if not reads_memory and not trains(block) and block.is_identity():  # zero-init, untrained: no work
                 continue
             x = block(x, rope, retriever if i == self.memory_block else None,
                       cache[i] if cache is not None else None)
-        return self.final_norm(x)
+        return x
+
+    @torch.no_grad()
+    def frozen_inputs(self, hidden: torch.Tensor, rope, mem_keys: torch.Tensor, mem_values: torch.Tensor,
+                      start: int) -> FrozenInputs:
+        """What blocks start.. read for encoded segments (hidden: [L/2 + 1, B, T, D]): the state entering
+        block `start` (blocks below it run here, without memory) and the backbone states from H[2 start].
+        Fixed as long as the backbone and the blocks below `start` are frozen, so it can be cached."""
+        if start > self.memory_block:
+            raise ValueError(f"start {start} is above the memory block {self.memory_block}")
+        entry = self.run_blocks(hidden[0], hidden, rope, None, None, 0, start)
+        return FrozenInputs(start, entry, hidden[start:], mem_keys, mem_values)
 
     def new_cache(self) -> list[list[torch.Tensor]]:
         return [[] for _ in self.blocks]

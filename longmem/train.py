@@ -1,23 +1,34 @@
 """Memory-augmented adaptation: train the SideNet to read from memory, the backbone frozen.
 
-Each batch row reads a different document, segment after segment, with a memory of its own that
-holds that document's earlier segments and is reset when the row moves to the next document (the
-official code mixes all rows into one memory and never resets). For each step a row's next segment
-is encoded by the frozen backbone, read by the SideNet (retrieving from the row's memory), scored
-against its next tokens, and only then appended to the row's memory.
+Every step sums two losses, weighted by `train.lm_weight` and `train.recall_weight`:
+- Language modelling. Each of `train.batch_rows` rows reads a different long document, segment after
+  segment, with a memory of its own that holds that document's earlier segments and is reset when the
+  row moves to the next document (the official code mixes all rows into one memory and never resets).
+  A segment is read by the SideNet (retrieving from the row's memory), scored on `lm_loss_tokens`
+  random positions, and only then appended to the row's memory.
+- Recall curriculum (longmem/curriculum.py). `train.recall_rows` examples, each a fact segment in a
+  memory of its own, searched together with a memory of cached filler segments shared by the batch
+  (its size grows over training, `recall_memory_tokens`), and a short reading segment scored on the
+  answer tokens only: a focused signal to read what is retrieved.
 
-What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates and the
-final norm (`train_blocks = 0`: every block). The checkpoint stores just those, in fp16.
+Frozen-backbone cache (longmem/cache.py). Only SideNet blocks from the memory block on train, so what
+they read for a document segment never changes: the training documents (`lm_tokens` of them) are
+encoded once, before the first step, and read back from disk for every epoch; their memory-layer
+keys/values are also the curriculum's filler. Only fact and reading segments, new in every example, go
+through the backbone during training.
 
-Training documents are real text (held-out documents excluded by a stable hash of their name) mixed
-with synthetic key-value recall documents, whose answers are only predictable from far back: the
-long-range dependencies that teach the reader to use its memory.
+What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates (with their
+own learning rate, `gate_lr`) and the final norm (`train_blocks = 0`: every block). The checkpoint
+stores just those, in fp16. Progress, with the recall validation every `val_every` steps, goes to
+`train_log.jsonl` in the run directory; the full configuration to `config.yaml`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,26 +36,33 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
+from .cache import FrozenEncoder
 from .checkpoint import save_checkpoint
-from .config import LongMemConfig
-from .data import Document, filler_text, load_corpus, recall_document, split_heldout
-from .model import LocalReader, build_sidenet, fill_memory, make_bank, pad_segments
-from .sidenet import SideNet
+from .config import LongMemConfig, TrainConfig
+from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
+from .data import Document, load_corpus, split_heldout
+from .model import LocalEncoder, LocalReader, build_sidenet, fill_memory, make_bank
+from .sidenet import FrozenInputs, SideNet
 
 log = logging.getLogger("longmem.train")
 
 STATE = "trainer_state.pt"
+FILLER = "filler"  # the curriculum's shared filler memory
 
 
 def trainable_names(sidenet: SideNet, train_blocks: int) -> list[str]:
-    first = sidenet.memory_block
+    first = first_trained_block(sidenet, train_blocks)
     last = sidenet.num_blocks if train_blocks == 0 else min(sidenet.num_blocks, first + train_blocks)
-    blocks = range(0 if train_blocks == 0 else first, last)
-    prefixes = tuple(f"blocks.{i}." for i in blocks) + ("final_norm.",)
+    prefixes = tuple(f"blocks.{i}." for i in range(first, last)) + ("final_norm.",)
     return [name for name, _ in sidenet.named_parameters() if name.startswith(prefixes)]
+
+
+def first_trained_block(sidenet: SideNet, train_blocks: int) -> int:
+    return 0 if train_blocks == 0 else sidenet.memory_block
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -55,41 +73,67 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return 1.0 - (1.0 - min_ratio) * progress
 
 
+def memory_tokens(step: int, tc: TrainConfig, rng: random.Random) -> int:
+    """Filler tokens in the curriculum's memory at `step`: log-uniform between recall_memory_tokens[0]
+    and a top that grows log-linearly to recall_memory_tokens[1] over the first recall_ramp_fraction
+    of the steps."""
+    low, high = tc.recall_memory_tokens
+    progress = min(1.0, step / max(1.0, tc.recall_ramp_fraction * tc.steps))
+    top = low * (high / low) ** progress
+    return round(math.exp(rng.uniform(math.log(low), math.log(top))))
+
+
+def document_segments(ids: list[int], w: int) -> list[list[int]]:
+    """The W-token segments a document is read in (its last token is only ever a target)."""
+    return [ids[s:min(s + w, len(ids) - 1)] for s in range(0, len(ids) - 1, w)]
+
+
+def lm_documents(docs: list[Document], tokenize, tc: TrainConfig, rng: random.Random) -> list[list[int]]:
+    """Token ids of the language-modelling documents: at least min_doc_tokens long, cut at
+    max_doc_tokens, in a seeded order until they hold lm_tokens tokens (0: all)."""
+    order = list(docs)
+    rng.shuffle(order)
+    chosen: list[list[int]] = []
+    total = 0
+    for doc in order:
+        if tc.lm_tokens and total >= tc.lm_tokens:
+            break
+        ids = tokenize(doc.text)
+        if len(ids) >= tc.min_doc_tokens:
+            chosen.append(ids[:tc.max_doc_tokens])
+            total += len(chosen[-1])
+    return chosen
+
+
 @dataclass
 class RowStream:
-    """The documents one batch row reads, in a shuffled order of its own, segment by segment."""
+    """The documents one batch row reads, in a random order of its own, segment by segment."""
 
-    docs: list[Document]
-    filler: str
+    docs: list[list[int]]
     rng: random.Random
-    tokenize: object
     segment_tokens: int
-    synthetic_fraction: float
-    synthetic_chars: int
-    min_doc_tokens: int
     ids: list[int] = field(default_factory=list)
     cursor: int = 0
     documents_read: int = 0
-
-    def _next_document(self) -> list[int]:
-        if self.rng.random() < self.synthetic_fraction:
-            return self.tokenize(recall_document(self.rng, self.filler, self.synthetic_chars).text)
-        ids: list[int] = []
-        while len(ids) < self.min_doc_tokens:  # short documents are joined into one
-            ids += self.tokenize(self.rng.choice(self.docs).text + "\n\n")
-        return ids
 
     def next_segment(self) -> tuple[list[int], list[int], bool]:
         """(segment, its next-token targets, whether it starts a new document)."""
         new = self.cursor + 1 >= len(self.ids)
         if new:
-            self.ids, self.cursor = self._next_document(), 0
+            self.ids, self.cursor = self.rng.choice(self.docs), 0
             self.documents_read += 1
         w = self.segment_tokens
         segment = self.ids[self.cursor:self.cursor + w]
         targets = self.ids[self.cursor + 1:self.cursor + w + 1]
         self.cursor += w
         return segment[:len(targets)], targets, new
+
+
+@dataclass
+class RecallBatch:
+    loss: torch.Tensor  # mean cross-entropy over the answer tokens
+    correct: list[bool]  # per example: every answer token is the argmax (greedy exact match)
+    filler_tokens: int  # tokens held by the filler memory
 
 
 class Trainer:
@@ -106,45 +150,80 @@ class Trainer:
         for name in self.names:
             params[name].requires_grad_(True)
         self.params = {n: params[n] for n in self.names}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=tc.lr, betas=tuple(tc.betas),
-                                           eps=tc.eps, weight_decay=tc.weight_decay)
+        gate = f"blocks.{self.sidenet.memory_block}.attn.gate"
+        groups = [{"params": [p for n, p in self.params.items() if n != gate], "lr": tc.lr},
+                  {"params": [self.params[gate]], "lr": tc.gate_lr}]
+        self.optimizer = torch.optim.AdamW(groups, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
         self.bank = make_bank(config, self.backbone)
         self.reader = LocalReader(self.backbone, self.sidenet, self.bank, config)  # its retrieval and SideNet pass
-        self.step, self.tokens = 0, 0
-        self.rows = self._rows()
+        self.encoder = LocalEncoder(self.backbone, self.bank, config)  # fact segments: keys/values only
+        cache_dir = (tc.cache_dir or self.out / "cache") if tc.cache else None
+        self.frozen = FrozenEncoder(self.reader, first_trained_block(self.sidenet, tc.train_blocks), cache_dir,
+                                    tc.cache_dtype)
+        self.step, self.tokens, self.examples = 0, 0, 0
+        self.rng = random.Random(config.seed)  # the curriculum's draws
+        self.metrics: dict[str, float] = {}
+        self._data()
 
-    def _rows(self) -> list[RowStream]:
-        tc = self.config.train
+    def tokenize(self, text: str) -> list[int]:
+        return self.backbone.tokenizer.encode(text, add_special_tokens=False)
+
+    def _data(self) -> None:
+        tc, w = self.config.train, self.config.read.segment_tokens
         docs = [d for spec in tc.corpora for d in load_corpus(spec)]
         train_docs, _ = split_heldout(docs, tc.heldout_fraction)
-        if not train_docs:
-            raise ValueError(f"no training documents in {tc.corpora}")
-        rng = random.Random(self.config.seed)
-        filler = filler_text(train_docs, 4 * tc.synthetic_tokens * 8, rng)
-        tokenize = lambda text: self.backbone.tokenizer.encode(text, add_special_tokens=False)
-        rows = []
+        self.docs = lm_documents(train_docs, self.tokenize, tc, random.Random(self.config.seed))
+        if not self.docs:
+            raise ValueError(f"no training documents of at least {tc.min_doc_tokens} tokens in {tc.corpora}")
+        self.rows = [RowStream(self.docs, random.Random(self.config.seed * 1000 + b), w)
+                     for b in range(tc.batch_rows)]
         for b in range(tc.batch_rows):
-            rows.append(RowStream(train_docs, filler, random.Random(self.config.seed * 1000 + b), tokenize,
-                                  self.config.read.segment_tokens, tc.synthetic_fraction,
-                                  4 * tc.synthetic_tokens, tc.min_doc_tokens))
             self.bank.create(f"row-{b}")
-        return rows
+        self.pool = [seg for ids in self.docs for seg in document_segments(ids, w)]
+        self.curriculum = Curriculum(self.pool, self.tokenize, self.backbone.tokenizer.decode,
+                                     curriculum_config(self.config, w))
+        largest = max([tc.recall_memory_tokens[1], tc.val_heldout_tokens, *tc.val_memory_tokens])
+        c = self.config.memory.chunk_size
+        self.bank.create(FILLER, math.ceil((largest + w) / c) * c)
+        for b in range(max(tc.recall_rows, tc.val_items)):
+            self.bank.create(f"facts-{b}", math.ceil(w / c) * c)
+        rng = random.Random(self.config.seed + 1)  # the validation items, the same in every run
+        sets = [(f"val_{n}", n, False) for n in tc.val_memory_tokens] + [
+            (f"val_unseen_{tc.val_heldout_tokens}", tc.val_heldout_tokens, True)]
+        self.val_sets = [(name, self._filler_segments(n, rng),
+                          [self.curriculum.example(rng, KINDS[i % len(KINDS)], heldout) for i in range(tc.val_items)])
+                         for name, n, heldout in sets] if tc.val_every else []
+
+    def _filler_segments(self, tokens: int, rng: random.Random) -> list[int]:
+        """Pool indices of distinct random segments holding about `tokens` tokens."""
+        return rng.sample(range(len(self.pool)), min(len(self.pool), math.ceil(tokens / self.config.read.segment_tokens)))
+
+    def warm_cache(self, progress: bool = False) -> int:
+        """Encodes every training segment not yet in the cache; returns how many were encoded."""
+        if self.frozen.dir is None:
+            return 0
+        todo = [seg for seg in self.pool if not self.frozen.cached(seg)]
+        for seg in tqdm(todo, desc="caching segments", unit="segment", disable=not progress):
+            self.frozen.encode([seg])
+        return len(todo)
 
     def meta(self) -> dict:
         return {"backbone": self.config.backbone.name_or_path, "memory_layer": self.sidenet.memory_layer,
                 "num_blocks": self.sidenet.num_blocks, "init": self.config.sidenet.init,
                 "train_blocks": self.config.train.train_blocks, "trained_parameters": self.names,
-                "steps": self.step, "tokens": self.tokens, "segment_tokens": self.config.read.segment_tokens,
+                "steps": self.step, "tokens": self.tokens, "recall_examples": self.examples,
+                "segment_tokens": self.config.read.segment_tokens,
                 "chunk_size": self.config.memory.chunk_size, "topk_tokens": self.config.memory.topk_tokens,
-                "corpora": self.config.train.corpora}
+                "corpora": self.config.train.corpora, "train": dataclasses.asdict(self.config.train)}
 
     def save(self) -> None:
         save_checkpoint(self.out / "checkpoint", self.params, self.meta(), self.config.train.checkpoint_dtype)
         torch.save({"params": {n: p.detach().clone() for n, p in self.params.items()},
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "tokens": self.tokens, "torch_rng": torch.get_rng_state(),
+                    "step": self.step, "tokens": self.tokens, "examples": self.examples,
+                    "torch_rng": torch.get_rng_state(), "rng": self.rng.getstate(),
                     "rows": [(r.rng.getstate(), r.documents_read) for r in self.rows]}, self.out / STATE)
 
     def resume(self) -> bool:
@@ -157,45 +236,113 @@ class Trainer:
                 self.params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.tokens = state["step"], state["tokens"]
+        self.step, self.tokens, self.examples = state["step"], state["tokens"], state["examples"]
         torch.set_rng_state(state["torch_rng"])
+        self.rng.setstate(state["rng"])
         for row, (rng_state, read) in zip(self.rows, state["rows"]):
             row.rng.setstate(rng_state)  # rows continue with their next documents; memories restart
             row.documents_read = read
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
-    def train_step(self) -> float:
+    def _token_loss(self, state: torch.Tensor, rows: list[int], cols: list[int], targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of targets[i] predicted at state[rows[i], cols[i]] (state: [B, T, D]), and
+        whether each is the argmax: ([], [N] bool)."""
+        logits = self.backbone.lm_head(state[rows, cols]).float()  # [N, V]
+        target = torch.tensor(targets, device=logits.device)
+        return F.cross_entropy(logits, target), logits.argmax(-1) == target
+
+    def lm_loss(self) -> tuple[torch.Tensor, int]:
+        """Next-token loss of each row's next segment (then appended to the row's memory), tokens read."""
         batch = []
         for b, row in enumerate(self.rows):
             segment, targets, new = row.next_segment()
             if new:
                 self.bank.reset(f"row-{b}")
             batch.append((segment, targets))
-        device = self.backbone.device
-        input_ids = pad_segments([s for s, _ in batch], device)  # [B, T]
-        labels = torch.full(input_ids.shape, -100, dtype=torch.long, device=device)
-        for b, (_, targets) in enumerate(batch):
-            labels[b, :len(targets)] = torch.tensor(targets, device=device)
-        out, _ = self.backbone.encode(input_ids)
-        state = self.reader.read_state(out, self.reader.retriever([[f"row-{i}"] for i in range(len(batch))]))
-        logits = self.backbone.lm_head(state).float()  # [B, T, V]
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        inputs = self.frozen.encode([s for s, _ in batch])  # FrozenInputs [B, T, ...]
+        state = self.reader.read_state(inputs, self.reader.retriever([[f"row-{b}"] for b in range(len(batch))]))
+        rows, cols, targets = [], [], []
+        k = self.config.train.lm_loss_tokens
+        for b, (row, (_, tgt)) in enumerate(zip(self.rows, batch)):
+            picked = sorted(row.rng.sample(range(len(tgt)), k)) if 0 < k < len(tgt) else range(len(tgt))
+            rows += [b] * len(picked)
+            cols += picked
+            targets += [tgt[i] for i in picked]
+        loss, _ = self._token_loss(state, rows, cols, targets)
+        for b, (segment, _) in enumerate(batch):
+            fill_memory(self.bank, f"row-{b}", inputs, b, segment, self.config.memory.sink_tokens)
+        return loss, sum(len(s) for s, _ in batch)
+
+    def recall(self, examples: list[RecallExample], filler: list[int]) -> RecallBatch:
+        """Reads a batch of examples, each with its fact segment in memory facts-b searched together
+        with the filler memory holding the pool segments `filler`."""
+        sink = self.config.memory.sink_tokens
+        self.bank.reset(FILLER)
+        for i in filler:
+            fill_memory(self.bank, FILLER, self.frozen.memory(self.pool[i]), 0, self.pool[i], sink)
+        for b, e in enumerate(examples):  # one at a time: fact segments differ much in length
+            self.bank.reset(f"facts-{b}")
+            self.encoder.ingest(f"facts-{b}", [e.fact_segment])
+        inputs: FrozenInputs = self.frozen.encode_fresh([e.reading for e in examples])
+        state = self.reader.read_state(inputs, self.reader.retriever([[FILLER, f"facts-{b}"] for b in range(len(examples))]))
+        rows, cols, targets, owner = [], [], [], []
+        for b, e in enumerate(examples):
+            n = len(e.reading)
+            for j in range(n - e.answer_tokens, n):  # the state at j - 1 predicts token j
+                rows.append(b)
+                cols.append(j - 1)
+                targets.append(e.reading[j])
+                owner.append(b)
+        loss, hit = self._token_loss(state, rows, cols, targets)
+        owner_t = torch.tensor(owner, device=hit.device)
+        correct = [bool(hit[owner_t == b].all()) for b in range(len(examples))]
+        return RecallBatch(loss, correct, self.bank.stats(FILLER).tokens_held)
+
+    def train_step(self) -> float:
+        """One optimiser step; returns the weighted loss and leaves its parts in self.metrics."""
+        tc = self.config.train
+        terms = []
+        self.metrics = {}
+        if tc.batch_rows:
+            lm, tokens = self.lm_loss()
+            terms.append(tc.lm_weight * lm)
+            self.tokens += tokens
+            self.metrics.update(lm_loss=lm.item())
+        if tc.recall_rows:
+            kinds = list(tc.recall_kinds)
+            picked = self.rng.choices(kinds, weights=[tc.recall_kinds[k] for k in kinds], k=tc.recall_rows)
+            examples = [self.curriculum.example(self.rng, kind) for kind in picked]
+            batch = self.recall(examples, self._filler_segments(memory_tokens(self.step, tc, self.rng), self.rng))
+            terms.append(tc.recall_weight * batch.loss)
+            self.tokens += sum(len(e.reading) for e in examples)
+            self.examples += len(examples)
+            self.metrics.update(recall_loss=batch.loss.item(), recall_acc=sum(batch.correct) / len(examples),
+                                memory_tokens=batch.filler_tokens)
+        loss = sum(terms)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), tc.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        for i, (segment, _) in enumerate(batch):
-            fill_memory(self.bank, f"row-{i}", out, i, segment, self.config.memory.sink_tokens)
         self.step += 1
-        self.tokens += int((labels != -100).sum())
         return loss.item()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Greedy exact-match accuracy of each validation set."""
+        return {name: sum(self.recall(examples, filler).correct) / len(examples)
+                for name, filler, examples in self.val_sets}
 
     def run(self, progress: bool = True) -> dict:
         tc = self.config.train
         self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self.resume()
+        t0 = time.perf_counter()
+        encoded = self.warm_cache(progress)
+        cache_seconds = time.perf_counter() - t0
+        log.info("cache: %d segments encoded in %.0f s, %d in all", encoded, cache_seconds, len(self.pool))
         start, start_tokens = time.perf_counter(), self.tokens
         history = self.out / "train_log.jsonl"
         bar = tqdm(total=tc.steps, initial=self.step, desc="training", unit="step", disable=not progress)
@@ -206,11 +353,15 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 rate = (self.tokens - start_tokens) / elapsed
                 gate = torch.sigmoid(self.sidenet.gate).mean().item()
+                record = {"step": self.step, "loss": loss, **self.metrics, "tokens": self.tokens,
+                          "recall_examples": self.examples, "lr": self.scheduler.get_last_lr()[0], "gate": gate,
+                          "tokens_per_second": rate, "seconds": elapsed}
+                if tc.val_every and self.step % tc.val_every == 0:
+                    record.update(self.validate())
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", gate=f"{gate:.3f}")
-                log_file.write(json.dumps({"step": self.step, "loss": loss, "tokens": self.tokens,
-                                           "lr": self.scheduler.get_last_lr()[0], "gate": gate,
-                                           "seconds": elapsed}) + "\n")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", gate=f"{gate:.3f}",
+                                **{k[4:]: f"{v:.2f}" for k, v in record.items() if k.startswith("val_")})
+                log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 if self.step % tc.checkpoint_every == 0:
                     self.save()
@@ -220,9 +371,12 @@ class Trainer:
         bar.close()
         self.save()
         elapsed = time.perf_counter() - start
-        summary = {"steps": self.step, "tokens": self.tokens, "seconds": elapsed, "stopped_by": stopped,
+        summary = {"steps": self.step, "tokens": self.tokens, "recall_examples": self.examples,
+                   "seconds": elapsed, "stopped_by": stopped,
                    "tokens_per_second": (self.tokens - start_tokens) / max(elapsed, 1e-9),
-                   "device": str(self.backbone.device), "checkpoint": str(self.out / "checkpoint")}
+                   "cache_segments": len(self.pool), "cache_segments_encoded": encoded,
+                   "cache_seconds": cache_seconds, "device": str(self.backbone.device),
+                   "checkpoint": str(self.out / "checkpoint")}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

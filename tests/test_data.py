@@ -1,4 +1,4 @@
-"""longmem.data: corpus loading, the held-out split, synthetic recall documents, the sentiment lexicon.
+"""longmem.data: corpus loading, the held-out split, the passkey prompt, the sentiment lexicon.
 
 The named-corpus tests read the Debian packages python3.11-doc and jargon-text and the lexicon test
 reads the vaderSentiment wheel; they fail (never skip) when those are missing, since the project
@@ -230,58 +230,13 @@ def test_corpus_stats():
                                      "max_characters": 0}
 
 
-# ---- synthetic recall --------------------------------------------------------------------------
-
-# Every 5-digit number occurs in this filler, so keys must be chosen to avoid the window.
-NUMBERS_FILLER = " ".join(str(n) for n in range(10_000, 100_000))
-
+# ---- passkey prompt ----------------------------------------------------------------------------
 
 def test_passkey_prompt_parts():
     intro, question, answer = data.passkey_prompt_parts("12345")
     assert intro == "The pass key is 12345. Remember it. 12345 is the pass key.\n"
     assert question == "\nWhat is the pass key? The pass key is"
     assert answer == " 12345"
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_recall_document_passkey(seed):
-    rng = random.Random(seed)
-    filler = data.filler_text([Document("n", NUMBERS_FILLER)], 200_000, rng)
-    doc = data.recall_document(rng, filler, 3000)
-    key = doc.name.rsplit("/", 1)[1]
-    intro, question, answer = data.passkey_prompt_parts(key)
-    assert re.fullmatch(r"[1-9]\d{4}", key)
-    assert doc.text.startswith(intro) and doc.text.endswith(question + answer + ".")
-    middle = doc.text[len(intro):-len(question + answer + ".")]
-    assert len(middle) > 2000 and middle in filler and middle == middle.strip()
-    # the key: twice in the intro, once as the answer, never in the filler
-    assert [m.start() for m in re.finditer(key, doc.text)] == [
-        intro.index(key), intro.rindex(key), len(doc.text) - len(key) - 1]
-    assert abs(len(doc.text) - 3000) < 20
-
-
-def test_recall_document_facts():
-    rng = random.Random(1)
-    filler = data.filler_text(data.load_corpus("essays"), 20_000, rng)
-    doc = data.recall_document(rng, filler, 5000, n_facts=3)
-    keys = doc.name.rsplit("/", 1)[1].split("-")
-    facts = re.findall(r"^The number for (\w+) is (\d{5})\. Remember it\. \2 is the number for \1\.$",
-                       doc.text, re.M)
-    assert [k for _, k in facts] == keys and len({w for w, _ in facts}) == 3
-    last_statement = doc.text.index(facts[-1][0] + ".\n") + len(facts[-1][0]) + 2
-    first_question = doc.text.index("\nWhat is the number for ")
-    assert first_question - last_statement > 4000  # the filler lies between statements and questions
-    for word, key in facts:
-        qa = f"\nWhat is the number for {word}? The number for {word} is {key}."
-        assert doc.text.count(qa) == 1 and doc.text.index(qa) >= first_question
-        assert doc.text.count(key) == 3
-    with pytest.raises(ValueError, match="n_facts"):
-        data.recall_document(rng, filler, 5000, n_facts=0)
-
-
-def test_recall_document_needs_enough_filler():
-    with pytest.raises(ValueError, match="filler_text"):
-        data.recall_document(random.Random(0), "short filler", 5000)
 
 
 def test_filler_text():

@@ -25,7 +25,9 @@ TINY_EVAL = {
     "ppl_docs": 2, "ppl_doc_tokens": 5 * W, "position_buckets": 4, "full_window_tokens": 3 * W,
     "chapter_items": 3, "chapter_prefix_tokens": 3 * W, "chapter_candidates": 3, "chapter_opening_tokens": 8,
     "icl_memory_demos": 24, "icl_local_demos": 2, "icl_test_items": 6,
-    "passkey_lengths": [2 * W - 7, 4 * W + 5], "passkey_trials": 2, "seed": 0,
+    "passkey_lengths": [2 * W - 7, 4 * W + 5, 12 * W], "passkey_trials": 2, "unseen_corpora": ["essays"],
+    "filler_tokens": 6 * W, "recall_lengths": [3 * W], "recall_facts": 3, "unseen_phrasing_lengths": [2 * W],
+    "recall_trials": 3, "seed": 0,
 }
 
 
@@ -57,17 +59,18 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path):
             assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({plot})" in report
     assert {m.memory_id for m in model.list_memories()} == memories_before  # every memory deleted
-    for heading in ("## Setup", "## Long-document perplexity", "## ChapterBreak", "## Many-shot", "## Passkey"):
+    for heading in ("## Setup", "## Long-document perplexity", "## ChapterBreak", "## Many-shot", "## Passkey",
+                    "## Recall of facts"):
         assert heading in report
     assert "untrained" in report and str(model.backbone.path) in report
 
-    ppl = results["ppl"]
+    ppl = results["ppl"]["corpora"]["essays"]
     assert ppl["items"] == TINY_EVAL["ppl_docs"] and ppl["doc_tokens"] == TINY_EVAL["ppl_doc_tokens"]
     assert ppl["full_window_tokens"] == TINY_EVAL["full_window_tokens"]
     assert len(ppl["buckets"]) == TINY_EVAL["position_buckets"]
     assert set(ppl["methods"]) == {"backbone_w", "backbone_full", "sidenet", "longmem"}
     for m in ppl["methods"].values():
-        for value in [m["ppl"], *m["per_doc"], *m["by_position"]]:
+        for value in [m["ppl"], m["after_first_segment"], *m["per_doc"], *m["by_position"]]:
             assert math.isfinite(value) and value > 1
 
     chapter = results["chapter"]
@@ -86,19 +89,41 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path):
     assert [b["filler_tokens"] for b in passkey["by_length"]] == sorted(TINY_EVAL["passkey_lengths"])
     for b in passkey["by_length"]:
         assert 0 <= b["accuracy"] <= 1 and b["trials"] == TINY_EVAL["passkey_trials"]
+        assert 0 <= b["control_accuracy"] <= 1
         assert b["evicted"] == 0  # every trial's memory holds its whole document
     for t in passkey["trials"]:
         assert len(t["key"]) == 5 and t["key"].isdigit()
         assert t["memory_capacity"] >= t["document_tokens"] - passkey["question_tokens"]
-    # The filler was encoded once (one phase), not once per trial.
-    assert len(passkey["filler_phases"]) == 1
-    assert passkey["filler_segments_encoded"] <= math.ceil(max(TINY_EVAL["passkey_lengths"]) / W)
+    # The filler was encoded once (one phase), not once per trial, and only up to eval.filler_tokens.
+    assert len(passkey["filler_phases"]) == 1 and passkey["filler_tokens"] == TINY_EVAL["filler_tokens"]
+    assert passkey["filler_segments_encoded"] <= math.ceil(TINY_EVAL["filler_tokens"] / W)
+    assert any("repeat" in n for n in passkey["notes"])
+
+    recall = results["recall"]
+    assert [(b["set"], b["filler_tokens"]) for b in recall["by_set"]] == [("facts8", 3 * W), ("unseen_phrasing", 2 * W)]
+    assert sum(t["facts"] == TINY_EVAL["recall_facts"] for t in recall["trials"] if t["set"] == "facts8") == 3
+    assert {t["kind"] for t in recall["trials"] if t["set"] == "unseen_phrasing"} == {"passkey", "words", "person"}
+    for t in recall["trials"]:
+        assert t["answer"] not in passkey_filler_text(model)  # answers occur only where stated
+    headline = results["headline"]
+    assert list(on_disk)[0] == "headline"
+    assert set(headline["passkey"]) == {str(n) for n in TINY_EVAL["passkey_lengths"]}
+    assert set(headline["facts8"]) == {str(3 * W)} and set(headline["unseen_phrasing"]) == {str(2 * W)}
+    assert set(headline["ppl_after_first_segment"]["essays"]) >= {"longmem", "sidenet", "backbone_w", "longmem_vs_sidenet"}
+
+
+def passkey_filler_text(model) -> str:
+    from longmem.evaluate import eval_data
+
+    config = eval_config(model)
+    return model.decode(passkey_filler_ids(model, eval_data(config).unseen_documents, TINY_EVAL["filler_tokens"],
+                                           random.Random(config.eval.seed)))
 
 
 def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path):
     results = evaluate(llama_bb, eval_config(llama_bb, ppl_docs=1, position_buckets=2), tmp_path,
                        parts=("ppl",), progress=False)
-    assert set(results) == {"setup", "ppl"}
+    assert set(results) == {"headline", "setup", "ppl"}
     assert not (tmp_path / "passkey.png").exists()
     with pytest.raises(ValueError, match="unknown evaluation parts"):
         evaluate(llama_bb, eval_config(llama_bb), tmp_path, parts=("ppl", "squad"))
@@ -194,3 +219,24 @@ def test_position_buckets_cover_every_position():
     ranges = position_buckets(100, 3)
     assert ranges[0][0] == 0 and ranges[-1][1] == 100
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_filler_longer_than_encoded_repeats_its_segments(llama_bb, heldout, fresh_memory):
+    """n beyond the encoded filler: the memory equals appending the text whose filler segments cycle."""
+    model = llama_bb
+    filler = FillerMemory(model, passkey_filler_ids(model, heldout, 4 * W, random.Random(2)))
+    intro_ids = model.tokenize("Key 7.\n")
+    n = 11 * W  # almost three times the 4 W encoded tokens
+    cached, full = fresh_memory(model, 1024), fresh_memory(model, 1024)
+    stats = filler.fill(cached, intro_ids, n)
+    assert stats.tokens_appended == len(intro_ids) + n and filler.repeats(n) == n / (4 * W)
+    assert filler.segments_encoded <= 4  # nothing encoded beyond the filler
+    phase = W - len(intro_ids)
+    period = (4 * W - phase) // W * W
+    cycled = (filler.ids[phase:phase + period] * 4)[:n - phase]
+    model.append(full, token_ids=intro_ids + filler.ids[:phase] + cycled)
+    a, b = model.bank.get(cached).store, model.bank.get(full).store
+    assert a.live == b.live > 0
+    np.testing.assert_array_equal(a.token_ids[:a.live], b.token_ids[:b.live])
+    np.testing.assert_allclose(a.keys[:a.live], b.keys[:b.live], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.values[:a.live], b.values[:b.live], rtol=1e-5, atol=1e-5)

@@ -16,11 +16,15 @@ from longmem.train import Trainer, lr_factor, trainable_names
 def tiny_config(model_dir, **train) -> LongMemConfig:
     return LongMemConfig.from_dict({
         "backbone": {"name_or_path": str(model_dir)},
-        "read": {"segment_tokens": 32},
-        "memory": {"capacity_tokens": 256, "topk_tokens": 8},
+        "read": {"segment_tokens": 256},
+        "memory": {"capacity_tokens": 1024, "topk_tokens": 8},
         "sidenet": {"init": "zero", "checkpoint": None},
-        "train": {"corpora": ["essays"], "steps": 4, "batch_rows": 2, "synthetic_tokens": 96,
-                  "min_doc_tokens": 64, "checkpoint_every": 2, "warmup_steps": 2, "lr": 1e-3, **train},
+        "train": {"corpora": ["essays"], "steps": 4, "batch_rows": 2, "lm_tokens": 3000, "min_doc_tokens": 64,
+                  "max_doc_tokens": 1200, "lm_loss_tokens": 48, "recall_rows": 2, "recall_memory_tokens": [256, 1024],
+                  "recall_prefix_tokens": 8, "recall_gap_tokens": 4, "recall_suffix_tokens": 4,
+                  "recall_local_tokens": 8, "recall_max_facts": 2, "val_every": 2, "val_items": 3,
+                  "val_memory_tokens": [256], "val_heldout_tokens": 256,
+                  "checkpoint_every": 2, "warmup_steps": 2, "lr": 1e-3, **train},
     })
 
 
@@ -52,7 +56,7 @@ def test_only_the_memory_block_and_those_after_it_train(tiny_llama_dir, tmp_path
 
 
 def test_each_row_has_its_own_memory_reset_at_document_boundaries(tiny_llama_dir, tmp_path):
-    trainer = Trainer(tiny_config(tiny_llama_dir, synthetic_fraction=1.0), tmp_path)  # short documents
+    trainer = Trainer(tiny_config(tiny_llama_dir, max_doc_tokens=600), tmp_path)  # short documents
     for _ in range(16):
         trainer.train_step()
         for b, row in enumerate(trainer.rows):

@@ -1,0 +1,212 @@
+"""Recall curriculum: cheap examples that teach the SideNet to read what it retrieves.
+
+One example is
+- a *fact segment*: some filler tokens (often none, so that facts also open a segment), one or more
+  facts separated by filler, a few more filler tokens. It goes into a small memory of its own, which
+  is searched together with a large memory of cached filler segments (see longmem/train.py): only the
+  fact segment costs a backbone pass;
+- a *reading segment*: some filler tokens, a question about one of the facts, and its answer; only the
+  answer tokens are scored.
+
+Kinds of facts (`KINDS`):
+- "passkey": one number of several digits under a name such as "the pass key";
+- "words": several "the number for <word>" facts in one memory, the ones not asked being distractors;
+- "person": facts about people in plain sentences, a name and an attribute (a number or a town).
+
+Phrasings: every statement and question comes from STATEMENTS and QUESTIONS. Those marked `heldout`
+never occur in training examples; an evaluation of unseen phrasings asks for `heldout=True` examples,
+which use only them.
+
+Answers occur only where they are stated: numbers and towns are drawn among those that do not occur in
+the filler text, and the facts of one example have distinct values.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import LongMemConfig
+from .data import FACT_WORDS
+
+KINDS = ("passkey", "words", "person")
+PASSKEY_NAMES = ("the pass key", "the secret code", "the access code", "the PIN", "the password")
+FIRST_NAMES = ("Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ingrid", "Jonas",
+               "Keiko", "Lars", "Marta", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Stefan", "Tamsin",
+               "Ulrich", "Vera", "Wanda", "Xavier", "Yusuf", "Zora")
+LAST_NAMES = ("Albrecht", "Barros", "Castellano", "Dubois", "Eriksen", "Fontaine", "Gallagher", "Halvorsen",
+              "Ivanova", "Jovanovic", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor", "Petrov",
+              "Quintero", "Rasmussen", "Salazar", "Takahashi", "Urquhart", "Varga", "Whitfield", "Yamamoto")
+TOWNS = ("Lisbon", "Bergen", "Tallinn", "Valencia", "Krakow", "Utrecht", "Graz", "Porto", "Ghent", "Turku",
+         "Bologna", "Seville", "Aarhus", "Lucerne", "Bratislava", "Ljubljana", "Salzburg", "Trieste", "Cork",
+         "Dresden", "Nantes", "Malmo", "Split", "Bilbao", "Verona", "Galway", "Innsbruck", "Riga", "Vilnius",
+         "Zagreb", "Tampere", "Leipzig", "Granada", "Genoa", "Bruges", "Uppsala", "Lyon", "Kaunas")
+# Attributes of people: (name, None) for a town, (name, (min digits, max digits)) for a number.
+ATTRIBUTES = (("home town", None), ("room number", (4, 4)), ("employee number", (5, 6)),
+              ("phone extension", (4, 5)), ("locker code", (5, 5)))
+MAX_PERSON_FACTS = 4
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    text: str  # {subject}, {Subject} (capitalised) and, in a statement, {value}
+    heldout: bool = False  # never in training; used by the unseen-phrasing evaluation
+
+
+STATEMENTS = (
+    Phrasing("{Subject} is {value}. Remember it. {value} is {subject}."),
+    Phrasing("Remember this: {subject} is {value}."),
+    Phrasing("Note that {subject} is {value}."),
+    Phrasing("{Subject} is {value}."),
+    Phrasing("For the record, {subject} is {value}, and it will not change."),
+    Phrasing("Please write down {value}: that is {subject}.", heldout=True),
+    Phrasing("It was agreed that {subject} would be {value} from now on.", heldout=True),
+)
+QUESTIONS = (  # each ends where the answer begins
+    Phrasing("What is {subject}? {Subject} is"),
+    Phrasing("Question: what is {subject}?\nAnswer: {Subject} is"),
+    Phrasing("Do you remember {subject}? {Subject} is"),
+    Phrasing("Tell me {subject}. {Subject} is", heldout=True),
+    Phrasing("Earlier you were told {subject}. Which was it? {Subject} is", heldout=True),
+)
+
+
+def phrasings(options: tuple[Phrasing, ...], heldout: bool) -> list[Phrasing]:
+    return [p for p in options if p.heldout == heldout]
+
+
+@dataclass
+class Fact:
+    subject: str  # e.g. "the pass key", "the number for apple", "Alice Moreau's home town"
+    value: str  # e.g. "48213", "Lisbon"
+
+    def render(self, phrasing: Phrasing) -> str:
+        subject_cap = self.subject[:1].upper() + self.subject[1:]
+        return phrasing.text.format(subject=self.subject, Subject=subject_cap, value=self.value)
+
+
+@dataclass
+class RecallExample:
+    kind: str
+    facts: list[Fact]
+    asked: int  # index of the fact the question asks for
+    statements: list[str]  # the text of each fact's statement, in the fact segment
+    question: str
+    fact_segment: list[int]  # token ids: goes into the example's own memory
+    reading: list[int]  # token ids: local filler, the question, the answer
+    answer_tokens: int  # the last answer_tokens tokens of `reading` are the answer
+
+    @property
+    def answer(self) -> str:
+        return self.facts[self.asked].value
+
+
+@dataclass
+class CurriculumConfig:
+    """The sizes of examples (TrainConfig's recall_* values)."""
+
+    segment_tokens: int  # W: a fact or reading segment never exceeds it
+    prefix_tokens: int  # most filler tokens before the first fact
+    segment_start_fraction: float  # share of fact segments whose first fact opens the segment
+    gap_tokens: int  # most filler tokens between two facts
+    suffix_tokens: int  # most filler tokens after the last fact
+    local_tokens: int  # most filler tokens before the question
+    max_facts: int  # facts in one "words" example: 2..max_facts
+    number_digits: tuple[int, int]  # digits of pass keys and of "words" values: min, max
+
+
+def curriculum_config(config: LongMemConfig, segment_tokens: int) -> CurriculumConfig:
+    """The example sizes of `config.train` for segments of `segment_tokens` tokens."""
+    t = config.train
+    return CurriculumConfig(segment_tokens, t.recall_prefix_tokens, t.recall_segment_start_fraction,
+                            t.recall_gap_tokens, t.recall_suffix_tokens, t.recall_local_tokens, t.recall_max_facts,
+                            tuple(t.recall_number_digits))
+
+
+class Curriculum:
+    """Draws recall examples; filler comes from `pool`, token id lists of real text (the cached segments)."""
+
+    def __init__(self, pool: list[list[int]], tokenize: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str], config: CurriculumConfig):
+        if not pool:
+            raise ValueError("the curriculum needs filler segments")
+        self.pool, self.tokenize, self.config = pool, tokenize, config
+        self.filler_text = "\n".join(decode(seg) for seg in pool)
+        self.towns = [t for t in TOWNS if not re.search(rf"\b{t}\b", self.filler_text)]
+
+    def filler(self, rng: random.Random, n: int) -> list[int]:
+        """n consecutive tokens (fewer if the segment is shorter) of a random pool segment."""
+        if n <= 0:
+            return []
+        seg = rng.choice(self.pool)
+        n = min(n, len(seg))
+        start = rng.randint(0, len(seg) - n)
+        return seg[start:start + n]
+
+    def _number(self, rng: random.Random, digits: tuple[int, int], taken: set[str]) -> str:
+        for _ in range(10_000):
+            n = rng.randint(*digits)
+            value = str(rng.randint(10 ** (n - 1), 10 ** n - 1))
+            if value not in taken and value not in self.filler_text:
+                return value
+        raise ValueError(f"no {digits}-digit number absent from the filler text")
+
+    def _town(self, rng: random.Random, taken: set[str]) -> str:
+        free = [t for t in self.towns if t not in taken]
+        if not free:
+            raise ValueError("every town occurs in the filler text or is taken")
+        return rng.choice(free)
+
+    def facts(self, rng: random.Random, kind: str, n_facts: int | None = None) -> list[Fact]:
+        """The facts of one example; n_facts (None: random, see KINDS) fixes how many ("words", "person")."""
+        taken: set[str] = set()
+
+        def number(digits):
+            taken.add(value := self._number(rng, digits, taken))
+            return value
+
+        if kind == "passkey":
+            if n_facts not in (None, 1):
+                raise ValueError("a passkey example states one fact")
+            return [Fact(rng.choice(PASSKEY_NAMES), number(self.config.number_digits))]
+        if kind == "words":
+            words = rng.sample(FACT_WORDS, n_facts or rng.randint(2, self.config.max_facts))
+            return [Fact(f"the number for {w}", number(self.config.number_digits)) for w in words]
+        if kind == "person":
+            n = n_facts or rng.randint(1, min(MAX_PERSON_FACTS, self.config.max_facts))
+            firsts, lasts = rng.sample(FIRST_NAMES, n), rng.sample(LAST_NAMES, n)
+            facts = []
+            for first, last in zip(firsts, lasts):
+                attribute, digits = rng.choice(ATTRIBUTES)
+                if digits is None:
+                    taken.add(value := self._town(rng, taken))
+                else:
+                    value = number(digits)
+                facts.append(Fact(f"{first} {last}'s {attribute}", value))
+            return facts
+        raise ValueError(f"unknown recall kind {kind!r}: expected one of {KINDS}")
+
+    def example(self, rng: random.Random, kind: str, heldout: bool = False, n_facts: int | None = None) -> RecallExample:
+        """One example; heldout=True: statement and question phrasings that training never uses;
+        n_facts: how many facts it states (None: random)."""
+        c = self.config
+        facts = self.facts(rng, kind, n_facts)
+        statements = [f.render(rng.choice(phrasings(STATEMENTS, heldout))) for f in facts]
+        prefix = 0 if rng.random() < c.segment_start_fraction else rng.randint(1, c.prefix_tokens)
+        segment = self.filler(rng, prefix)
+        for i, statement in enumerate(statements):
+            if i:
+                segment += self.filler(rng, rng.randint(0, c.gap_tokens))
+            segment += self.tokenize(("\n" if segment else "") + statement + "\n")
+        segment += self.filler(rng, rng.randint(0, c.suffix_tokens))
+        asked = rng.randrange(len(facts))
+        question = facts[asked].render(rng.choice(phrasings(QUESTIONS, heldout)))
+        answer = self.tokenize(" " + facts[asked].value)
+        reading = self.filler(rng, rng.randint(0, c.local_tokens)) + self.tokenize("\n" + question) + answer
+        if max(len(segment), len(reading)) > c.segment_tokens:
+            raise ValueError(f"a recall segment of {max(len(segment), len(reading))} tokens exceeds "
+                             f"{c.segment_tokens}: lower train.recall_prefix_tokens / gap / local tokens")
+        return RecallExample(kind, facts, asked, statements, question, segment, reading,
+                             len(answer))

@@ -1,0 +1,136 @@
+"""The recall curriculum and the frozen-backbone cache: answers only where stated, held-out phrasings
+never in training, a cached training step equal to an uncached one."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from longmem.curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, CurriculumConfig, phrasings
+from longmem.data import essays
+from longmem.train import Trainer
+from tests.test_train import tiny_config
+
+FILLER = [text for _, text in essays()[:3]]
+
+
+class Words:
+    """A word-level tokenizer over a growing vocabulary: decode(tokenize(text)) == text exactly."""
+
+    def __init__(self):
+        self.vocab: list[str] = []
+        self.ids: dict[str, int] = {}
+
+    def tokenize(self, text: str) -> list[int]:
+        out = []
+        for piece in re.findall(r"\s+|\w+|[^\w\s]", text):
+            if piece not in self.ids:
+                self.ids[piece] = len(self.vocab)
+                self.vocab.append(piece)
+            out.append(self.ids[piece])
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+
+@pytest.fixture(scope="module")
+def curriculum():
+    words = Words()
+    ids = [t for text in FILLER for t in words.tokenize(text)]
+    pool = [ids[s:s + 1024] for s in range(0, len(ids), 1024)]
+    config = CurriculumConfig(segment_tokens=1024, prefix_tokens=300, segment_start_fraction=0.25, gap_tokens=30,
+                              suffix_tokens=16, local_tokens=64, max_facts=8, number_digits=(5, 7))
+    return Curriculum(pool, words.tokenize, words.decode, config), words
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_answers_occur_only_where_stated(curriculum, kind):
+    cur, words = curriculum
+    rng = random.Random(0)
+    for _ in range(40):
+        ex = cur.example(rng, kind)
+        memory = cur.filler_text + "\n" + words.decode(ex.fact_segment)
+        reading = words.decode(ex.reading)
+        values = [f.value for f in ex.facts]
+        assert len(set(values)) == len(values)
+        assert words.decode(ex.reading[-ex.answer_tokens:]) == " " + ex.answer
+        assert reading.endswith(ex.question + " " + ex.answer)
+        assert ex.answer not in reading[:-len(ex.answer)], "the answer leaks into the reading segment"
+        for fact, statement in zip(ex.facts, ex.statements):
+            assert fact.value in statement
+            # every occurrence of a value in the memory lies inside that fact's statement
+            stated = memory.count(statement) * statement.count(fact.value)
+            assert memory.count(fact.value) == stated, (fact, statement)
+            assert memory.count(statement) == 1
+        if kind == "passkey":
+            assert len(ex.facts) == 1 and len(ex.answer) >= 5
+        if kind == "words":
+            assert 2 <= len(ex.facts) <= 8
+
+
+def test_held_out_phrasings_never_appear_in_training_examples(curriculum):
+    cur, words = curriculum
+    rng = random.Random(1)
+    heldout_statements, heldout_questions = phrasings(STATEMENTS, True), phrasings(QUESTIONS, True)
+    assert heldout_statements and heldout_questions
+    assert phrasings(STATEMENTS, False) and phrasings(QUESTIONS, False)
+    for i in range(300):
+        ex = cur.example(rng, KINDS[i % len(KINDS)])
+        text = words.decode(ex.fact_segment) + words.decode(ex.reading)
+        for fact in ex.facts:
+            for p in heldout_statements + heldout_questions:
+                assert fact.render(p) not in text
+        for p in heldout_statements + heldout_questions:  # the fixed words of each held-out template
+            for fragment in re.split(r"\{\w+\}", p.text):
+                if len(fragment.strip()) > 12:
+                    assert fragment not in text, fragment
+    unseen = [cur.example(rng, kind, heldout=True) for kind in KINDS for _ in range(10)]
+    assert all(any(ex.facts[ex.asked].render(p) == ex.question for p in heldout_questions) for ex in unseen)
+    assert all(any(f.render(p) == s for p in heldout_statements) for ex in unseen for f, s in zip(ex.facts, ex.statements))
+
+
+def test_facts_sit_anywhere_in_their_segment(curriculum):
+    cur, words = curriculum
+    rng = random.Random(2)
+    starts = []
+    for _ in range(100):
+        ex = cur.example(rng, "passkey")
+        starts.append(words.decode(ex.fact_segment).index(ex.statements[0]))
+    assert min(starts) == 0 and max(starts) > 200
+
+
+def _lm_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, _ = trainer.lm_loss()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in trainer.params.items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 5e-2)])
+def test_a_cached_step_equals_an_uncached_one(tiny_llama_dir, tmp_path, dtype, tol):
+    overrides = dict(recall_rows=0, val_every=0, train_blocks=2, cache_dtype=dtype)
+    cached = Trainer(tiny_config(tiny_llama_dir, cache=True, **overrides), tmp_path / "cached")
+    assert cached.warm_cache() == len(cached.pool) == cached.frozen.misses
+    plain = Trainer(tiny_config(tiny_llama_dir, cache=False, **overrides), tmp_path / "plain")
+    for _ in range(3):  # reading from the cache: later segments also retrieve from cached keys/values
+        loss_c, grads_c = _lm_grads(cached)
+        loss_p, grads_p = _lm_grads(plain)
+        assert loss_c == pytest.approx(loss_p, rel=tol)
+        assert grads_c.keys() == grads_p.keys() and grads_c
+        for name in grads_p:
+            torch.testing.assert_close(grads_c[name], grads_p[name], rtol=tol, atol=tol * grads_p[name].abs().max().item())
+    assert cached.frozen.misses == len(cached.pool) and cached.frozen.hits == 3 * len(cached.rows)
+    assert plain.frozen.dir is None
+
+
+def test_the_number_of_facts_can_be_fixed(curriculum):
+    cur, _ = curriculum
+    rng = random.Random(3)
+    assert all(len(cur.example(rng, "words", n_facts=8).facts) == 8 for _ in range(5))
+    assert len(cur.example(rng, "person", heldout=True, n_facts=3).facts) == 3
+    with pytest.raises(ValueError):
+        cur.example(rng, "passkey", n_facts=2)
