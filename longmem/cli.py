@@ -122,6 +122,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if not summary.errors else 1
 
 
+EVAL_PARTS = ("ppl", "chapter", "icl", "passkey", "recall")  # longmem.evaluate.PARTS, without importing torch
 BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "search")
 
 
@@ -211,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "writes a Markdown report with plots")
     add_config_args(evaluate)
     evaluate.add_argument("--out", default=None, help="report directory (default: eval.out_dir)")
-    evaluate.add_argument("--parts", nargs="+", default=["ppl", "chapter", "icl", "passkey"],
-                          choices=["ppl", "chapter", "icl", "passkey"])
+    evaluate.add_argument("--parts", nargs="+", default=list(EVAL_PARTS), choices=EVAL_PARTS, metavar="PART",
+                          help=f"any of {', '.join(EVAL_PARTS)} (default: all)")
     evaluate.set_defaults(func=cmd_eval)
     serve = sub.add_parser("serve", help="run the services and the gRPC API on an embedded local Ray cluster "
                                          "(or on an existing one with --address)")

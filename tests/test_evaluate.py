@@ -120,6 +120,12 @@ def passkey_filler_text(model) -> str:
                                            random.Random(config.eval.seed)))
 
 
+def test_the_command_line_offers_every_part():
+    from longmem.cli import EVAL_PARTS
+
+    assert EVAL_PARTS == PARTS
+
+
 def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path):
     results = evaluate(llama_bb, eval_config(llama_bb, ppl_docs=1, position_buckets=2), tmp_path,
                        parts=("ppl",), progress=False)
