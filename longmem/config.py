@@ -231,22 +231,22 @@ class TrainConfig:
 class EvalConfig:
     out_dir: str = "results/eval"
     corpus: str = "python-docs"  # held-out documents of this corpus (longmem/data.py)
-    ppl_docs: int = 6
+    ppl_docs: int = 3  # per unseen corpus
     ppl_doc_tokens: int = 8192
     position_buckets: int = 8
     full_window_tokens: int = 8192  # the backbone reading everything at once (its context limit)
-    chapter_items: int = 30
+    chapter_items: int = 20
     chapter_prefix_tokens: int = 4096
     chapter_candidates: int = 6
     chapter_opening_tokens: int = 48
     icl_memory_demos: int = 2000
     icl_local_demos: int = 4
-    icl_test_items: int = 200
+    icl_test_items: int = 100
     passkey_lengths: list[int] = field(default_factory=lambda: [4096, 16384, 65536, 262144, 1048576])
     passkey_trials: int = 20
     # Corpora the training never saw: perplexity, and the filler of passkey and recall.
     unseen_corpora: list[str] = field(default_factory=lambda: ["essays", "jargon"])
-    filler_tokens: int = 262_144  # filler encoded once; longer memories repeat its segments
+    filler_tokens: int = 65_536  # filler encoded once; longer memories repeat its segments
     recall_lengths: list[int] = field(default_factory=lambda: [16384, 65536])  # the facts8 set
     recall_facts: int = 8
     unseen_phrasing_lengths: list[int] = field(default_factory=lambda: [16384])

@@ -845,11 +845,15 @@ def report_passkey(r: dict) -> str:
 
 # ---- e. recall of facts: many facts at once, unseen phrasings ------------------------------------
 
-def recall_item(model: LongMem, example: RecallExample) -> RecallItem:
-    """A curriculum example as an evaluation item: its fact segment opens the document, its question
-    (without the answer) is the prompt."""
+def recall_item(model: LongMem, example: RecallExample, lead: list[int]) -> RecallItem:
+    """A curriculum example as an evaluation item: filler `lead` then its fact segment open the document
+    (the lead pads them to whole segments, so every item reuses one encoding of the filler), its
+    question (without the answer) is the prompt."""
+    w = model.config.read.segment_tokens
     question = example.reading[:len(example.reading) - example.answer_tokens]
-    return RecallItem(example.fact_segment, question, example.answer,
+    pad = -len(example.fact_segment) % w
+    intro = lead[max(0, len(lead) - pad):] + example.fact_segment
+    return RecallItem(intro, question, example.answer,
                       {"kind": example.kind, "facts": len(example.facts), "question": example.question,
                        "statements": example.statements})
 
@@ -871,7 +875,8 @@ def run_recall(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: P
     total = sum(per_set[name] for name, *_ in sets)
     with tqdm(total=total, desc="recall", unit="trial", disable=not progress) as bar:
         runner = RecallTrials(model, filler, bar)
-        trials = [{"set": name, **runner.run(recall_item(model, curriculum.example(rng, kind, heldout, facts)), n)}
+        trials = [{"set": name, **runner.run(recall_item(model, curriculum.example(rng, kind, heldout, facts),
+                                                         curriculum.filler(rng, w)), n)}
                   for name, n, kind, heldout, facts in sets for _ in range(per_set[name])]
     result = {"items": len(trials), "by_set": accuracy_rows(trials, ["set", "filler_tokens"]),
               "by_kind": accuracy_rows([t for t in trials if t["set"] == "unseen_phrasing"], ["kind"]),
