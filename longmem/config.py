@@ -170,7 +170,8 @@ class BatchConfig:
 class TrainConfig:
     """`longmem train` (longmem/train.py): each step reads `batch_rows` segments of real long documents
     (language modelling, per-row memories) and `recall_rows` recall-curriculum examples
-    (longmem/curriculum.py), loss = lm_weight * LM loss + recall_weight * recall loss."""
+    (longmem/curriculum.py), loss = lm_weight * LM loss + recall_weight * recall loss
+    + retrieval_weight * retrieval loss (the memory block's attention on the answers, train.py)."""
 
     # Corpora: "python-docs", "jargon", "essays" (see longmem/data.py), or paths to a directory of
     # .txt files, a .jsonl file or a .parquet file with a "text" field.
@@ -188,6 +189,9 @@ class TrainConfig:
     # Recall curriculum (longmem/curriculum.py).
     recall_rows: int = 8  # examples per step
     recall_weight: float = 1.0
+    # Auxiliary retrieval loss: at each answer token, the memory block's attention over what it
+    # retrieved should fall on the fact memory's entries holding that token (0: off).
+    retrieval_weight: float = 0.0
     recall_kinds: dict[str, float] = field(default_factory=lambda: {"passkey": 0.4, "words": 0.3, "person": 0.3})
     # Tokens of cached filler searched beside each example's facts: log-uniform between the two, the
     # upper end growing from the first to the second over the first recall_ramp_fraction of the steps.
@@ -207,6 +211,9 @@ class TrainConfig:
     steps: int = 1600
     lr: float = 1e-3
     gate_lr: float = 1e-2  # the memory block's per-head gates
+    # The trained blocks' output projections (attention and MLP): zero at a zero-init start, they must
+    # grow to the scale of the residual stream before the memory's output moves the logits.
+    output_lr: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01

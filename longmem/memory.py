@@ -540,8 +540,11 @@ class MemoryBank:
         memory.append(keys, values, token_ids, skip_first)
         return memory.stats()
 
-    def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
-        """queries: [B, T, Hq, d]; row b searches the union of memories memory_ids[b] (may be empty)."""
+    def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int,
+               sources: list[np.ndarray] | None = None) -> list[ChunkHits]:
+        """queries: [B, T, Hq, d]; row b searches the union of memories memory_ids[b] (may be empty).
+        sources, when given, receives for each row which of its memories each hit came from
+        ([T, Hq, k], an index into memory_ids[b])."""
         rows = []
         for b, ids in enumerate(memory_ids):
             q = queries[b].detach().float().cpu().numpy()
@@ -549,5 +552,8 @@ class MemoryBank:
             if not parts:
                 t, hq, d = q.shape
                 parts = [ChunkHits.empty(t, hq, k_chunks, self.chunk_size, d, self.dtype)]
-            rows.append(merge_hits(parts, k_chunks))
+            hits, source = merge_hits_with_sources(parts, k_chunks)
+            rows.append(hits)
+            if sources is not None:
+                sources.append(source)
         return rows

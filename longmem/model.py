@@ -154,12 +154,17 @@ class LocalReader:
         self.backbone, self.sidenet, self.bank, self.config = backbone, sidenet, bank, config
         self.k_chunks = config.memory.topk_tokens // config.memory.chunk_size
 
-    def retriever(self, search: list[list[str]], record: list[ChunkHits] | None = None):
+    def retriever(self, search: list[list[str]], record: list[ChunkHits] | None = None,
+                  sources: list[np.ndarray] | None = None):
+        """The SideNet's retrieval for rows searching `search[b]`; record and sources, when given,
+        receive each row's hits and which of its memories each hit came from (sources: an in-process
+        MemoryBank only, see MemoryBank.search)."""
         if not any(search):
             return None
 
         def retrieve(queries: torch.Tensor):  # [B, T, Hq, d]
-            rows = self.bank.search(search, queries, self.k_chunks)
+            rows = (self.bank.search(search, queries, self.k_chunks) if sources is None
+                    else self.bank.search(search, queries, self.k_chunks, sources))
             if record is not None:
                 record.extend(rows)
             return hits_to_retrieved(rows, queries.dtype, queries.device)

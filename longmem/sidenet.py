@@ -67,17 +67,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
+def memory_log_probs(q: torch.Tensor, memory: Retrieved) -> torch.Tensor:
+    """Log attention weights of queries over their retrieved memory: q [B, Hq, T, d] pre-rotary,
+    memory.keys [B, Hq, T, K, d] -> [B, Hq, T, K] (-inf at empty entries; all -inf without memory)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bhtd,bhtkd->bhtk", q, memory.keys.to(q.dtype)) * scale  # [B, Hq, T, K]
+    return scores.masked_fill(~memory.mask, float("-inf")).log_softmax(dim=-1)
+
+
 def joint_attention(local: torch.Tensor, q: torch.Tensor, memory: Retrieved, gate: torch.Tensor) -> torch.Tensor:
     """Mixes local attention output with attention over retrieved memory, per head.
 
     local: [B, Hq, T, d] local attention output; q: [B, Hq, T, d] pre-rotary queries;
     memory.keys/values: [B, Hq, T, K, d]; memory.mask: [B, Hq, T, K]; gate: [Hq] logits g_h.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bhtd,bhtkd->bhtk", q, memory.keys.to(q.dtype)) * scale  # [B, Hq, T, K]
-    scores = scores.masked_fill(~memory.mask, float("-inf"))
+    log_probs = memory_log_probs(q, memory)  # [B, Hq, T, K]
     has_memory = memory.mask.any(dim=-1, keepdim=True)  # [B, Hq, T, 1]
-    probs = torch.where(has_memory, scores.softmax(dim=-1), torch.zeros_like(scores))
+    probs = torch.where(has_memory, log_probs.exp(), torch.zeros_like(log_probs))
     mem_out = torch.einsum("bhtk,bhtkd->bhtd", probs, memory.values.to(q.dtype))  # [B, Hq, T, d]
     share = torch.sigmoid(gate).view(1, -1, 1, 1) * has_memory  # [B, Hq, T, 1]
     return (1 - share) * local + share * mem_out

@@ -10,6 +10,10 @@ Every step sums two losses, weighted by `train.lm_weight` and `train.recall_weig
   memory of its own, searched together with a memory of cached filler segments shared by the batch
   (its size grows over training, `recall_memory_tokens`), and a short reading segment scored on the
   answer tokens only: a focused signal to read what is retrieved.
+- Retrieval loss (`train.retrieval_weight`), on the same examples: at the query of each answer token,
+  the memory block's attention over its retrieved entries (every head) should fall on the fact
+  memory's entries holding that token. It teaches the queries directly: through the answer loss alone
+  they learn only once the zero-initialised output projection has grown, a long plateau.
 
 Frozen-backbone cache (longmem/cache.py). Only SideNet blocks from the memory block on train, so what
 they read for a document segment never changes: the training documents (`lm_tokens` of them) are
@@ -17,9 +21,9 @@ encoded once, before the first step, and read back from disk for every epoch; th
 keys/values are also the curriculum's filler. Only fact and reading segments, new in every example, go
 through the backbone during training.
 
-What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates (with their
-own learning rate, `gate_lr`) and the final norm (`train_blocks = 0`: every block). The checkpoint
-stores just those, in fp16. Progress, with the recall validation every `val_every` steps, goes to
+What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates and the
+blocks' output projections (with learning rates of their own, `gate_lr` and `output_lr`) and the final
+norm (`train_blocks = 0`: every block). The checkpoint stores just those, in fp16. Progress, with the recall validation every `val_every` steps, goes to
 `train_log.jsonl` in the run directory; the full configuration to `config.yaml`.
 """
 
@@ -34,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -46,12 +51,14 @@ from .config import LongMemConfig, TrainConfig
 from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
 from .data import Document, load_corpus, split_heldout
 from .model import LocalEncoder, LocalReader, build_sidenet, fill_memory, make_bank
-from .sidenet import FrozenInputs, SideNet
+from .memory import ChunkHits, Retrieved
+from .sidenet import FrozenInputs, SideNet, memory_log_probs
 
 log = logging.getLogger("longmem.train")
 
 STATE = "trainer_state.pt"
 FILLER = "filler"  # the curriculum's shared filler memory
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj")  # a block's outputs into the residual stream (train.output_lr)
 
 
 def trainable_names(sidenet: SideNet, train_blocks: int) -> list[str]:
@@ -129,9 +136,31 @@ class RowStream:
         return segment[:len(targets)], targets, new
 
 
+def retrieval_loss(queries: torch.Tensor, memory: Retrieved, hits: list[ChunkHits], sources: list[np.ndarray],
+                   source: int, rows: list[int], cols: list[int], targets: list[int]) -> torch.Tensor:
+    """Mean over (answer token, head) of -log of the memory attention on the entries of memory `source`
+    that hold the target token; pairs with no such entry retrieved add nothing.
+
+    queries: [B, T, Hq, d] the memory block's pre-rotary queries and memory what they retrieved;
+    hits, sources: each row's ChunkHits and the memory each hit came from (MemoryBank.search);
+    the query at (rows[i], cols[i]) predicts token targets[i]."""
+    log_probs = memory_log_probs(queries.transpose(1, 2), memory)  # [B, Hq, T, K]
+    picked = log_probs[rows, :, cols]  # [N, Hq, K]
+    positive = torch.stack([torch.from_numpy(
+        (hits[b].token_ids[c].reshape(*picked.shape[1:]) == target)
+        & (sources[b][c] == source).repeat(hits[b].token_ids.shape[-1], axis=-1))
+        for b, c, target in zip(rows, cols, targets)]).to(picked.device)  # [N, Hq, K]
+    found = positive.any(dim=-1)  # [N, Hq]
+    if not found.any():
+        return picked.new_zeros(())
+    on_answer = picked.masked_fill(~positive, float("-inf")).logsumexp(dim=-1)  # [N, Hq]
+    return -on_answer[found].mean()
+
+
 @dataclass
 class RecallBatch:
     loss: torch.Tensor  # mean cross-entropy over the answer tokens
+    retrieval: torch.Tensor  # retrieval_loss of the answer tokens
     correct: list[bool]  # per example: every answer token is the argmax (greedy exact match)
     filler_tokens: int  # tokens held by the filler memory
 
@@ -151,7 +180,9 @@ class Trainer:
             params[name].requires_grad_(True)
         self.params = {n: params[n] for n in self.names}
         gate = f"blocks.{self.sidenet.memory_block}.attn.gate"
-        groups = [{"params": [p for n, p in self.params.items() if n != gate], "lr": tc.lr},
+        outputs = [n for n in self.params if n.rsplit(".", 2)[-2] in OUTPUT_PROJECTIONS]
+        groups = [{"params": [p for n, p in self.params.items() if n != gate and n not in outputs], "lr": tc.lr},
+                  {"params": [self.params[n] for n in outputs], "lr": tc.output_lr},
                   {"params": [self.params[gate]], "lr": tc.gate_lr}]
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -285,7 +316,13 @@ class Trainer:
             self.bank.reset(f"facts-{b}")
             self.encoder.ingest(f"facts-{b}", [e.fact_segment])
         inputs: FrozenInputs = self.frozen.encode_fresh([e.reading for e in examples])
-        state = self.reader.read_state(inputs, self.reader.retriever([[FILLER, f"facts-{b}"] for b in range(len(examples))]))
+        hits, sources, seen = [], [], []
+        search = self.reader.retriever([[FILLER, f"facts-{b}"] for b in range(len(examples))], hits, sources)
+
+        def retrieve(queries: torch.Tensor) -> Retrieved:  # keeps the memory block's queries
+            seen.append((queries, search(queries)))
+            return seen[-1][1]
+        state = self.reader.read_state(inputs, retrieve)
         rows, cols, targets, owner = [], [], [], []
         for b, e in enumerate(examples):
             n = len(e.reading)
@@ -297,7 +334,9 @@ class Trainer:
         loss, hit = self._token_loss(state, rows, cols, targets)
         owner_t = torch.tensor(owner, device=hit.device)
         correct = [bool(hit[owner_t == b].all()) for b in range(len(examples))]
-        return RecallBatch(loss, correct, self.bank.stats(FILLER).tokens_held)
+        (queries, memory), = seen
+        retrieval = retrieval_loss(queries, memory, hits, sources, 1, rows, cols, targets)
+        return RecallBatch(loss, retrieval, correct, self.bank.stats(FILLER).tokens_held)
 
     def train_step(self) -> float:
         """One optimiser step; returns the weighted loss and leaves its parts in self.metrics."""
@@ -314,10 +353,10 @@ class Trainer:
             picked = self.rng.choices(kinds, weights=[tc.recall_kinds[k] for k in kinds], k=tc.recall_rows)
             examples = [self.curriculum.example(self.rng, kind) for kind in picked]
             batch = self.recall(examples, self._filler_segments(memory_tokens(self.step, tc, self.rng), self.rng))
-            terms.append(tc.recall_weight * batch.loss)
+            terms.append(tc.recall_weight * batch.loss + tc.retrieval_weight * batch.retrieval)
             self.tokens += sum(len(e.reading) for e in examples)
             self.examples += len(examples)
-            self.metrics.update(recall_loss=batch.loss.item(), recall_acc=sum(batch.correct) / len(examples),
+            self.metrics.update(recall_loss=batch.loss.item(), retrieval_loss=batch.retrieval.item(), recall_acc=sum(batch.correct) / len(examples),
                                 memory_tokens=batch.filler_tokens)
         loss = sum(terms)
         self.optimizer.zero_grad(set_to_none=True)

@@ -97,3 +97,43 @@ def test_checkpoint_for_another_backbone_is_refused(tiny_llama_dir, tiny_gpt2_di
     config.sidenet.checkpoint = str(tmp_path / "checkpoint")
     with pytest.raises(ValueError, match="trained for"):
         LongMem(config)
+
+
+def test_retrieval_loss_is_the_attention_on_the_answer_entries_of_the_fact_memory():
+    from longmem.memory import ChunkHits, hits_to_retrieved
+    from longmem.sidenet import memory_log_probs
+    from longmem.train import retrieval_loss
+
+    rng = np.random.default_rng(0)
+    t, hq, k, c, d = 3, 2, 2, 2, 4
+    hits = ChunkHits.empty(t, hq, k, c, d)
+    hits.seqs[:] = 0
+    hits.keys[:] = rng.standard_normal(hits.keys.shape)
+    hits.token_ids[:] = [[7, 8], [7, 9]]  # per chunk: its c tokens
+    sources = np.zeros((t, hq, k), np.int64)
+    sources[:, :, 1] = 1  # chunk 1 comes from the fact memory
+    memory = hits_to_retrieved([hits])
+    queries = torch.randn(1, t, hq, d, requires_grad=True)
+    probs = memory_log_probs(queries.transpose(1, 2), memory).exp()  # [1, Hq, T, K]
+    # token 7 at position 2: only entry 2 (chunk 1, first token) counts, not entry 0 of the filler
+    loss = retrieval_loss(queries, memory, [hits], [sources], 1, [0], [2], [7])
+    assert loss.item() == pytest.approx(-probs[0, :, 2, 2].log().mean().item(), rel=1e-5)
+    loss.backward()
+    assert queries.grad[0, 2].abs().sum() > 0 and queries.grad[0, :2].abs().sum() == 0
+    # a token the fact memory's retrieved entries do not hold adds nothing
+    assert retrieval_loss(queries, memory, [hits], [sources], 1, [0], [1], [8]).item() == 0.0
+
+
+def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_dir, tmp_path):
+    """Zero-initialised output projections give the memory block's queries no gradient from the
+    answer loss at first; the retrieval loss does."""
+    def query_grad(retrieval_weight):
+        trainer = Trainer(tiny_config(tiny_llama_dir, batch_rows=0, recall_rows=4, val_every=0,
+                                      recall_kinds={"passkey": 1.0}, retrieval_weight=retrieval_weight), tmp_path)
+        q_proj = trainer.sidenet.blocks[trainer.sidenet.memory_block].attn.q_proj.weight
+        trainer.train_step()
+        assert trainer.metrics["retrieval_loss"] > 0
+        return q_proj.grad.abs().max().item()
+
+    assert query_grad(0.0) == 0.0
+    assert query_grad(1.0) > 0.0
