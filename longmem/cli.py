@@ -208,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(train)
     train.add_argument("--out", default=None, help="run directory (default: train.out_dir)")
     train.set_defaults(func=cmd_train)
-    evaluate = sub.add_parser("eval", help="perplexity, ChapterBreak-style, in-context learning and passkey; "
-                                           "writes a Markdown report with plots")
+    evaluate = sub.add_parser("eval", help="perplexity, ChapterBreak-style, in-context learning, passkey and "
+                                           "recall; writes a Markdown report with plots")
     add_config_args(evaluate)
     evaluate.add_argument("--out", default=None, help="report directory (default: eval.out_dir)")
     evaluate.add_argument("--parts", nargs="+", default=list(EVAL_PARTS), choices=EVAL_PARTS, metavar="PART",
-                          help=f"any of {', '.join(EVAL_PARTS)} (default: all)")
+                          help=f"any of {', '.join(EVAL_PARTS)} (default: all); parts already in the "
+                               "report directory from the same setup are kept, so parts can run in "
+                               "separate processes side by side")
     evaluate.set_defaults(func=cmd_eval)
     serve = sub.add_parser("serve", help="run the services and the gRPC API on an embedded local Ray cluster "
                                          "(or on an existing one with --address)")

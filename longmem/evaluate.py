@@ -25,8 +25,11 @@ model's own configuration. Cost is bounded by the `config.eval` sizes alone.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -925,6 +928,13 @@ REPORTERS: dict[str, Callable[[dict], str]] = {"ppl": report_ppl, "chapter": rep
                                                "passkey": report_passkey, "recall": report_recall}
 
 
+def checkpoint_digest(path: Path) -> str:
+    """sha256 of a checkpoint's weights (the first 16 hex digits): which SideNet gave a result."""
+    from .checkpoint import WEIGHTS
+
+    return hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
 def setup_info(model: LongMem, config: LongMemConfig, data: EvalData) -> dict:
     from .checkpoint import resolve_checkpoint
 
@@ -934,6 +944,7 @@ def setup_info(model: LongMem, config: LongMemConfig, data: EvalData) -> dict:
         "backbone": str(model.backbone.path), "backbone_layers": model.backbone.num_layers,
         "memory_layer": model.backbone.memory_layer, "max_positions": model.backbone.max_positions,
         "sidenet": str(checkpoint) if checkpoint else f"untrained (init '{mc.sidenet.init}')",
+        "sidenet_sha256": checkpoint_digest(checkpoint) if checkpoint else None,
         "sidenet_blocks": model.sidenet.num_blocks, "memory_block": model.sidenet.memory_block,
         "segment_tokens": mc.read.segment_tokens, "batch_segments": mc.read.batch_segments,
         "memory": {"capacity_tokens": mc.memory.capacity_tokens, "chunk_size": mc.memory.chunk_size,
@@ -1000,7 +1011,8 @@ def render_report(results: dict) -> str:
 def evaluate(model: LongMem, config: LongMemConfig, out_dir: str | Path, parts: Sequence[str] = PARTS,
              progress: bool = True) -> dict:
     """Runs the selected parts (any of PARTS) and writes report.md, results.json and the plots into
-    out_dir. Returns the results (as written to results.json)."""
+    out_dir, keeping other parts an earlier run of the same setup wrote there (write_results).
+    Returns the results (as written to results.json)."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise ValueError(f"unknown evaluation parts {unknown}; choose from {', '.join(PARTS)}")
@@ -1014,7 +1026,29 @@ def evaluate(model: LongMem, config: LongMemConfig, out_dir: str | Path, parts: 
         t0 = time.perf_counter()
         results[part] = RUNNERS[part](model, config, data, out, progress)
         results[part]["seconds"] = time.perf_counter() - t0
-    results = _jsonable({"headline": headline(results), **results})
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "report.md").write_text(render_report(results))
+    return write_results(out, _jsonable(results))
+
+
+def same_setup(a: dict, b: dict) -> bool:
+    """Whether two runs evaluated the same model the same way (threads aside)."""
+    volatile = ("torch_threads",)
+    return {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
+
+
+def write_results(out: Path, results: dict) -> dict:
+    """Writes results.json and report.md. Parts an earlier run of the same setup wrote there and this
+    one did not run are kept, so parts may run one at a time or side by side in several processes
+    (a lock file orders their writes); a different setup replaces the report."""
+    with (out / ".results.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = out / "results.json"
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        if earlier.get("setup") and same_setup(earlier["setup"], results["setup"]):
+            results = {"setup": results["setup"], **{p: results.get(p, earlier.get(p)) for p in PARTS
+                                                      if p in results or p in earlier}}
+        results = {"headline": headline(results), **results}
+        tmp = out / f".results.{os.getpid()}.json"
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, path)
+        (out / "report.md").write_text(render_report(results))
     return results

@@ -135,6 +135,21 @@ def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path):
         evaluate(llama_bb, eval_config(llama_bb), tmp_path, parts=("ppl", "squad"))
 
 
+def test_parts_run_separately_accumulate_in_one_report_of_the_same_setup(llama_bb, tmp_path):
+    config = eval_config(llama_bb, ppl_docs=1, position_buckets=2)
+    first = evaluate(llama_bb, config, tmp_path, parts=("ppl",), progress=False)
+    both = evaluate(llama_bb, config, tmp_path, parts=("icl",), progress=False)
+    assert set(both) == {"headline", "setup", "ppl", "icl"}
+    assert both["ppl"] == first["ppl"] and set(both["headline"]) >= {"ppl", "icl"}
+    report = (tmp_path / "report.md").read_text()
+    assert "## Long-document perplexity" in report and "## Many-shot" in report
+    # another setup (here: other eval sizes) starts a new report instead of mixing results
+    other = evaluate(llama_bb, eval_config(llama_bb, ppl_docs=1, position_buckets=2, icl_test_items=4), tmp_path,
+                     parts=("icl",), progress=False)
+    assert set(other) == {"headline", "setup", "icl"}
+    assert json.loads((tmp_path / "results.json").read_text()) == other
+
+
 def _search_rows(model, memory_id, queries):
     return model.bank.search([[memory_id]], queries, 4)[0]
 
