@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import layers
 from .config import DEFAULT_BACKBONE, BackboneConfig
-
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "olmo", "granite", "phi3"}
-GPT2_LIKE = {"gpt2"}
 
 
 def resolve_backbone_path(cfg: BackboneConfig) -> Path:
@@ -131,13 +129,9 @@ class Backbone(nn.Module):
         self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         hf = self.model.config
-        self.family = "llama" if hf.model_type in LLAMA_LIKE else "gpt2" if hf.model_type in GPT2_LIKE else None
-        if self.family is None:
-            raise ValueError(f"unsupported backbone architecture '{hf.model_type}': "
-                             f"Llama-like {sorted(LLAMA_LIKE)} or GPT-2")
+        self.model_type = hf.model_type
         self.base = getattr(self.model, self.model.base_model_prefix)
-        self.layers = self.base.layers if self.family == "llama" else self.base.h
-        self.final_norm = self.base.norm if self.family == "llama" else self.base.ln_f
+        self.layers_name, self.layers = layers.decoder_layers(self.base)
         self.num_layers = len(self.layers)
         self.hidden_size = hf.hidden_size
         self.num_heads = hf.num_attention_heads
@@ -149,7 +143,9 @@ class Backbone(nn.Module):
         if not 0 <= self.memory_layer < self.num_layers:
             raise ValueError(f"memory_layer {self.memory_layer} outside [0, {self.num_layers})")
         self._call = threading.local()  # per-thread capture state: Serve replicas run calls in threads
+        layers.install(self.model)
         self._install_hooks()
+        self.final_norm_name = self._check()
 
     @staticmethod
     def default_memory_layer(num_layers: int, fraction: float) -> int:
@@ -164,18 +160,54 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(cos, sin), each [B, T, d], for rotary backbones; None for absolute-position ones."""
-        if self.family != "llama":
-            return None
-        return self.base.rotary_emb(x, position_ids)
+    @property
+    def final_norm(self) -> nn.Module:
+        return getattr(self.base, self.final_norm_name)
 
     def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(normed)
+        """The model's own logits from its final normed state: its output embeddings, then any logit
+        scaling or soft-capping its config asks for (checked against the model at load)."""
+        logits = self.model.get_output_embeddings()(normed)
+        hf = self.model.config
+        if getattr(hf, "logits_scaling", None):
+            logits = logits / hf.logits_scaling
+        cap = getattr(hf, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """The backbone's own next-token logits from its last (pre-norm) hidden state."""
         return self.lm_head(self.final_norm(hidden_last))
+
+    @torch.no_grad()
+    def _check(self) -> str:
+        """Runs the model once on a few tokens: the memory layer's keys must be captured, and the final
+        norm and lm_head must reproduce the model's own logits. Returns the final norm's name."""
+        ids = torch.arange(1, 9, device=self.device)[None] % self.vocab_size
+        expected = self.model(ids).logits
+        out, _ = self.encode(ids)
+        if out.mem_keys is None:
+            raise ValueError(f"backbone architecture '{self.model_type}' is not supported: its attention does not "
+                             "go through transformers' attention-function interface, so longmem cannot read the "
+                             "memory layer's keys and values")
+        tried = []
+        for name, child in self.base.named_children():
+            if child is self.layers or child is self.base.get_input_embeddings():
+                continue
+            try:
+                got = self.model.get_output_embeddings()(child(out.last))
+            except Exception:  # not a norm: takes other arguments
+                continue
+            tried.append(name)
+            if torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+                return name
+            scaled = self.lm_head(child(out.last))
+            if torch.allclose(scaled, expected, atol=1e-4, rtol=1e-4):
+                return name
+        raise ValueError(f"backbone architecture '{self.model_type}' is not supported: no final norm among "
+                         f"{tried} gives the model's logits from its last hidden state with the output embeddings "
+                         "and the logit scaling/soft-capping longmem knows")
 
     def _install_hooks(self) -> None:
         call = self._call
@@ -191,32 +223,22 @@ class Backbone(nn.Module):
         self.layers[0].register_forward_pre_hook(save_input, with_kwargs=True)
         for layer in self.layers:
             layer.register_forward_hook(save_output)
-        attn = self.layers[self.memory_layer].self_attn if self.family == "llama" else \
-            self.layers[self.memory_layer].attn
 
-        def save_as(name, last):
-            def hook(module, args, output):
-                capture = getattr(call, "capture", None)
-                if capture is not None:
-                    capture[name] = output
-                    if last and call.stop_after_memory:
-                        raise _MemoryLayerReached
-            return hook
+        def capture(module, seen: layers.AttentionCall):
+            if getattr(call, "capture", None) is not None:
+                call.capture["k"] = seen.unrotated(module, seen.key)
+                call.capture["v"] = seen.value
+                if call.stop_after_memory:
+                    raise _MemoryLayerReached
+            return None
 
-        if self.family == "llama":
-            attn.k_proj.register_forward_hook(save_as("k", last=False))
-            attn.v_proj.register_forward_hook(save_as("v", last=True))
-        else:
-            attn.c_attn.register_forward_hook(save_as("qkv", last=True))
+        layers.hook_attention(layers.attention_of(self.layers[self.memory_layer]), capture)
 
-    def _split_kv(self, capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.family == "llama":
-            k, v = capture["k"], capture["v"]
-        else:
-            _, k, v = capture["qkv"].split(self.hidden_size, dim=-1)
-        b, t, _ = k.shape
-        return (k.reshape(b, t, self.num_kv_heads, self.head_dim),
-                v.reshape(b, t, self.num_kv_heads, self.head_dim))
+    @staticmethod
+    def _split_kv(capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        if "k" not in capture:
+            return None, None
+        return capture["k"].transpose(1, 2), capture["v"].transpose(1, 2)  # [B, T, Hkv, d]
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, past_key_values=None) -> tuple[BackboneOutput, object]:

@@ -53,8 +53,33 @@ def load_weights(sidenet: torch.nn.Module, path: Path, meta: dict) -> None:
     if found != expected:
         raise ValueError(f"checkpoint {path} was trained for {found}, this backbone has {expected}")
     state = load_file(str(path / WEIGHTS))
+    if meta.get("format", 1) == 1:
+        state = from_format_1(sidenet, state)
     own = sidenet.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise ValueError(f"checkpoint {path} has parameters this SideNet lacks: {unknown[:5]}")
     sidenet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+# Checkpoints of format 1 (before the SideNet was built of the backbone's own layers) name Llama-family
+# parameters after the hand-written block; their trained blocks had zeroed output projections.
+FORMAT_1 = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
+
+
+def from_format_1(sidenet: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-1 state dict in today's names; every block it holds gets scale 1 (what it ran at)."""
+    renamed = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        if name.startswith("final_norm."):
+            renamed[sidenet.final_norm_prefix() + name.removeprefix("final_norm.")] = value
+        elif parts[0] == "blocks" and parts[2:4] == ["attn", "gate"]:
+            renamed["gate"] = value
+        elif parts[0] == "blocks" and parts[2] in FORMAT_1:
+            block = int(parts[1])
+            renamed[f"{sidenet.block_prefix(block)}layer.{FORMAT_1[parts[2]]}.{'.'.join(parts[3:])}"] = value
+            renamed[f"{sidenet.block_prefix(block)}scale"] = torch.tensor(1.0)
+        else:
+            raise ValueError(f"format-1 checkpoint parameter {name!r} has no counterpart today")
+    return renamed

@@ -177,16 +177,15 @@ class LocalReader:
         """The SideNet's final normed state [B, T, D] for encoded segments (with grad when enabled);
         from FrozenInputs only the blocks from its `start` run."""
         b, t = out.hidden.shape[1:3]
-        rope = self.backbone.rotary(out.hidden[0], self._positions(b, t, offset))
+        positions = self._positions(b, t, offset)
         if isinstance(out, FrozenInputs):
-            return self.sidenet(out.hidden, rope, retriever, cache, out.start, out.entry)
-        return self.sidenet(out.hidden, rope, retriever, cache)  # [B, T, D]
+            return self.sidenet(out.hidden, positions, retriever, cache, out.start, out.entry)
+        return self.sidenet(out.hidden, positions, retriever, cache)  # [B, T, D]
 
     def frozen_inputs(self, out: BackboneOutput, start: int) -> FrozenInputs:
         """What SideNet blocks start.. read for encoded segments (see SideNet.frozen_inputs)."""
         b, t = out.hidden.shape[1:3]
-        rope = self.backbone.rotary(out.hidden[0], self._positions(b, t))
-        return self.sidenet.frozen_inputs(out.hidden, rope, out.mem_keys, out.mem_values, start)
+        return self.sidenet.frozen_inputs(out.hidden, self._positions(b, t), out.mem_keys, out.mem_values, start)
 
     def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
              fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]:

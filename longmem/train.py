@@ -58,14 +58,11 @@ log = logging.getLogger("longmem.train")
 
 STATE = "trainer_state.pt"
 FILLER = "filler"  # the curriculum's shared filler memory
-OUTPUT_PROJECTIONS = ("o_proj", "down_proj")  # a block's outputs into the residual stream (train.output_lr)
-
-
 def trainable_names(sidenet: SideNet, train_blocks: int) -> list[str]:
     first = first_trained_block(sidenet, train_blocks)
     last = sidenet.num_blocks if train_blocks == 0 else min(sidenet.num_blocks, first + train_blocks)
-    prefixes = tuple(f"blocks.{i}." for i in range(first, last)) + ("final_norm.",)
-    return [name for name, _ in sidenet.named_parameters() if name.startswith(prefixes)]
+    prefixes = tuple(sidenet.block_prefix(i) for i in range(first, last)) + (sidenet.final_norm_prefix(),)
+    return [name for name, _ in sidenet.named_parameters() if name.startswith(prefixes) or name == "gate"]
 
 
 def first_trained_block(sidenet: SideNet, train_blocks: int) -> int:
@@ -179,8 +176,8 @@ class Trainer:
         for name in self.names:
             params[name].requires_grad_(True)
         self.params = {n: params[n] for n in self.names}
-        gate = f"blocks.{self.sidenet.memory_block}.attn.gate"
-        outputs = [n for n in self.params if n.rsplit(".", 2)[-2] in OUTPUT_PROJECTIONS]
+        gate = "gate"
+        outputs = [n for n in self.params if n.endswith(".scale")]
         groups = [{"params": [p for n, p in self.params.items() if n != gate and n not in outputs], "lr": tc.lr},
                   {"params": [self.params[n] for n in outputs], "lr": tc.output_lr},
                   {"params": [self.params[gate]], "lr": tc.gate_lr}]
@@ -241,7 +238,7 @@ class Trainer:
         return len(todo)
 
     def meta(self) -> dict:
-        return {"backbone": self.config.backbone.name_or_path, "memory_layer": self.sidenet.memory_layer,
+        return {"format": 2, "backbone": self.config.backbone.name_or_path, "memory_layer": self.sidenet.memory_layer,
                 "num_blocks": self.sidenet.num_blocks, "init": self.config.sidenet.init,
                 "train_blocks": self.config.train.train_blocks, "trained_parameters": self.names,
                 "steps": self.step, "tokens": self.tokens, "recall_examples": self.examples,
