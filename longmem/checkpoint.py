@@ -63,12 +63,12 @@ def load_weights(sidenet: torch.nn.Module, path: Path, meta: dict) -> None:
 
 
 # Checkpoints of format 1 (before the SideNet was built of the backbone's own layers) name Llama-family
-# parameters after the hand-written block; their trained blocks had zeroed output projections.
+# parameters after the hand-written block, which computed what the HF layer computes.
 FORMAT_1 = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
 
 
 def from_format_1(sidenet: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A format-1 state dict in today's names; every block it holds gets scale 1 (what it ran at)."""
+    """A format-1 state dict in today's names."""
     renamed = {}
     for name, value in state.items():
         parts = name.split(".")
@@ -79,7 +79,6 @@ def from_format_1(sidenet: torch.nn.Module, state: dict[str, torch.Tensor]) -> d
         elif parts[0] == "blocks" and parts[2] in FORMAT_1:
             block = int(parts[1])
             renamed[f"{sidenet.block_prefix(block)}layer.{FORMAT_1[parts[2]]}.{'.'.join(parts[3:])}"] = value
-            renamed[f"{sidenet.block_prefix(block)}scale"] = torch.tensor(1.0)
         else:
             raise ValueError(f"format-1 checkpoint parameter {name!r} has no counterpart today")
     return renamed

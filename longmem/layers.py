@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +125,56 @@ def unrotate(module: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, tor
                          "apply_rotary_pos_emb to undo them with")
     cos, sin = rotary
     return rotate(x, x, cos, -sin)[0]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed Linear
+
+
+@contextmanager
+def zeroed(modules: list[nn.Module]):
+    """Temporarily zeroes the weights and biases of linear modules."""
+    saved = [(p, p.detach().clone()) for m in modules for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+    try:
+        with torch.no_grad():
+            for p, _ in saved:
+                p.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
+@torch.no_grad()
+def output_projections(layer: nn.Module, args: tuple, kwargs: dict) -> list[nn.Module]:
+    """The linear maps that write a decoder layer's branches (attention, MLP) into its residual stream,
+    found by running it on one recorded call (args, kwargs): walking its linear maps from the last one
+    run backwards, those whose zeroing changes the output, until the layer is the identity. Zeroing
+    them is the SideNet's identity start; an architecture where that never gives the identity is refused."""
+    x = args[0] if args else kwargs["hidden_states"]
+
+    def output() -> torch.Tensor:
+        out = layer(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in layer.modules() if is_linear(m)]
+    try:
+        before = output()
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen: list[nn.Module] = []
+    for module in reversed(list(dict.fromkeys(order))):
+        if torch.equal(before, x):
+            break
+        with zeroed(chosen + [module]):
+            after = output()
+        if not torch.equal(after, before):
+            chosen.append(module)
+            before = after
+    if not torch.equal(before, x):
+        raise ValueError(f"{type(layer).__name__}: zeroing its output projections does not make it the identity, "
+                         "so the SideNet cannot start as the backbone")
+    return chosen

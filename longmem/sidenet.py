@@ -3,11 +3,11 @@
 L/2 blocks. Block i is a copy of backbone layer 2i+1 (the memory block, floor(m/2), a copy of the
 memory layer m), run by its own code: the SideNet is a copy of the backbone's base model whose layer
 list holds these blocks, so its own forward supplies the embeddings, rotary positions, masks (sliding
-windows included), KV caches and final norm exactly as the backbone does. Around each block
-(`SideBlock`):
-
-    x ← x + H[2i+2] - H[2i]              the cross-network residual (H: backbone states, H[0] embeddings)
-    x ← x + s_i (layer_i(x) - x)         a learned per-block scale s_i: 0 at the identity start, 1 paper init
+windows included), KV caches and final norm exactly as the backbone does. Before each block
+(`SideBlock`) comes the cross-network residual x ← x + H[2i+2] - H[2i] (H: backbone states, H[0] the
+embeddings). The identity start (`init: zero`) zeroes each block's output projections, the linear maps
+that write its attention and MLP into the residual stream, found by running it
+(layers.output_projections): the SideNet then gives the backbone's logits, whatever the architecture.
 
 At the memory block, each head attends jointly to the local context and to the K retrieved memory
 tokens (`joint_attention`, through longmem/layers.py's attention hook):
@@ -90,15 +90,24 @@ def trains(module: nn.Module) -> bool:
 
 
 class SideBlock(nn.Module):
-    """A copy of one backbone decoder layer with the cross-network residual before it and the block
-    scale after it. Reads the current SideCall of its SideNet."""
+    """A copy of one backbone decoder layer with the cross-network residual before it. Reads the
+    current SideCall of its SideNet."""
 
-    def __init__(self, layer: nn.Module, index: int, scale: float, side: "SideNet"):
+    def __init__(self, layer: nn.Module, index: int, side: "SideNet"):
         super().__init__()
         self.layer, self.index = layer, index
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
         self.attention_type = getattr(layer, "attention_type", None)  # read by some models' layer loops
+        self.outputs: list[str] = []  # names (in `layer`) of its output projections, see layers.output_projections
         self._side = [side]  # not a submodule
+        self._record: list | None = None
+
+    def output_modules(self) -> list[nn.Module]:
+        return [self.layer.get_submodule(name) for name in self.outputs]
+
+    def is_identity(self) -> bool:
+        """True when every output projection is zero: the block then adds exactly nothing."""
+        return not any(p.any() for m in self.output_modules() for p in (m.weight, getattr(m, "bias", None))
+                       if p is not None)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         call: SideCall = self._side[0].call
@@ -109,11 +118,12 @@ class SideBlock(nn.Module):
             hidden_states = call.entry
         x = hidden_states + (call.hidden[i + 1 - call.start] - call.hidden[i - call.start])
         reads_memory = i == self._side[0].memory_block and call.retriever is not None
-        if not reads_memory and not trains(self) and not self.scale.item():  # identity, untrained: no work
+        if self._record is not None:
+            self._record[:] = [(x, *args), kwargs]
+        elif not reads_memory and not trains(self) and self.is_identity():  # zero-init, untrained: no work
             return x
         out = self.layer(x, *args, **kwargs)
-        y = out[0] if isinstance(out, tuple) else out
-        return x + self.scale * (y - x)
+        return out[0] if isinstance(out, tuple) else out
 
 
 class SideNet(nn.Module):
@@ -145,13 +155,48 @@ class SideNet(nn.Module):
                 module.__dict__.pop("longmem_hook", None)
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = i  # the side model's own KV cache has one entry per block
-            blocks.append(SideBlock(layer, i, 0.0 if init == "zero" else 1.0, self))
+            blocks.append(SideBlock(layer, i, self))
         setattr(self.model, self.layers_name, blocks)
         self.gate = nn.Parameter(torch.full((backbone.num_heads,), float(gate_init)))
         self._calls = threading.local()
         layers.hook_attention(layers.attention_of(blocks[self.memory_block].layer), self._memory_path)
+        self._find_outputs(backbone)
+        if init == "zero":
+            self.zero_output_projections()
         self.requires_grad_(True)
         embeddings.requires_grad_(False)
+
+    @torch.no_grad()
+    def _find_outputs(self, backbone: Backbone) -> None:
+        """Records one call of every block on a few random states and finds its output projections."""
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(self.num_blocks + 1, 1, 4, backbone.hidden_size, generator=generator)
+        hidden = hidden.to(backbone.device, backbone.model.dtype)
+        for block in self.blocks:
+            block._record = []
+        try:
+            self(hidden, torch.arange(4, device=backbone.device)[None])
+        finally:
+            records = [block._record for block in self.blocks]
+            for block in self.blocks:
+                block._record = None
+        for block, (args, kwargs) in zip(self.blocks, records):
+            names = {id(m): n for n, m in block.layer.named_modules()}
+            block.outputs = [names[id(m)] for m in layers.output_projections(block.layer, args, kwargs)]
+
+    @torch.no_grad()
+    def zero_output_projections(self) -> None:
+        """Makes every block the identity: the SideNet then reproduces the backbone's logits."""
+        for block in self.blocks:
+            for module in block.output_modules():
+                module.weight.zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    def output_parameter_names(self) -> list[str]:
+        """The names of the blocks' output projection parameters (train.output_lr)."""
+        return [f"{self.block_prefix(i)}layer.{name}.{p}" for i, block in enumerate(self.blocks)
+                for name in block.outputs for p, _ in block.layer.get_submodule(name).named_parameters()]
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -173,9 +218,10 @@ class SideNet(nn.Module):
         return f"model.{self.final_norm_name}."
 
     def _memory_path(self, module: nn.Module, seen: layers.AttentionCall) -> torch.Tensor | None:
-        retriever = self.call.retriever
-        if retriever is None:
+        call = getattr(self._calls, "current", None)
+        if call is None or call.retriever is None:  # no memory (or the layer run on its own)
             return None
+        retriever = call.retriever
         q = seen.unrotated(module, seen.query)  # [B, Hq, T, d]
         local = seen.output.transpose(1, 2)  # [B, Hq, T, d]
         return joint_attention(local, q, retriever(q.transpose(1, 2)), self.gate, seen.scaling).transpose(1, 2)

@@ -177,7 +177,7 @@ class Trainer:
             params[name].requires_grad_(True)
         self.params = {n: params[n] for n in self.names}
         gate = "gate"
-        outputs = [n for n in self.params if n.endswith(".scale")]
+        outputs = [n for n in self.sidenet.output_parameter_names() if n in self.params]
         groups = [{"params": [p for n, p in self.params.items() if n != gate and n not in outputs], "lr": tc.lr},
                   {"params": [self.params[n] for n in outputs], "lr": tc.output_lr},
                   {"params": [self.params[gate]], "lr": tc.gate_lr}]
