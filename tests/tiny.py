@@ -50,3 +50,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def architecture_configs(vocab: int) -> dict:
+    """A tiny config of every architecture the SideNet is tested on (transformers builds them):
+    GQA where the architecture has it, sliding windows shorter than the tests' texts, q/k norms,
+    fused projections, partial rotary, parallel residuals, logit scaling and soft-capping."""
+    import transformers as T
+
+    ids = dict(vocab_size=vocab, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    common = dict(**ids, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    return {
+        "llama": T.LlamaConfig(**common),
+        "mistral": T.MistralConfig(**common, sliding_window=24),
+        "qwen2": T.Qwen2Config(**common),
+        "qwen3": T.Qwen3Config(**common, head_dim=16),
+        "gemma": T.GemmaConfig(**common, head_dim=16),
+        "gemma2": T.Gemma2Config(**common, head_dim=16, sliding_window=24),
+        "gemma3_text": T.Gemma3TextConfig(**common, head_dim=16, sliding_window=24),
+        "phi3": T.Phi3Config(**common),
+        "olmo2": T.Olmo2Config(**common),
+        "granite": T.GraniteConfig(**common, attention_multiplier=0.5, residual_multiplier=0.7,
+                                   embedding_multiplier=3.0, logits_scaling=2.0),
+        "starcoder2": T.Starcoder2Config(**common, sliding_window=24),
+        "gpt2": T.GPT2Config(**ids, n_embd=64, n_layer=6, n_head=4, n_positions=512),
+        "gpt_neox": T.GPTNeoXConfig(**ids, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                    num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.5),
+        "falcon": T.FalconConfig(**ids, hidden_size=64, num_hidden_layers=6, num_attention_heads=4),
+    }
+
+
+def save_architecture(path: Path, arch: str, std: float = 0.2, seed: int = 0) -> Path:
+    """A tiny random model of architecture `arch` (architecture_configs) with weights drawn from
+    N(0, std²) (see conftest.liven), saved by path with the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(architecture_configs(len(tokenizer))[arch])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
