@@ -37,11 +37,11 @@ import faiss
 import numpy as np
 import torch
 
+from . import layers
 from .config import LongMemConfig
 from .data import essays_document
 from .memory import Chunks, ChunkStore, Retrieved
 from .model import LongMem, pad_segments
-from .sidenet import BlockSpec, block_spec
 
 # ---- defaults ----------------------------------------------------------------------------------
 ROOFLINE_TOKENS = 4096  # tokens appended, then as many further tokens scored
@@ -131,9 +131,13 @@ def peak_matmul_flops(sizes: Sequence[int], repeats: int, device: torch.device,
 
 @dataclass
 class ModelShape:
-    """What the FLOP count needs of a LongMem model."""
+    """What the FLOP count needs of a LongMem model (every decoder layer the size of the memory layer)."""
 
-    block: BlockSpec  # one backbone layer = one SideNet block
+    layer_weights: int  # weights of one decoder layer's linear maps: 2 FLOPs each per token
+    qkv_weights: int  # of its attention's projections before the output projection: ingest's share of layer m
+    num_heads: int
+    head_dim: int
+    hidden_size: int
     num_layers: int  # L
     memory_layer: int  # m: ingest runs layers 0..m-1 and the q/k/v projections of layer m
     vocab_size: int
@@ -141,21 +145,22 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: LongMem) -> "ModelShape":
-        side = model.sidenet
+        bb, side = model.backbone, model.sidenet
         running = sum(1 for i, b in enumerate(side.blocks) if i == side.memory_block or not b.is_identity())
-        return cls(block_spec(model.backbone), model.backbone.num_layers, model.backbone.memory_layer,
-                   model.backbone.vocab_size, running)
+        layer = bb.layers[bb.memory_layer]
+        attention = layers.attention_of(layer)
+        outputs = set(side.blocks[side.memory_block].outputs)  # the same layer's output projections
+        inside = {id(m) for m in attention.modules()}
+        linear = [(name, m) for name, m in layer.named_modules() if layers.is_linear(m)]
+        return cls(sum(m.weight.numel() for _, m in linear),
+                   sum(m.weight.numel() for name, m in linear if id(m) in inside and name not in outputs),
+                   bb.num_heads, bb.head_dim, bb.hidden_size, bb.num_layers, bb.memory_layer, bb.vocab_size, running)
 
 
-def layer_flops(block: BlockSpec, context: float) -> dict[str, float]:
+def layer_flops(shape: ModelShape, context: float) -> dict[str, float]:
     """Per token, one decoder layer attending to `context` keys."""
-    dd, h, hkv, d = block.hidden_size, block.num_heads, block.num_kv_heads, block.head_dim
-    return {
-        "qkv": 2 * dd * (h + 2 * hkv) * d,
-        "attention": 4 * h * d * context,  # q·k and p·v, every query head
-        "out": 2 * h * d * dd,
-        "mlp": 2 * dd * block.intermediate_size * (3 if block.family == "llama" else 2),  # gated: 3 matmuls
-    }
+    return {"projections": 2 * shape.layer_weights,
+            "attention": 4 * shape.num_heads * shape.head_dim * context}  # q·k and p·v, every query head
 
 
 def flops_per_token(shape: ModelShape, window: int, topk_tokens: int, search_chunks: float) -> dict[str, Any]:
@@ -166,20 +171,19 @@ def flops_per_token(shape: ModelShape, window: int, topk_tokens: int, search_chu
     attention over the topk_tokens retrieved keys, and the exact search over `search_chunks` chunk
     keys per query head.
     """
-    layer = layer_flops(shape.block, window / 2)
+    layer = layer_flops(shape, window / 2)
     per_layer = sum(layer.values())
-    b = shape.block
-    lm_head = 2 * b.hidden_size * shape.vocab_size
+    lm_head = 2 * shape.hidden_size * shape.vocab_size
     score = {
         "backbone": shape.num_layers * per_layer,
         "backbone_lm_head": lm_head,
         "sidenet": shape.sidenet_blocks * per_layer,
         "sidenet_lm_head": lm_head,
-        "memory_attention": 4 * b.num_heads * b.head_dim * topk_tokens,
-        "memory_search": 2 * b.num_heads * b.head_dim * search_chunks,
+        "memory_attention": 4 * shape.num_heads * shape.head_dim * topk_tokens,
+        "memory_search": 2 * shape.num_heads * shape.head_dim * search_chunks,
     }
     return {
-        "ingest": shape.memory_layer * per_layer + layer["qkv"],
+        "ingest": shape.memory_layer * per_layer + 2 * shape.qkv_weights,
         "full_encode": shape.num_layers * per_layer,
         "score": sum(score.values()),
         "score_parts": score,

@@ -203,6 +203,12 @@ class SideNet(nn.Module):
         return getattr(self.model, self.layers_name)
 
     @property
+    def memory_scaling(self) -> float:
+        """The memory block's attention scaling (its own, e.g. 1/√d), which memory attention uses too."""
+        attention = layers.attention_of(self.blocks[self.memory_block].layer)
+        return getattr(attention, "scaling", None) or attention.head_dim ** -0.5
+
+    @property
     def final_norm(self) -> nn.Module:
         return getattr(self.model, self.final_norm_name)
 

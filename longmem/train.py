@@ -133,15 +133,17 @@ class RowStream:
         return segment[:len(targets)], targets, new
 
 
-def retrieval_loss(queries: torch.Tensor, memory: Retrieved, hits: list[ChunkHits], sources: list[np.ndarray],
-                   source: int, rows: list[int], cols: list[int], targets: list[int]) -> torch.Tensor:
+def retrieval_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, hits: list[ChunkHits],
+                   sources: list[np.ndarray], source: int, rows: list[int], cols: list[int],
+                   targets: list[int]) -> torch.Tensor:
     """Mean over (answer token, head) of -log of the memory attention on the entries of memory `source`
     that hold the target token; pairs with no such entry retrieved add nothing.
 
-    queries: [B, T, Hq, d] the memory block's pre-rotary queries and memory what they retrieved;
+    queries: [B, T, Hq, d] the memory block's pre-rotary queries, memory what they retrieved and scaling
+    the attention's (SideNet.memory_scaling);
     hits, sources: each row's ChunkHits and the memory each hit came from (MemoryBank.search);
     the query at (rows[i], cols[i]) predicts token targets[i]."""
-    log_probs = memory_log_probs(queries.transpose(1, 2), memory)  # [B, Hq, T, K]
+    log_probs = memory_log_probs(queries.transpose(1, 2), memory, scaling)  # [B, Hq, T, K]
     picked = log_probs[rows, :, cols]  # [N, Hq, K]
     positive = torch.stack([torch.from_numpy(
         (hits[b].token_ids[c].reshape(*picked.shape[1:]) == target)
@@ -332,7 +334,8 @@ class Trainer:
         owner_t = torch.tensor(owner, device=hit.device)
         correct = [bool(hit[owner_t == b].all()) for b in range(len(examples))]
         (queries, memory), = seen
-        retrieval = retrieval_loss(queries, memory, hits, sources, 1, rows, cols, targets)
+        retrieval = retrieval_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1, rows, cols,
+                                   targets)
         return RecallBatch(loss, retrieval, correct, self.bank.stats(FILLER).tokens_held)
 
     def train_step(self) -> float:

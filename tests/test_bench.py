@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from longmem import bench
-from longmem.sidenet import BlockSpec
 
 TINY_STORE = bench.StoreShape(chunk_size=4, kv_heads=2, head_dim=16)
 TINY_INDEX = bench.IndexOptions(pq_subquantizers=(4, 8), pq_bits=4)  # 16 centroids: few training points suffice
@@ -57,9 +56,8 @@ def test_flop_count_matches_the_parameters(llama_bb):
                                            attn.q_proj, attn.k_proj, attn.v_proj])
     assert flops["score_parts"]["backbone_lm_head"] == 2 * backbone.model.get_output_embeddings().weight.numel()
     # Attention and memory terms by hand: 4 heads of 16 dims, 64 retrieved tokens, 100 chunks searched.
-    spec = BlockSpec("llama", 64, 4, 2, 16, 128, 1e-5, False, "silu")
-    assert bench.layer_flops(spec, 8) == {"qkv": 2 * 64 * 128, "attention": 4 * 4 * 16 * 8, "out": 2 * 64 * 64,
-                                          "mlp": 3 * 2 * 64 * 128}
+    assert bench.layer_flops(shape, 8) == {"projections": 2 * weights([backbone.layers[0]]),
+                                           "attention": 4 * 4 * 16 * 8}
     parts = bench.flops_per_token(shape, 32, 64, 100)["score_parts"]
     assert parts["memory_attention"] == 4 * 4 * 16 * 64 and parts["memory_search"] == 2 * 4 * 16 * 100
 
@@ -151,7 +149,7 @@ def test_memory_queries_are_the_memory_blocks_pre_rotary_queries(llama_bb):
     side = llama_bb.sidenet
     block = side.blocks[side.memory_block]
     seen = []
-    hook = block.attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    hook = block.layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out[0]))
     try:
         bench.memory_queries(llama_bb, ids)
     finally:
@@ -159,7 +157,7 @@ def test_memory_queries_are_the_memory_blocks_pre_rotary_queries(llama_bb):
     d = llama_bb.backbone.head_dim
     expected = torch.cat(seen).view(len(ids), -1, d).numpy()
     assert queries.shape == (len(ids), llama_bb.backbone.num_heads, d)
-    np.testing.assert_allclose(queries, expected, rtol=1e-6)
+    np.testing.assert_allclose(queries, expected, rtol=1e-5, atol=1e-6)  # rotated and un-rotated: rounding
 
 
 def test_full_attention_logprobs_equal_the_backbone_reading_everything(llama_bb):

@@ -146,8 +146,7 @@ def reference_read(model, ids: list[int], memory_id: str | None = None):
         for start in range(0, len(ids), w):
             seg = ids[start:start + w]
             out, _ = bb.encode(torch.tensor([seg]))
-            rope = bb.rotary(out.hidden[0], torch.arange(len(seg))[None])
-            logits = bb.lm_head(sidenet(out.hidden, rope, retriever))[0].float()  # [T, V]
+            logits = bb.lm_head(sidenet(out.hidden, torch.arange(len(seg))[None], retriever))[0].float()  # [T, V]
             lp = torch.log_softmax(logits, -1)
             targets = ids[start + 1:start + w + 1]
             logprobs.append(lp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)].numpy())

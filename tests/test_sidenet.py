@@ -1,9 +1,8 @@
-"""SideNet: joint attention against a per-head formula, gates, zero init, weight copies, and the Block
-reimplementation against the HF decoder layers it is copied from."""
+"""SideNet: joint attention against a per-head formula, gates, zero init, weight copies, the memory
+block by hand. (Every architecture, and blocks against their source layers: test_architectures.py.)"""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from conftest import TEXT, W, tiny_config
 from longmem.memory import Memory, Retrieved, hits_to_retrieved
-from longmem.sidenet import Block, SideNet, block_spec, joint_attention
+from longmem.sidenet import SideNet, joint_attention
 
 FAMILIES = ("llama", "gpt2")
 
@@ -55,20 +54,20 @@ def test_joint_attention_matches_per_head_formula(gate):
     keys = torch.where(mask[..., None], keys, torch.full_like(keys, 1e4))
     values = torch.where(mask[..., None], values, torch.full_like(values, -1e4))
     gate = torch.tensor(gate)
-    got = joint_attention(local, q, Retrieved(keys, values, mask), gate)
+    got = joint_attention(local, q, Retrieved(keys, values, mask), gate, 1 / math.sqrt(d))
     want = reference_joint(local, q, keys, values, mask, gate)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[0, 1, 2], local[0, 1, 2])  # no memory -> the local output unchanged
     if gate.abs().sum():
         # gates differ per head: the same inputs under a permuted gate give a different result
-        other = joint_attention(local, q, Retrieved(keys, values, mask), gate.flip(0))
+        other = joint_attention(local, q, Retrieved(keys, values, mask), gate.flip(0), 1 / math.sqrt(d))
         assert (other - got).abs().max() > 1e-3
 
 
 def test_joint_attention_all_empty_is_local():
     local = torch.randn(1, 2, 3, 4)
     memory = Retrieved(torch.randn(1, 2, 3, 5, 4), torch.randn(1, 2, 3, 5, 4), torch.zeros(1, 2, 3, 5, dtype=torch.bool))
-    out = joint_attention(local, torch.randn(1, 2, 3, 4), memory, torch.tensor([3.0, -1.0]))
+    out = joint_attention(local, torch.randn(1, 2, 3, 4), memory, torch.tensor([3.0, -1.0]), 0.5)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, local)
 
@@ -84,10 +83,7 @@ def test_one_gate_per_query_head_initialised_to_zero(tiny_models, family):
     assert torch.count_nonzero(gate) == 0
     torch.testing.assert_close(torch.sigmoid(gate), torch.full_like(gate, 0.5))
     assert gate.requires_grad
-    for i, block in enumerate(sidenet.blocks):
-        assert (block.attn.gate is not None) == (i == sidenet.memory_block)
-    gate_params = [n for n, _ in sidenet.named_parameters() if n.split(".")[-1] == "gate"]
-    assert gate_params == [f"blocks.{sidenet.memory_block}.attn.gate"]
+    assert [n for n, _ in sidenet.named_parameters() if "gate" == n.split(".")[-1]] == ["gate"]
     custom = SideNet(bb, init="backbone", gate_init=0.75)
     torch.testing.assert_close(custom.gate.detach(), torch.full((bb.num_heads,), 0.75))
 
@@ -103,8 +99,7 @@ def test_zero_init_reproduces_backbone_logits(tiny_models, family, fresh_memory)
     ids = torch.tensor([model.tokenize(TEXT)[:W]])
     out, _ = bb.encode(ids)
     with torch.no_grad():
-        rope = bb.rotary(out.hidden[0], _positions(ids.shape[1]))
-        side = bb.lm_head(model.sidenet(out.hidden, rope, None))
+        side = bb.lm_head(model.sidenet(out.hidden, _positions(ids.shape[1])))
         base = bb.logits(out.last)
         hf = bb.model(input_ids=ids).logits
     torch.testing.assert_close(base, hf, atol=1e-4, rtol=0)  # the hooks see what HF computes
@@ -128,34 +123,10 @@ def test_zero_init_reproduces_backbone_logits(tiny_models, family, fresh_memory)
     np.testing.assert_allclose(r.backbone_logprobs, want, atol=1e-5)
 
 
-def _layer_weights(bb, layer_index: int, spec):
-    """The HF layer's weights in Block's naming and [out, in] layout."""
-    layer = bb.layers[layer_index]
-    if bb.family == "llama":
-        a, m = layer.self_attn, layer.mlp
-        return {"norm1.weight": layer.input_layernorm.weight, "norm2.weight": layer.post_attention_layernorm.weight,
-                "attn.q_proj.weight": a.q_proj.weight, "attn.k_proj.weight": a.k_proj.weight,
-                "attn.v_proj.weight": a.v_proj.weight, "attn.o_proj.weight": a.o_proj.weight,
-                "mlp.gate_proj.weight": m.gate_proj.weight, "mlp.up_proj.weight": m.up_proj.weight,
-                "mlp.down_proj.weight": m.down_proj.weight}
-    dm = spec.hidden_size
-    w, b = layer.attn.c_attn.weight, layer.attn.c_attn.bias
-    out = {"norm1.weight": layer.ln_1.weight, "norm1.bias": layer.ln_1.bias,
-           "norm2.weight": layer.ln_2.weight, "norm2.bias": layer.ln_2.bias,
-           "attn.o_proj.weight": layer.attn.c_proj.weight.T, "attn.o_proj.bias": layer.attn.c_proj.bias,
-           "mlp.up_proj.weight": layer.mlp.c_fc.weight.T, "mlp.up_proj.bias": layer.mlp.c_fc.bias,
-           "mlp.down_proj.weight": layer.mlp.c_proj.weight.T, "mlp.down_proj.bias": layer.mlp.c_proj.bias}
-    for i, name in enumerate(("q", "k", "v")):
-        out[f"attn.{name}_proj.weight"] = w[:, i * dm:(i + 1) * dm].T
-        out[f"attn.{name}_proj.bias"] = b[i * dm:(i + 1) * dm]
-    return out
-
-
 def _check_block_weights(sidenet, bb):
     for i, block in enumerate(sidenet.blocks):
         source = bb.memory_layer if i == sidenet.memory_block else 2 * i + 1
-        want = _layer_weights(bb, source, sidenet.spec)
-        state = {k: v for k, v in block.state_dict().items() if not k.endswith("gate")}
+        want, state = bb.layers[source].state_dict(), block.layer.state_dict()
         assert set(state) == set(want)
         for name, value in want.items():
             torch.testing.assert_close(state[name], value, atol=0, rtol=0, msg=f"block {i} {name}")
@@ -171,7 +142,7 @@ def test_block_weights_copy_backbone_layers(tiny_models, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_memory_block_comes_from_the_memory_layer(tiny_dirs, tiny_models, family):
+def test_memory_block_comes_from_the_memory_layer(tiny_dirs, family):
     """memory_layer 2 (even): block 1 is the memory block and copies layer 2, not layer 3."""
     from longmem.model import LongMem
 
@@ -180,85 +151,6 @@ def test_memory_block_comes_from_the_memory_layer(tiny_dirs, tiny_models, family
     model = LongMem(config)
     assert model.backbone.memory_layer == 2 and model.sidenet.memory_block == 1
     _check_block_weights(model.sidenet, model.backbone)
-    torch.testing.assert_close(model.sidenet.blocks[1].attn.q_proj.weight,
-                               _layer_weights(model.backbone, 2, model.sidenet.spec)["attn.q_proj.weight"])
-    assert not torch.equal(model.sidenet.blocks[1].attn.q_proj.weight,
-                           _layer_weights(model.backbone, 3, model.sidenet.spec)["attn.q_proj.weight"])
-    _check_blocks_match_layers(model)
-
-
-def _record_layers(bb, ids: torch.Tensor):
-    """Runs the HF model as HF does and records every decoder layer's input and output."""
-    inputs, outputs, handles = {}, {}, []
-    for j, layer in enumerate(bb.layers):
-        def pre(module, args, kwargs, j=j):
-            inputs[j] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-        def post(module, args, output, j=j):
-            outputs[j] = (output[0] if isinstance(output, tuple) else output).detach().clone()
-
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(layer.register_forward_hook(post))
-    try:
-        with torch.no_grad():
-            bb.model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs, outputs
-
-
-def _check_blocks_match_layers(model):
-    bb, sidenet = model.backbone, model.sidenet
-    ids = torch.tensor([model.tokenize(TEXT)[:40]])
-    inputs, outputs = _record_layers(bb, ids)
-    assert len(inputs) == bb.num_layers
-    for i, block in enumerate(sidenet.blocks):
-        source = bb.memory_layer if i == sidenet.memory_block else 2 * i + 1
-        x = inputs[source]
-        with torch.no_grad():
-            rope = bb.rotary(x, _positions(x.shape[1]))
-            assert (rope is None) == (bb.family == "gpt2")
-            got = block(x, rope)
-        torch.testing.assert_close(got, outputs[source], atol=1e-5, rtol=1e-5, msg=f"block {i} vs layer {source}")
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_block_matches_hf_decoder_layer(tiny_models, family):
-    model = tiny_models(family, "backbone")
-    _check_blocks_match_layers(model)
-    # and the encoder's even hidden states are the HF layer outputs (pre final norm), H[0] the embeddings
-    bb = model.backbone
-    ids = torch.tensor([model.tokenize(TEXT)[:40]])
-    inputs, outputs = _record_layers(bb, ids)
-    out, _ = bb.encode(ids)
-    assert out.hidden.shape[0] == bb.num_layers // 2 + 1
-    torch.testing.assert_close(out.hidden[0], inputs[0], atol=0, rtol=0)
-    for i in range(1, bb.num_layers // 2 + 1):
-        torch.testing.assert_close(out.hidden[i], outputs[2 * i - 1], atol=0, rtol=0)
-    torch.testing.assert_close(out.last, outputs[bb.num_layers - 1], atol=0, rtol=0)
-    # memory keys/values: the memory layer's own k/v projections of its normed input, before rotary
-    layer, x = bb.layers[bb.memory_layer], inputs[bb.memory_layer]
-    hkv, d = bb.num_kv_heads, bb.head_dim
-    with torch.no_grad():
-        if family == "llama":
-            h = layer.input_layernorm(x)
-            keys, values = layer.self_attn.k_proj(h), layer.self_attn.v_proj(h)
-        else:
-            _, keys, values = layer.attn.c_attn(layer.ln_1(x)).split(bb.hidden_size, dim=-1)
-    shape = (1, ids.shape[1], hkv, d)
-    assert out.mem_keys.shape == out.mem_values.shape == shape
-    torch.testing.assert_close(out.mem_keys, keys.reshape(shape), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out.mem_values, values.reshape(shape), atol=1e-6, rtol=1e-6)
-
-
-def test_block_spec_matches_backbone(llama_bb, gpt2_bb):
-    spec = block_spec(llama_bb.backbone)
-    assert (spec.family, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim) == ("llama", 64, 4, 2, 16)
-    assert spec.activation == "silu" and spec.intermediate_size == 128
-    spec = block_spec(gpt2_bb.backbone)
-    assert (spec.family, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim) == ("gpt2", 64, 4, 4, 16)
-    assert spec.bias and spec.intermediate_size == 256
 
 
 def _causal_attention(q, k, v):
@@ -273,52 +165,54 @@ def _causal_attention(q, k, v):
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_memory_block_by_hand(tiny_models, family):
-    """The memory block with retrieval == norms, projections, rotary local attention, the per-head
+def test_memory_block_by_hand(llama_bb):
+    """The llama memory block with retrieval == norms, projections, rotary local attention, the per-head
     joint formula with pre-rotary queries against retrieved keys, output projection, MLP."""
-    model = tiny_models(family, "backbone")
+    model = llama_bb
     bb, sidenet = model.backbone, model.sidenet
-    spec = sidenet.spec
-    block: Block = sidenet.blocks[sidenet.memory_block]
+    layer = sidenet.blocks[sidenet.memory_block].layer
+    hq, hkv, d = bb.num_heads, bb.num_kv_heads, bb.head_dim
     g = torch.Generator().manual_seed(1)
     t = 6
-    x = torch.randn(1, t, spec.hidden_size, generator=g)
-    memory = Memory("m", 64, 4, spec.num_kv_heads, spec.head_dim)
+    memory = Memory("m", 64, 4, hkv, d)
     n = 20
-    memory.append(torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g).numpy(),
-                  torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g).numpy(), np.arange(n, dtype=np.int32))
-    seen = []
+    memory.append(torch.randn(n, hkv, d, generator=g).numpy(), torch.randn(n, hkv, d, generator=g).numpy(),
+                  np.arange(n, dtype=np.int32))
+    seen, calls = [], {}
 
     def retriever(queries):
         seen.append(queries.clone())
         return hits_to_retrieved([memory.search(queries[0].numpy(), 2)])
 
+    hidden = torch.randn(bb.num_layers // 2 + 1, 1, t, bb.hidden_size, generator=g)
+    hook = layer.register_forward_hook(lambda m, a, k, out: calls.update(x=a[0], kwargs=k, out=out), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            sidenet(hidden, _positions(t), retriever)
+    finally:
+        hook.remove()
+    x, got = calls["x"], calls["out"]
     with torch.no_grad():
-        rope = bb.rotary(x, _positions(t))
-        got = block(x, rope, retriever)
-        h = block.norm1(x)
-        q = block.attn.q_proj(h).view(1, t, spec.num_heads, spec.head_dim)
-        k = block.attn.k_proj(h).view(1, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        v = block.attn.v_proj(h).view(1, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(1, t, hq, d)
+        k = a.k_proj(h).view(1, t, hkv, d).transpose(1, 2)
+        v = a.v_proj(h).view(1, t, hkv, d).transpose(1, 2)
         assert len(seen) == 1
-        torch.testing.assert_close(seen[0], q)  # the retriever gets pre-rotary queries [B, T, Hq, d]
-        ql, kl = q.transpose(1, 2), k
-        if rope is not None:
-            cos, sin = rope
-            rot = lambda z: torch.cat((-z[..., z.shape[-1] // 2:], z[..., :z.shape[-1] // 2]), -1)
-            ql = ql * cos[:, None] + rot(ql) * sin[:, None]
-            kl = kl * cos[:, None] + rot(kl) * sin[:, None]
+        torch.testing.assert_close(seen[0], q, atol=1e-6, rtol=1e-5)  # the retriever gets pre-rotary queries
+        cos, sin = calls["kwargs"]["position_embeddings"]
+        rot = lambda z: torch.cat((-z[..., z.shape[-1] // 2:], z[..., :z.shape[-1] // 2]), -1)
+        ql = q.transpose(1, 2) * cos[:, None] + rot(q.transpose(1, 2)) * sin[:, None]
+        kl = k * cos[:, None] + rot(k) * sin[:, None]
         local = _causal_attention(ql[0], kl[0], v[0])[None]
         mem = hits_to_retrieved([memory.search(q[0].numpy(), 2)])
         assert mem.mask.all()
-        mixed = reference_joint(local, q.transpose(1, 2), mem.keys, mem.values, mem.mask, block.attn.gate)
-        attn = block.attn.o_proj(mixed.float().transpose(1, 2).reshape(1, t, -1))
-        y = x + attn
-        want = y + block.mlp(block.norm2(y))
+        mixed = reference_joint(local, q.transpose(1, 2), mem.keys, mem.values, mem.mask, sidenet.gate)
+        y = x + a.o_proj(mixed.float().transpose(1, 2).reshape(1, t, -1))
+        want = y + layer.mlp(layer.post_attention_layernorm(y))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # and memory matters: without the retriever the block gives something else
-        assert (block(x, rope) - got).abs().max() > 1e-3
+        assert (layer(x, **calls["kwargs"]) - got).abs().max() > 1e-3
 
 
 def test_encode_memory_stops_early_with_the_same_keys_values(tiny_models):
@@ -341,14 +235,21 @@ def test_zero_init_blocks_get_gradients_when_training(tiny_models):
     """Identity (zero-init) blocks are skipped when reading, but must run when training, or their zero
     output projections would never receive a gradient and stay zero."""
     model = tiny_models("llama", "zero")
-    sidenet, bb = copy.deepcopy(model.sidenet), model.backbone
+    bb = model.backbone
+    sidenet = SideNet(bb, init="zero")
     ids = torch.tensor([model.tokenize(TEXT)[:W]])
     out, _ = bb.encode(ids)
-    rope = bb.rotary(out.hidden[0], _positions(ids.shape[1]))
     sidenet.train()
-    loss = bb.lm_head(sidenet(out.hidden, rope)).float().logsumexp(-1).mean()
+    loss = bb.lm_head(sidenet(out.hidden, _positions(ids.shape[1]))).float().logsumexp(-1).mean()
     loss.backward()
     for block in sidenet.blocks:
-        assert block.attn.o_proj.weight.grad is not None and block.attn.o_proj.weight.grad.abs().sum() > 0
+        assert block.outputs == ["mlp.down_proj", "self_attn.o_proj"]
+        grad = block.layer.self_attn.o_proj.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
     with torch.no_grad():
-        torch.testing.assert_close(sidenet(out.hidden, rope), model.sidenet(out.hidden, rope))
+        torch.testing.assert_close(sidenet(out.hidden, _positions(ids.shape[1])),
+                                   model.sidenet(out.hidden, _positions(ids.shape[1])))
+
+
+def test_output_projections_found_for_gpt2(gpt2_zero):
+    assert [b.outputs for b in gpt2_zero.sidenet.blocks] == [["mlp.c_proj", "attn.c_proj"]] * 3

@@ -47,7 +47,7 @@ def essay_ids(smollm2):
 def test_structure(smollm2):
     zero, paper = smollm2
     bb = zero.backbone
-    assert bb.family == "llama"
+    assert bb.model_type == "llama" and bb.final_norm_name == "norm"
     assert bb.num_layers == 30 and bb.memory_layer == 21
     assert (bb.num_heads, bb.num_kv_heads, bb.head_dim, bb.hidden_size) == (9, 3, 64, 576)
     for model in (zero, paper):
@@ -55,8 +55,9 @@ def test_structure(smollm2):
         assert model.sidenet.gate.shape == (9,)
     assert paper.sidenet is not zero.sidenet and paper.backbone is zero.backbone
     # the memory block is a copy of the memory layer (21 = 2 * 10 + 1)
-    torch.testing.assert_close(paper.sidenet.blocks[10].attn.q_proj.weight, bb.layers[21].self_attn.q_proj.weight,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(paper.sidenet.blocks[10].layer.self_attn.q_proj.weight,
+                               bb.layers[21].self_attn.q_proj.weight, atol=0, rtol=0)
+    assert zero.sidenet.blocks[10].outputs == ["mlp.down_proj", "self_attn.o_proj"]
     assert not any(p.requires_grad for p in bb.model.parameters())
 
 

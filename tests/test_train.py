@@ -38,8 +38,9 @@ def test_lr_warms_up_then_decays_to_the_floor():
 def test_only_the_memory_block_and_those_after_it_train(tiny_llama_dir, tmp_path):
     trainer = Trainer(tiny_config(tiny_llama_dir, train_blocks=1), tmp_path)
     mem = trainer.sidenet.memory_block
-    assert all(n.startswith((f"blocks.{mem}.", "final_norm.")) for n in trainer.names)
-    assert f"blocks.{mem}.attn.gate" in trainer.names
+    side = trainer.sidenet
+    assert all(n.startswith((side.block_prefix(mem), side.final_norm_prefix())) or n == "gate" for n in trainer.names)
+    assert "gate" in trainer.names
     before = {n: p.detach().clone() for n, p in trainer.sidenet.named_parameters()}
     backbone_before = {n: p.detach().clone() for n, p in trainer.backbone.model.named_parameters()}
     losses = [trainer.train_step() for _ in range(3)]
@@ -51,8 +52,9 @@ def test_only_the_memory_block_and_those_after_it_train(tiny_llama_dir, tmp_path
     assert any(not torch.equal(before[n], trainer.params[n]) for n in trainer.names)
     for name, p in trainer.backbone.model.named_parameters():
         assert torch.equal(backbone_before[name], p), f"backbone {name} changed"
-    assert trainable_names(trainer.sidenet, 0) == [n for n, _ in trainer.sidenet.named_parameters()
-                                                   if n.startswith(("blocks.", "final_norm."))]
+    assert trainable_names(side, 0) == [n for n, _ in side.named_parameters()
+                                        if n.startswith((f"model.{side.layers_name}.", side.final_norm_prefix()))
+                                        or n == "gate"]
 
 
 def test_each_row_has_its_own_memory_reset_at_document_boundaries(tiny_llama_dir, tmp_path):
@@ -114,14 +116,14 @@ def test_retrieval_loss_is_the_attention_on_the_answer_entries_of_the_fact_memor
     sources[:, :, 1] = 1  # chunk 1 comes from the fact memory
     memory = hits_to_retrieved([hits])
     queries = torch.randn(1, t, hq, d, requires_grad=True)
-    probs = memory_log_probs(queries.transpose(1, 2), memory).exp()  # [1, Hq, T, K]
+    probs = memory_log_probs(queries.transpose(1, 2), memory, 0.25).exp()  # [1, Hq, T, K]
     # token 7 at position 2: only entry 2 (chunk 1, first token) counts, not entry 0 of the filler
-    loss = retrieval_loss(queries, memory, [hits], [sources], 1, [0], [2], [7])
+    loss = retrieval_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [2], [7])
     assert loss.item() == pytest.approx(-probs[0, :, 2, 2].log().mean().item(), rel=1e-5)
     loss.backward()
     assert queries.grad[0, 2].abs().sum() > 0 and queries.grad[0, :2].abs().sum() == 0
     # a token the fact memory's retrieved entries do not hold adds nothing
-    assert retrieval_loss(queries, memory, [hits], [sources], 1, [0], [1], [8]).item() == 0.0
+    assert retrieval_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [1], [8]).item() == 0.0
 
 
 def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_dir, tmp_path):
@@ -130,7 +132,7 @@ def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_di
     def query_grad(retrieval_weight):
         trainer = Trainer(tiny_config(tiny_llama_dir, batch_rows=0, recall_rows=4, val_every=0,
                                       recall_kinds={"passkey": 1.0}, retrieval_weight=retrieval_weight), tmp_path)
-        q_proj = trainer.sidenet.blocks[trainer.sidenet.memory_block].attn.q_proj.weight
+        q_proj = trainer.sidenet.blocks[trainer.sidenet.memory_block].layer.self_attn.q_proj.weight
         trainer.train_step()
         assert trainer.metrics["retrieval_loss"] > 0
         return q_proj.grad.abs().max().item()
