@@ -23,8 +23,9 @@ through the backbone during training.
 
 What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates and the
 blocks' output projections (with learning rates of their own, `gate_lr` and `output_lr`) and the final
-norm (`train_blocks = 0`: every block). The checkpoint stores just those, in fp16. Progress, with the recall validation every `val_every` steps, goes to
-`train_log.jsonl` in the run directory; the full configuration to `config.yaml`.
+norm (`train_blocks = 0`: every block). The checkpoint stores just those, in fp16. Progress, with the
+recall validation every `val_every` steps, goes to `train_log.jsonl` in the run directory, its curves
+to `train_curves.png`; the full configuration to `config.yaml`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from .sidenet import FrozenInputs, SideNet, memory_log_probs
 log = logging.getLogger("longmem.train")
 
 STATE = "trainer_state.pt"
+CURVES = "train_curves.png"
 FILLER = "filler"  # the curriculum's shared filler memory
 def trainable_names(sidenet: SideNet, train_blocks: int) -> list[str]:
     first = first_trained_block(sidenet, train_blocks)
@@ -417,7 +419,40 @@ class Trainer:
                    "cache_seconds": cache_seconds, "device": str(self.backbone.device),
                    "checkpoint": str(self.out / "checkpoint")}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(history, self.out / CURVES)
         return summary
+
+
+def plot_curves(history: Path, out: Path, window: int = 25) -> None:
+    """The run's learning curves from its train_log.jsonl: the losses (moving averages over `window`
+    steps) and the recall validation accuracies and mean gate at each validation step."""
+    from .evaluate import _figure
+
+    records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    fig = _figure(11, 4)[0]
+    fig.clear()
+    losses, accuracy = fig.subplots(1, 2)
+    for key in ("lm_loss", "recall_loss", "retrieval_loss"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid") if len(values) >= window else values
+            losses.plot(steps[len(steps) - len(smooth):], smooth, label=key)
+    losses.set_xlabel("step")
+    losses.set_title(f"losses (moving average, {window} steps)", fontsize=10)
+    losses.legend(fontsize=8)
+    val = [r for r in records if any(k.startswith("val_") for k in r)]
+    for key in sorted({k for r in val for k in r if k.startswith("val_")}):
+        accuracy.plot([r["step"] for r in val if key in r], [r[key] for r in val if key in r], marker=".", label=key)
+    if val:
+        accuracy.plot([r["step"] for r in val], [r["gate"] for r in val], color="gray", linestyle="--",
+                      label="mean gate σ(g)")
+    accuracy.set_ylim(0, 1)
+    accuracy.set_xlabel("step")
+    accuracy.set_title("recall validation (greedy exact match)", fontsize=10)
+    accuracy.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def train(config: LongMemConfig, out_dir: str | Path | None = None, progress: bool = True) -> dict:

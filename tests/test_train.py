@@ -82,6 +82,7 @@ def test_checkpoint_resume_and_load_by_path(tiny_llama_dir, tmp_path):
     assert resumed.run(progress=False)["steps"] == 4
     log_lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == [1, 2, 3, 4]
+    assert (tmp_path / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     trained = LongMem(LongMemConfig.from_dict({**config.to_dict(), "sidenet": {"checkpoint": str(tmp_path / "checkpoint")}}))
     for name, p in resumed.params.items():
