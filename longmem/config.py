@@ -230,6 +230,7 @@ class TrainConfig:
     val_heldout_tokens: int = 16_384
     checkpoint_every: int = 50
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0: no limit
+    stop_step: int = 0  # stop (and checkpoint) after this step, the schedule still spanning `steps`; 0: at `steps`
     out_dir: str = "runs/train"
     checkpoint_dtype: str = "float16"
 

@@ -386,10 +386,11 @@ class Trainer:
         log.info("cache: %d segments encoded in %.0f s, %d in all", encoded, cache_seconds, len(self.pool))
         start, start_tokens = time.perf_counter(), self.tokens
         history = self.out / "train_log.jsonl"
-        bar = tqdm(total=tc.steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        last = min(tc.steps, tc.stop_step) if tc.stop_step else tc.steps
+        bar = tqdm(total=last, initial=self.step, desc="training", unit="step", disable=not progress)
         stopped = "steps"
         with history.open("a") as log_file:
-            while self.step < tc.steps:
+            while self.step < last:
                 loss = self.train_step()
                 elapsed = time.perf_counter() - start
                 rate = (self.tokens - start_tokens) / elapsed

@@ -80,6 +80,13 @@ def test_checkpoint_resume_and_load_by_path(tiny_llama_dir, tmp_path):
     for name, p in resumed.params.items():
         assert torch.equal(p, first.params[name])
     assert resumed.run(progress=False)["steps"] == 4
+    # stop_step ends a run early, its learning rate still on the schedule of `steps`
+    early_config = tiny_config(tiny_llama_dir, steps=6, stop_step=3)
+    early = Trainer(early_config, tmp_path / "early")
+    assert early.run(progress=False)["steps"] == 3
+    tc = early_config.train
+    assert early.scheduler.get_last_lr()[0] == pytest.approx(tc.lr * lr_factor(3, tc.warmup_steps, 6, tc.min_lr_ratio))
+    assert lr_factor(3, tc.warmup_steps, 6, tc.min_lr_ratio) != lr_factor(3, tc.warmup_steps, 3, tc.min_lr_ratio)
     log_lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == [1, 2, 3, 4]
     assert (tmp_path / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
