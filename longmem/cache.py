@@ -6,7 +6,8 @@ the backbone's hidden states, the memory layer's keys/values and the state the f
 a cache directory it stores each segment the first time (one .npz file per segment, named by a hash
 of its token ids, arrays in `dtype`) and afterwards reads it back instead of running the backbone.
 The directory is namespaced by everything that decides the contents (backbone, memory layer, start,
-the SideNet's initialisation), so a changed setup never reads stale entries.
+the weights of the frozen blocks), so a changed setup never reads stale entries, and a run that
+continues a checkpoint whose frozen blocks are unchanged reads the cache of the run that made it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def segment_key(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()[:32]
 
 
+def frozen_digest(sidenet: torch.nn.Module, start: int) -> str:
+    """sha256 of the parameters and buffers of the SideNet blocks below `start`."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sidenet.blocks[:start].state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class FrozenEncoder:
     """FrozenInputs for batches of segments, from the backbone or from an on-disk cache."""
 
@@ -41,8 +51,7 @@ class FrozenEncoder:
         if cache_dir:
             backbone, sidenet = reader.backbone, reader.sidenet
             setup = {"backbone": str(backbone.path), "memory_layer": sidenet.memory_layer, "start": start,
-                     "init": reader.config.sidenet.init, "checkpoint": str(reader.config.sidenet.checkpoint),
-                     "dtype": dtype}
+                     "frozen_blocks": frozen_digest(sidenet, start), "dtype": dtype}
             name = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
             self.dir = Path(cache_dir) / name
             self.dir.mkdir(parents=True, exist_ok=True)

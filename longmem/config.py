@@ -204,6 +204,7 @@ class TrainConfig:
     recall_local_tokens: int = 32  # most filler tokens before the question
     recall_max_facts: int = 8  # "words" examples state 2..recall_max_facts facts
     recall_number_digits: list[int] = field(default_factory=lambda: [5, 7])  # min, max digits of numbers
+    recall_answer_end: str = "."  # scored after the answer, so that greedy answers stop ("": digits only)
     # Frozen-backbone cache: what the trained blocks read for each document segment, stored once.
     cache: bool = True
     cache_dir: str = ""  # empty: {out_dir}/cache

@@ -96,7 +96,7 @@ class RecallExample:
     question: str
     fact_segment: list[int]  # token ids: goes into the example's own memory
     reading: list[int]  # token ids: local filler, the question, the answer
-    answer_tokens: int  # the last answer_tokens tokens of `reading` are the answer
+    answer_tokens: int  # the last answer_tokens tokens of `reading` are the answer (and answer_end)
 
     @property
     def answer(self) -> str:
@@ -115,6 +115,7 @@ class CurriculumConfig:
     local_tokens: int  # most filler tokens before the question
     max_facts: int  # facts in one "words" example: 2..max_facts
     number_digits: tuple[int, int]  # digits of pass keys and of "words" values: min, max
+    answer_end: str  # text after the value in the scored answer (e.g. "."): where a greedy answer stops
 
 
 def curriculum_config(config: LongMemConfig, segment_tokens: int) -> CurriculumConfig:
@@ -122,7 +123,7 @@ def curriculum_config(config: LongMemConfig, segment_tokens: int) -> CurriculumC
     t = config.train
     return CurriculumConfig(segment_tokens, t.recall_prefix_tokens, t.recall_segment_start_fraction,
                             t.recall_gap_tokens, t.recall_suffix_tokens, t.recall_local_tokens, t.recall_max_facts,
-                            tuple(t.recall_number_digits))
+                            tuple(t.recall_number_digits), t.recall_answer_end)
 
 
 class Curriculum:
@@ -203,7 +204,7 @@ class Curriculum:
         segment += self.filler(rng, rng.randint(0, c.suffix_tokens))
         asked = rng.randrange(len(facts))
         question = facts[asked].render(rng.choice(phrasings(QUESTIONS, heldout)))
-        answer = self.tokenize(" " + facts[asked].value)
+        answer = self.tokenize(" " + facts[asked].value + c.answer_end)
         reading = self.filler(rng, rng.randint(0, c.local_tokens)) + self.tokenize("\n" + question) + answer
         if max(len(segment), len(reading)) > c.segment_tokens:
             raise ValueError(f"a recall segment of {max(len(segment), len(reading))} tokens exceeds "

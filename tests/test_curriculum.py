@@ -3,6 +3,7 @@ never in training, a cached training step equal to an uncached one."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 
@@ -11,6 +12,7 @@ import torch
 
 from longmem.curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, CurriculumConfig, phrasings
 from longmem.data import essays
+from longmem.cache import FrozenEncoder
 from longmem.train import Trainer
 from tests.test_train import tiny_config
 
@@ -43,7 +45,8 @@ def curriculum():
     ids = [t for text in FILLER for t in words.tokenize(text)]
     pool = [ids[s:s + 1024] for s in range(0, len(ids), 1024)]
     config = CurriculumConfig(segment_tokens=1024, prefix_tokens=300, segment_start_fraction=0.25, gap_tokens=30,
-                              suffix_tokens=16, local_tokens=64, max_facts=8, number_digits=(5, 7))
+                              suffix_tokens=16, local_tokens=64, max_facts=8, number_digits=(5, 7),
+                              answer_end=".")
     return Curriculum(pool, words.tokenize, words.decode, config), words
 
 
@@ -57,9 +60,9 @@ def test_answers_occur_only_where_stated(curriculum, kind):
         reading = words.decode(ex.reading)
         values = [f.value for f in ex.facts]
         assert len(set(values)) == len(values)
-        assert words.decode(ex.reading[-ex.answer_tokens:]) == " " + ex.answer
-        assert reading.endswith(ex.question + " " + ex.answer)
-        assert ex.answer not in reading[:-len(ex.answer)], "the answer leaks into the reading segment"
+        assert words.decode(ex.reading[-ex.answer_tokens:]) == " " + ex.answer + "."  # scored up to where it stops
+        assert reading.endswith(ex.question + " " + ex.answer + ".")
+        assert ex.answer not in reading[:-len(ex.answer) - 1], "the answer leaks into the reading segment"
         for fact, statement in zip(ex.facts, ex.statements):
             assert fact.value in statement
             # every occurrence of a value in the memory lies inside that fact's statement
@@ -91,6 +94,13 @@ def test_held_out_phrasings_never_appear_in_training_examples(curriculum):
     unseen = [cur.example(rng, kind, heldout=True) for kind in KINDS for _ in range(10)]
     assert all(any(ex.facts[ex.asked].render(p) == ex.question for p in heldout_questions) for ex in unseen)
     assert all(any(f.render(p) == s for p in heldout_statements) for ex in unseen for f, s in zip(ex.facts, ex.statements))
+
+
+def test_an_empty_answer_end_scores_the_value_alone(curriculum):
+    cur, words = curriculum
+    bare = Curriculum(cur.pool, words.tokenize, words.decode, dataclasses.replace(cur.config, answer_end=""))
+    ex = bare.example(random.Random(4), "words")
+    assert words.decode(ex.reading[-ex.answer_tokens:]) == " " + ex.answer
 
 
 def test_facts_sit_anywhere_in_their_segment(curriculum):
@@ -134,3 +144,18 @@ def test_the_number_of_facts_can_be_fixed(curriculum):
     assert len(cur.example(rng, "person", heldout=True, n_facts=3).facts) == 3
     with pytest.raises(ValueError):
         cur.example(rng, "passkey", n_facts=2)
+
+
+def test_a_run_continuing_a_checkpoint_reads_the_cache_of_the_run_that_made_it(tiny_llama_dir, tmp_path):
+    overrides = dict(recall_rows=0, val_every=0, train_blocks=1, steps=2, checkpoint_every=2,
+                     cache_dir=str(tmp_path / "cache"))
+    first = Trainer(tiny_config(tiny_llama_dir, **overrides), tmp_path / "first")
+    first.run(progress=False)
+    config = tiny_config(tiny_llama_dir, **overrides)
+    config.sidenet.checkpoint = str(tmp_path / "first" / "checkpoint")
+    second = Trainer(config, tmp_path / "second")
+    assert second.frozen.dir == first.frozen.dir  # the checkpoint trained no block below the cached state
+    assert second.warm_cache() == 0 and second.frozen.misses == 0
+    with torch.no_grad():  # a frozen block that differs is another cache
+        next(second.sidenet.blocks[0].parameters()).add_(1.0)
+    assert FrozenEncoder(second.reader, second.frozen.start, tmp_path / "cache").dir != first.frozen.dir
