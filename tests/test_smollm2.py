@@ -139,3 +139,29 @@ def test_a_directory_with_a_gguf_file_loads_by_path(smollm2, essay_ids, tmp_path
     torch.testing.assert_close(by_path.logits(by_path.encode(ids)[0].last), default.logits(default.encode(ids)[0].last))
     with pytest.raises(FileNotFoundError, match="no config.json nor .gguf file"):
         resolve_backbone_path(BackboneConfig(name_or_path=str(tmp_path)))
+
+
+def test_the_shipped_checkpoint_reads_as_before_the_sidenet_became_the_models_own_layers(smollm2, essay_ids):
+    """Log-probs and greedy tokens of the shipped checkpoint on SmolLM2, recorded with the hand-written
+    SideNet that the model's own decoder layers replaced (issue 13): a memory of essay tokens
+    [256, 512), the document [0, 256) scored and [0, 200) continued, W = 128."""
+    import json
+    from pathlib import Path
+
+    from longmem.checkpoint import SHIPPED
+    from longmem.config import LongMemConfig
+    from longmem.evaluate import checkpoint_digest
+    from longmem.model import LongMem
+
+    ref = json.loads((Path(__file__).parent / "data" / "smollm2_shipped_reference.json").read_text())
+    assert checkpoint_digest(SHIPPED) == ref["checkpoint_sha256"], \
+        "the shipped checkpoint changed: record the reference anew with the settings above"
+    model = LongMem(LongMemConfig.from_dict({"read": {"segment_tokens": ref["segment_tokens"]},
+                                             "memory": {"capacity_tokens": 4096}}), backbone=smollm2[0].backbone)
+    memory_id = model.create_memory()
+    model.append(memory_id, token_ids=essay_ids[slice(*ref["memory"])])
+    r = model.score(token_ids=essay_ids[slice(*ref["document"])], memory_id=memory_id)
+    assert np.abs(r.logprobs - np.array(ref["logprobs"])).max() < 1e-4
+    generated = model.generate(token_ids=essay_ids[slice(*ref["prompt"])], memory_id=memory_id,
+                               max_new_tokens=len(ref["greedy"]))
+    assert list(generated) == ref["greedy"]
