@@ -228,9 +228,11 @@ class SideNet(nn.Module):
         if call is None or call.retriever is None:  # no memory (or the layer run on its own)
             return None
         retriever = call.retriever
-        q = seen.unrotated(module, seen.query)  # [B, Hq, T, d]
-        local = seen.output.transpose(1, 2)  # [B, Hq, T, d]
-        return joint_attention(local, q, retriever(q.transpose(1, 2)), self.gate, seen.scaling).transpose(1, 2)
+        # the memory math in float32 whatever the model's dtype (memories hold float32 or float16)
+        q = seen.unrotated(module, seen.query).float()  # [B, Hq, T, d]
+        local = seen.output.transpose(1, 2).float()  # [B, Hq, T, d]
+        out = joint_attention(local, q, retriever(q.transpose(1, 2)), self.gate, seen.scaling)
+        return out.to(seen.output.dtype).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, retriever: Retriever | None = None,
                 cache=None, start: int = 0, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -140,3 +140,23 @@ def test_an_architecture_whose_attention_longmem_cannot_read_is_refused(tmp_path
     path = save_architecture(tmp_path / "falcon", "falcon")
     with pytest.raises(ValueError, match="'falcon' is not supported: its attention does not go through"):
         Backbone(BackboneConfig(name_or_path=str(path)))
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.05), ("float16", 0.01)])
+def test_half_precision_weights_read_with_memory(tmp_path, fresh_memory, dtype, tol):
+    """A backbone loaded in bf16/fp16 (`backbone.dtype`): the memory math runs in float32 and hands
+    back the layer's dtype; the identity start stays within half-precision rounding of the backbone."""
+    from longmem.model import LongMem
+
+    config = tiny_config(save_architecture(tmp_path / "model", "qwen3"), "zero", batch_segments=2)
+    config.sidenet.checkpoint, config.backbone.dtype = None, dtype
+    model = LongMem(config)
+    assert model.backbone.model.dtype == next(model.sidenet.blocks.parameters()).dtype == getattr(torch, dtype)
+    memory = fresh_memory(model)
+    model.append(memory, OTHER)
+    ids = ids_of(model, TEXT, 2 * W + 9)
+    r = model.score(token_ids=ids, memory_id=memory)
+    assert np.isfinite(r.logprobs).all()
+    np.testing.assert_allclose(r.logprobs, r.backbone_logprobs, atol=tol, rtol=0)
+    assert len(list(model.generate(token_ids=ids[:20], memory_id=memory, max_new_tokens=4))) == 4
+    assert model.retrieve(memory, token_ids=ids[:W])
