@@ -169,6 +169,9 @@ class RecallBatch:
 class Trainer:
     def __init__(self, config: LongMemConfig, out_dir: str | Path | None = None):
         self.config = config.validate()
+        if config.backbone.dtype != "float32":
+            raise ValueError(f"training needs backbone.dtype float32 (got {config.backbone.dtype!r}): the "
+                             "trained blocks, their optimizer state and the cache assume it")
         tc = config.train
         self.out = Path(out_dir or tc.out_dir)
         torch.manual_seed(config.seed)

@@ -147,3 +147,10 @@ def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_di
 
     assert query_grad(0.0) == 0.0
     assert query_grad(1.0) > 0.0
+
+
+def test_training_refuses_a_half_precision_backbone(tiny_llama_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir)
+    config.backbone.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="backbone.dtype float32"):
+        Trainer(config, tmp_path)
