@@ -54,7 +54,7 @@ def free_port() -> int:
 
 def architecture_configs(vocab: int) -> dict:
     """A tiny config of every architecture the SideNet is tested on (transformers builds them):
-    GQA where the architecture has it, sliding windows shorter than the tests' texts, q/k norms,
+    GQA where the architecture has it (MQA for Gemma), sliding windows shorter than the tests' texts, q/k norms,
     fused projections, partial rotary, parallel residuals, logit scaling and soft-capping."""
     import transformers as T
 
@@ -66,7 +66,7 @@ def architecture_configs(vocab: int) -> dict:
         "mistral": T.MistralConfig(**common, sliding_window=24),
         "qwen2": T.Qwen2Config(**common),
         "qwen3": T.Qwen3Config(**common, head_dim=16),
-        "gemma": T.GemmaConfig(**common, head_dim=16),
+        "gemma": T.GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=16),  # MQA, as Gemma 2B
         "gemma2": T.Gemma2Config(**common, head_dim=16, sliding_window=24),
         "gemma3_text": T.Gemma3TextConfig(**common, head_dim=16, sliding_window=24),
         "phi3": T.Phi3Config(**common),
