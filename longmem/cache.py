@@ -70,7 +70,7 @@ class FrozenEncoder:
     def _store(self, ids: list[int], arrays: dict[str, torch.Tensor]) -> None:
         path = self._path(ids)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-        np.savez(tmp, **{name: t.detach().float().cpu().numpy().astype(self.np_dtype) for name, t in arrays.items()})
+        np.savez(tmp, **{name: t.detach().cpu().numpy().astype(self.np_dtype) for name, t in arrays.items()})
         os.replace(tmp, path)  # atomic: a half-written entry is never read
 
     def encode_fresh(self, segments: list[list[int]]) -> FrozenInputs:
