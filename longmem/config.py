@@ -170,8 +170,9 @@ class BatchConfig:
 class TrainConfig:
     """`longmem train` (longmem/train.py): each step reads `batch_rows` segments of real long documents
     (language modelling, per-row memories) and `recall_rows` recall-curriculum examples
-    (longmem/curriculum.py), loss = lm_weight * LM loss + recall_weight * recall loss
-    + retrieval_weight * retrieval loss (the memory block's attention on the answers, train.py)."""
+    (longmem/curriculum.py), loss = lm_weight * LM loss + distill_weight * KL to the backbone
+    + recall_weight * recall loss + retrieval_weight * retrieval loss (the memory block's attention on
+    the answers, train.py)."""
 
     # Corpora: "python-docs", "jargon", "essays" (see longmem/data.py), or paths to a directory of
     # .txt files, a .jsonl file or a .parquet file with a "text" field.
@@ -186,6 +187,9 @@ class TrainConfig:
     batch_rows: int = 1  # documents read side by side, each with its own memory
     lm_loss_tokens: int = 256  # random positions of a segment whose next token is scored; 0: all
     lm_weight: float = 1.0
+    # Distillation: KL(backbone || SideNet) of the next-token distributions at the same scored positions,
+    # so that the trained blocks keep the backbone's language modelling where memory does not help (0: off).
+    distill_weight: float = 0.0
     # Recall curriculum (longmem/curriculum.py).
     recall_rows: int = 8  # examples per step
     recall_weight: float = 1.0

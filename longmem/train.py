@@ -1,11 +1,15 @@
 """Memory-augmented adaptation: train the SideNet to read from memory, the backbone frozen.
 
-Every step sums two losses, weighted by `train.lm_weight` and `train.recall_weight`:
+Every step sums these losses, weighted by `train.lm_weight`, `train.distill_weight`,
+`train.recall_weight` and `train.retrieval_weight`:
 - Language modelling. Each of `train.batch_rows` rows reads a different long document, segment after
   segment, with a memory of its own that holds that document's earlier segments and is reset when the
   row moves to the next document (the official code mixes all rows into one memory and never resets).
   A segment is read by the SideNet (retrieving from the row's memory), scored on `lm_loss_tokens`
   random positions, and only then appended to the row's memory.
+- Distillation (`train.distill_weight`), at the same positions: KL(backbone || SideNet) of the
+  next-token distributions, the backbone's from its last hidden state (in the cache). Without it the
+  trained blocks drift from the backbone's language modelling on text unlike the training corpus.
 - Recall curriculum (longmem/curriculum.py). `train.recall_rows` examples, each a fact segment in a
   memory of its own, searched together with a memory of cached filler segments shared by the batch
   (its size grows over training, `recall_memory_tokens`), and a short reading segment scored on the
@@ -287,8 +291,9 @@ class Trainer:
         target = torch.tensor(targets, device=logits.device)
         return F.cross_entropy(logits, target), logits.argmax(-1) == target
 
-    def lm_loss(self) -> tuple[torch.Tensor, int]:
-        """Next-token loss of each row's next segment (then appended to the row's memory), tokens read."""
+    def lm_loss(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Next-token loss of each row's next segment (then appended to the row's memory), its KL from
+        the backbone's next-token distribution at the same positions, tokens read."""
         batch = []
         for b, row in enumerate(self.rows):
             segment, targets, new = row.next_segment()
@@ -305,9 +310,13 @@ class Trainer:
             cols += picked
             targets += [tgt[i] for i in picked]
         loss, _ = self._token_loss(state, rows, cols, targets)
+        student = F.log_softmax(self.backbone.lm_head(state[rows, cols]).float(), dim=-1)  # [N, V]
+        with torch.no_grad():
+            teacher = F.log_softmax(self.backbone.logits(inputs.hidden[-1][rows, cols]).float(), dim=-1)  # [N, V]
+        distill = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
         for b, (segment, _) in enumerate(batch):
             fill_memory(self.bank, f"row-{b}", inputs, b, segment, self.config.memory.sink_tokens)
-        return loss, sum(len(s) for s, _ in batch)
+        return loss, distill, sum(len(s) for s, _ in batch)
 
     def recall(self, examples: list[RecallExample], filler: list[int]) -> RecallBatch:
         """Reads a batch of examples, each with its fact segment in memory facts-b searched together
@@ -349,10 +358,10 @@ class Trainer:
         terms = []
         self.metrics = {}
         if tc.batch_rows:
-            lm, tokens = self.lm_loss()
-            terms.append(tc.lm_weight * lm)
+            lm, distill, tokens = self.lm_loss()
+            terms.append(tc.lm_weight * lm + tc.distill_weight * distill)
             self.tokens += tokens
-            self.metrics.update(lm_loss=lm.item())
+            self.metrics.update(lm_loss=lm.item(), distill_loss=distill.item())
         if tc.recall_rows:
             kinds = list(tc.recall_kinds)
             picked = self.rng.choices(kinds, weights=[tc.recall_kinds[k] for k in kinds], k=tc.recall_rows)
@@ -436,7 +445,7 @@ def plot_curves(history: Path, out: Path, window: int = 25) -> None:
     fig = _figure(11, 4)[0]
     fig.clear()
     losses, accuracy = fig.subplots(1, 2)
-    for key in ("lm_loss", "recall_loss", "retrieval_loss"):
+    for key in ("lm_loss", "distill_loss", "recall_loss", "retrieval_loss"):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             steps, values = zip(*points)

@@ -115,7 +115,8 @@ def test_facts_sit_anywhere_in_their_segment(curriculum):
 
 def _lm_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
     trainer.optimizer.zero_grad(set_to_none=True)
-    loss, _ = trainer.lm_loss()
+    lm, distill, _ = trainer.lm_loss()
+    loss = lm + distill
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in trainer.params.items() if p.grad is not None}
 

@@ -149,6 +149,21 @@ def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_di
     assert query_grad(1.0) > 0.0
 
 
+def test_distillation_is_zero_for_the_identity_sidenet_and_pulls_a_trained_one_back(tiny_llama_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_llama_dir, recall_rows=0, val_every=0, lm_weight=1.0, distill_weight=0.0,
+                                  output_lr=0.05, lr=0.05), tmp_path)
+    _, distill, _ = trainer.lm_loss()  # zero init: the SideNet gives the backbone's logits, memory or not
+    assert distill.item() == pytest.approx(0.0, abs=1e-5)
+    for _ in range(4):  # the LM loss alone moves the SideNet away from the backbone
+        trainer.train_step()
+    lm, distill, _ = trainer.lm_loss()
+    assert distill.item() > 1e-3 and "distill_loss" in trainer.metrics
+    trainer.optimizer.zero_grad(set_to_none=True)
+    distill.backward()
+    grads = [p.grad for p in trainer.params.values() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads), "the KL term trains the SideNet"
+
+
 def test_training_refuses_a_half_precision_backbone(tiny_llama_dir, tmp_path):
     config = tiny_config(tiny_llama_dir)
     config.backbone.dtype = "bfloat16"
