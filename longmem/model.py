@@ -487,7 +487,8 @@ def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
     initialisation mode then applies to the parameters it did not train), else the configured init."""
     path = resolve_checkpoint(config)
     meta = read_meta(path) if path else {}
-    sidenet = SideNet(backbone, meta.get("init", config.sidenet.init), config.sidenet.gate_init).to(backbone.device)
+    sidenet = SideNet(backbone, meta.get("init", config.sidenet.init), config.sidenet.gate_init,
+                      meta.get("memory_read", "joint" if path else config.sidenet.memory_read)).to(backbone.device)
     if path:
         load_weights(sidenet, path, meta)
     return sidenet.eval()

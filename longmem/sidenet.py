@@ -18,6 +18,14 @@ tokens (`joint_attention`, through longmem/layers.py's attention hook):
 
 A query token with no memory entries (empty memory) uses A alone. Logits come from the backbone's
 own LM head (longmem/backbone.py) applied to the SideNet's own final norm.
+
+`memory_read: added` (zero init only) keeps the memory read and drops the rest of the memory block:
+
+    out_h = σ(g_h) M_h                                       then the block's own output projection
+
+and the block's MLP output projection stays zero (train.py trains only the block's attention and the
+gates), so the block adds o_proj(σ(g) M) and nothing else: without memory the SideNet is exactly the
+backbone, and LongMem can differ from it only through what it reads.
 """
 
 from __future__ import annotations
@@ -68,19 +76,27 @@ def memory_log_probs(q: torch.Tensor, memory: Retrieved, scaling: float) -> torc
     return scores.masked_fill(~memory.mask, float("-inf")).log_softmax(dim=-1)
 
 
-def joint_attention(local: torch.Tensor, q: torch.Tensor, memory: Retrieved, gate: torch.Tensor,
-                    scaling: float) -> torch.Tensor:
-    """Mixes local attention output with attention over retrieved memory, per head.
+def memory_read(q: torch.Tensor, memory: Retrieved, gate: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated attention over retrieved memory, per head: (σ(g_h) M_h [B, Hq, T, d], the share σ(g_h)
+    [B, Hq, T, 1], zero where a query has no memory entries).
 
-    local: [B, Hq, T, d] local attention output; q: [B, Hq, T, d] pre-rotary queries;
-    memory.keys/values: [B, Hq, T, K, d]; memory.mask: [B, Hq, T, K]; gate: [Hq] logits g_h.
+    q: [B, Hq, T, d] pre-rotary queries; memory.keys/values: [B, Hq, T, K, d]; memory.mask: [B, Hq, T, K];
+    gate: [Hq] logits g_h.
     """
     log_probs = memory_log_probs(q, memory, scaling)  # [B, Hq, T, K]
     has_memory = memory.mask.any(dim=-1, keepdim=True)  # [B, Hq, T, 1]
     probs = torch.where(has_memory, log_probs.exp(), torch.zeros_like(log_probs))
     mem_out = torch.einsum("bhtk,bhtkd->bhtd", probs, memory.values.to(q.dtype))  # [B, Hq, T, d]
     share = torch.sigmoid(gate).view(1, -1, 1, 1) * has_memory  # [B, Hq, T, 1]
-    return (1 - share) * local + share * mem_out
+    return share * mem_out, share
+
+
+def joint_attention(local: torch.Tensor, q: torch.Tensor, memory: Retrieved, gate: torch.Tensor,
+                    scaling: float) -> torch.Tensor:
+    """Mixes local attention output [B, Hq, T, d] with attention over retrieved memory, per head
+    (memory_read)."""
+    read, share = memory_read(q, memory, gate, scaling)
+    return (1 - share) * local + read
 
 
 def trains(module: nn.Module) -> bool:
@@ -117,10 +133,12 @@ class SideBlock(nn.Module):
         if i == call.start:  # the model's own embedding output is not used: the backbone's states are
             hidden_states = call.entry
         x = hidden_states + (call.hidden[i + 1 - call.start] - call.hidden[i - call.start])
-        reads_memory = i == self._side[0].memory_block and call.retriever is not None
+        side = self._side[0]
+        reads_memory = i == side.memory_block and call.retriever is not None
+        added_read = i == side.memory_block and side.memory_read == "added"  # adds only what it reads
         if self._record is not None:
             self._record[:] = [(x, *args), kwargs]
-        elif not reads_memory and not trains(self) and self.is_identity():  # zero-init, untrained: no work
+        elif not reads_memory and (added_read or not trains(self) and self.is_identity()):  # adds nothing
             return x
         out = self.layer(x, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
@@ -129,10 +147,14 @@ class SideBlock(nn.Module):
 class SideNet(nn.Module):
     """Reads a segment from the backbone's hidden states, with memory at one block."""
 
-    def __init__(self, backbone: Backbone, init: str = "backbone", gate_init: float = 0.0):
+    def __init__(self, backbone: Backbone, init: str = "backbone", gate_init: float = 0.0, memory_read: str = "joint"):
         super().__init__()
         if init not in ("backbone", "zero"):
             raise ValueError(f"sidenet init {init!r}: expected 'backbone' or 'zero'")
+        if memory_read not in ("joint", "added") or (memory_read == "added" and init != "zero"):
+            raise ValueError(f"sidenet memory_read {memory_read!r} with init {init!r}: expected 'joint', or "
+                             "'added' with init 'zero'")
+        self.memory_read = memory_read
         self.num_blocks = backbone.num_layers // 2
         self.memory_layer = backbone.memory_layer
         self.memory_block = backbone.memory_layer // 2
@@ -230,8 +252,11 @@ class SideNet(nn.Module):
         retriever = call.retriever
         # the memory math in float32 whatever the model's dtype (memories hold float32 or float16)
         q = seen.unrotated(module, seen.query).float()  # [B, Hq, T, d]
-        local = seen.output.transpose(1, 2).float()  # [B, Hq, T, d]
-        out = joint_attention(local, q, retriever(q.transpose(1, 2)), self.gate, seen.scaling)
+        memory = retriever(q.transpose(1, 2))
+        if self.memory_read == "added":
+            out, _ = memory_read(q, memory, self.gate, seen.scaling)
+        else:
+            out = joint_attention(seen.output.transpose(1, 2).float(), q, memory, self.gate, seen.scaling)  # local [B, Hq, T, d]
         return out.to(seen.output.dtype).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, retriever: Retriever | None = None,

@@ -27,7 +27,8 @@ through the backbone during training.
 
 What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates and the
 blocks' output projections (with learning rates of their own, `gate_lr` and `output_lr`) and the final
-norm (`train_blocks = 0`: every block). The checkpoint stores just those, in fp16. Progress, with the
+norm (`train_blocks = 0`: every block); with `sidenet.memory_read: added`, only the memory block's
+attention and the gates. The checkpoint stores just those, in fp16. Progress, with the
 recall validation every `val_every` steps, goes to `train_log.jsonl` in the run directory, its curves
 to `train_curves.png`; the full configuration to `config.yaml`.
 """
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+from . import layers
 from .backbone import Backbone
 from .cache import FrozenEncoder
 from .checkpoint import save_checkpoint
@@ -65,6 +67,16 @@ STATE = "trainer_state.pt"
 CURVES = "train_curves.png"
 FILLER = "filler"  # the curriculum's shared filler memory
 def trainable_names(sidenet: SideNet, train_blocks: int) -> list[str]:
+    if sidenet.memory_read == "added":  # the memory block's attention (its output bias stays zero) and the gates
+        if train_blocks != 1:
+            raise ValueError(f"sidenet.memory_read 'added' trains the memory block only: train.train_blocks must "
+                             f"be 1, not {train_blocks}")
+        block = sidenet.blocks[sidenet.memory_block]
+        names = {id(m): n for n, m in block.layer.named_modules()}
+        prefix = f"{sidenet.block_prefix(sidenet.memory_block)}layer.{names[id(layers.attention_of(block.layer))]}."
+        fixed = {f"{sidenet.block_prefix(sidenet.memory_block)}layer.{n}.bias" for n in block.outputs}
+        return [name for name, _ in sidenet.named_parameters()
+                if (name.startswith(prefix) and name not in fixed) or name == "gate"]
     first = first_trained_block(sidenet, train_blocks)
     last = sidenet.num_blocks if train_blocks == 0 else min(sidenet.num_blocks, first + train_blocks)
     prefixes = tuple(sidenet.block_prefix(i) for i in range(first, last)) + (sidenet.final_norm_prefix(),)
@@ -251,6 +263,7 @@ class Trainer:
     def meta(self) -> dict:
         return {"format": 2, "backbone": self.config.backbone.name_or_path, "memory_layer": self.sidenet.memory_layer,
                 "num_blocks": self.sidenet.num_blocks, "init": self.config.sidenet.init,
+                "memory_read": self.sidenet.memory_read,
                 "train_blocks": self.config.train.train_blocks, "trained_parameters": self.names,
                 "steps": self.step, "tokens": self.tokens, "recall_examples": self.examples,
                 "segment_tokens": self.config.read.segment_tokens,

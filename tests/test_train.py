@@ -10,6 +10,7 @@ import torch
 
 from longmem.config import LongMemConfig
 from longmem.model import LongMem
+from longmem.sidenet import SideNet
 from longmem.train import Trainer, lr_factor, trainable_names
 
 
@@ -162,6 +163,34 @@ def test_distillation_is_zero_for_the_identity_sidenet_and_pulls_a_trained_one_b
     distill.backward()
     grads = [p.grad for p in trainer.params.values() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads), "the KL term trains the SideNet"
+
+
+def test_an_added_memory_read_is_the_backbone_without_memory_and_differs_only_through_it(tiny_llama_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir, recall_rows=0, val_every=0)
+    config.sidenet.memory_read = "added"
+    trainer = Trainer(config, tmp_path)
+    side = trainer.sidenet
+    attention = f"{side.block_prefix(side.memory_block)}layer.self_attn."
+    assert set(trainer.names) == {n for n, _ in side.named_parameters() if n.startswith(attention)} | {"gate"}
+    with torch.no_grad():  # any trained values
+        for p in trainer.params.values():
+            p.add_(0.3 * torch.randn_like(p))
+    model = LongMem(config, backbone=trainer.backbone, sidenet=side.eval())
+    rng, w, vocab = np.random.default_rng(0), config.read.segment_tokens, trainer.backbone.vocab_size
+    ids = rng.integers(0, vocab, 3 * w).tolist()
+    alone = model.score(token_ids=ids, use_memory=False)
+    np.testing.assert_allclose(alone.logprobs, alone.backbone_logprobs, atol=1e-5)
+    first = model.score(token_ids=ids)  # its first segment reads an empty memory
+    np.testing.assert_allclose(first.logprobs[:w - 1], first.backbone_logprobs[:w - 1], atol=1e-5)
+    memory = model.create_memory()
+    model.append(memory, token_ids=rng.integers(0, vocab, w).tolist())
+    read = model.score(token_ids=ids, memory_id=memory)
+    assert np.abs(read.logprobs - read.backbone_logprobs).max() > 1e-3
+    config.train.train_blocks = 2
+    with pytest.raises(ValueError, match="train_blocks must be 1"):
+        Trainer(config, tmp_path / "two")
+    with pytest.raises(ValueError, match="'added' with init 'zero'"):
+        SideNet(trainer.backbone, "backbone", memory_read="added")
 
 
 def test_training_refuses_a_half_precision_backbone(tiny_llama_dir, tmp_path):
