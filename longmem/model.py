@@ -487,8 +487,12 @@ def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
     initialisation mode then applies to the parameters it did not train), else the configured init."""
     path = resolve_checkpoint(config)
     meta = read_meta(path) if path else {}
+    memory_read = meta.get("memory_read", "joint") if path else config.sidenet.memory_read
+    if memory_read != config.sidenet.memory_read:
+        raise ValueError(f"checkpoint {path} reads memory as {memory_read!r}, the config asks for "
+                         f"sidenet.memory_read={config.sidenet.memory_read!r}")
     sidenet = SideNet(backbone, meta.get("init", config.sidenet.init), config.sidenet.gate_init,
-                      meta.get("memory_read", "joint" if path else config.sidenet.memory_read)).to(backbone.device)
+                      memory_read).to(backbone.device)
     if path:
         load_weights(sidenet, path, meta)
     return sidenet.eval()

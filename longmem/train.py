@@ -297,12 +297,13 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
-    def _token_loss(self, state: torch.Tensor, rows: list[int], cols: list[int], targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of targets[i] predicted at state[rows[i], cols[i]] (state: [B, T, D]), and
-        whether each is the argmax: ([], [N] bool)."""
+    def _token_loss(self, state: torch.Tensor, rows: list[int], cols: list[int],
+                    targets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy of targets[i] predicted at state[rows[i], cols[i]] (state: [B, T, D]), whether
+        each is the argmax, and the logits: ([], [N] bool, [N, V])."""
         logits = self.backbone.lm_head(state[rows, cols]).float()  # [N, V]
         target = torch.tensor(targets, device=logits.device)
-        return F.cross_entropy(logits, target), logits.argmax(-1) == target
+        return F.cross_entropy(logits, target), logits.argmax(-1) == target, logits
 
     def lm_loss(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Next-token loss of each row's next segment (then appended to the row's memory), its KL from
@@ -322,8 +323,8 @@ class Trainer:
             rows += [b] * len(picked)
             cols += picked
             targets += [tgt[i] for i in picked]
-        loss, _ = self._token_loss(state, rows, cols, targets)
-        student = F.log_softmax(self.backbone.lm_head(state[rows, cols]).float(), dim=-1)  # [N, V]
+        loss, _, logits = self._token_loss(state, rows, cols, targets)
+        student = F.log_softmax(logits, dim=-1)  # [N, V]
         with torch.no_grad():
             teacher = F.log_softmax(self.backbone.logits(inputs.hidden[-1][rows, cols]).float(), dim=-1)  # [N, V]
         distill = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
@@ -357,7 +358,7 @@ class Trainer:
                 cols.append(j - 1)
                 targets.append(e.reading[j])
                 owner.append(b)
-        loss, hit = self._token_loss(state, rows, cols, targets)
+        loss, hit, _ = self._token_loss(state, rows, cols, targets)
         owner_t = torch.tensor(owner, device=hit.device)
         correct = [bool(hit[owner_t == b].all()) for b in range(len(examples))]
         (queries, memory), = seen

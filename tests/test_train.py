@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longmem.config import LongMemConfig
-from longmem.model import LongMem
+from longmem.model import LongMem, build_sidenet
 from longmem.sidenet import SideNet
 from longmem.train import Trainer, lr_factor, trainable_names
 
@@ -157,7 +157,7 @@ def test_distillation_is_zero_for_the_identity_sidenet_and_pulls_a_trained_one_b
     assert distill.item() == pytest.approx(0.0, abs=1e-5)
     for _ in range(4):  # the LM loss alone moves the SideNet away from the backbone
         trainer.train_step()
-    lm, distill, _ = trainer.lm_loss()
+    _, distill, _ = trainer.lm_loss()
     assert distill.item() > 1e-3 and "distill_loss" in trainer.metrics
     trainer.optimizer.zero_grad(set_to_none=True)
     distill.backward()
@@ -186,6 +186,13 @@ def test_an_added_memory_read_is_the_backbone_without_memory_and_differs_only_th
     model.append(memory, token_ids=rng.integers(0, vocab, w).tolist())
     read = model.score(token_ids=ids, memory_id=memory)
     assert np.abs(read.logprobs - read.backbone_logprobs).max() > 1e-3
+    trainer.save()
+    config.sidenet.checkpoint = str(tmp_path / "checkpoint")
+    assert build_sidenet(trainer.backbone, config).memory_read == "added"
+    config.sidenet.memory_read = "joint"
+    with pytest.raises(ValueError, match="reads memory as 'added'"):
+        build_sidenet(trainer.backbone, config)
+    config.sidenet.memory_read, config.sidenet.checkpoint = "added", None
     config.train.train_blocks = 2
     with pytest.raises(ValueError, match="train_blocks must be 1"):
         Trainer(config, tmp_path / "two")
