@@ -18,6 +18,9 @@ Every step sums these losses, weighted by `train.lm_weight`, `train.distill_weig
   the memory block's attention over its retrieved entries (every head) should fall on the fact
   memory's entries holding that token. It teaches the queries directly: through the answer loss alone
   they learn only once the zero-initialised output projection has grown, a long plateau.
+  The share of (answer token, head) pairs whose retrieved entries hold the answer token is logged
+  as `retrieval_hit` (`val_*_hit` for the validation sets): it tells a search that missed from a
+  read that missed.
 
 Frozen-backbone cache (longmem/cache.py). Only SideNet blocks from the memory block on train, so what
 they read for a document segment never changes: the training documents (`lm_tokens` of them) are
@@ -153,9 +156,10 @@ class RowStream:
 
 def retrieval_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, hits: list[ChunkHits],
                    sources: list[np.ndarray], source: int, rows: list[int], cols: list[int],
-                   targets: list[int]) -> torch.Tensor:
+                   targets: list[int]) -> tuple[torch.Tensor, float]:
     """Mean over (answer token, head) of -log of the memory attention on the entries of memory `source`
-    that hold the target token; pairs with no such entry retrieved add nothing.
+    that hold the target token, pairs with no such entry retrieved adding nothing; and the share of
+    pairs that retrieved one (the hit rate).
 
     queries: [B, T, Hq, d] the memory block's pre-rotary queries, memory what they retrieved and scaling
     the attention's (SideNet.memory_scaling);
@@ -169,15 +173,16 @@ def retrieval_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, hit
         for b, c, target in zip(rows, cols, targets)]).to(picked.device)  # [N, Hq, K]
     found = positive.any(dim=-1)  # [N, Hq]
     if not found.any():
-        return picked.new_zeros(())
+        return picked.new_zeros(()), 0.0
     on_answer = picked.masked_fill(~positive, float("-inf")).logsumexp(dim=-1)  # [N, Hq]
-    return -on_answer[found].mean()
+    return -on_answer[found].mean(), found.float().mean().item()
 
 
 @dataclass
 class RecallBatch:
     loss: torch.Tensor  # mean cross-entropy over the answer tokens
     retrieval: torch.Tensor  # retrieval_loss of the answer tokens
+    hit_rate: float  # share of (answer token, head) pairs whose retrieved entries hold the answer token
     correct: list[bool]  # per example: every answer token is the argmax (greedy exact match)
     filler_tokens: int  # tokens held by the filler memory
 
@@ -362,9 +367,9 @@ class Trainer:
         owner_t = torch.tensor(owner, device=hit.device)
         correct = [bool(hit[owner_t == b].all()) for b in range(len(examples))]
         (queries, memory), = seen
-        retrieval = retrieval_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1, rows, cols,
-                                   targets)
-        return RecallBatch(loss, retrieval, correct, self.bank.stats(FILLER).tokens_held)
+        retrieval, hit_rate = retrieval_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1, rows,
+                                             cols, targets)
+        return RecallBatch(loss, retrieval, hit_rate, correct, self.bank.stats(FILLER).tokens_held)
 
     def train_step(self) -> float:
         """One optimiser step; returns the weighted loss and leaves its parts in self.metrics."""
@@ -384,7 +389,9 @@ class Trainer:
             terms.append(tc.recall_weight * batch.loss + tc.retrieval_weight * batch.retrieval)
             self.tokens += sum(len(e.reading) for e in examples)
             self.examples += len(examples)
-            self.metrics.update(recall_loss=batch.loss.item(), retrieval_loss=batch.retrieval.item(), recall_acc=sum(batch.correct) / len(examples),
+            self.metrics.update(recall_loss=batch.loss.item(), retrieval_loss=batch.retrieval.item(),
+                                retrieval_hit=batch.hit_rate,
+                                recall_acc=sum(batch.correct) / len(examples),
                                 memory_tokens=batch.filler_tokens)
         loss = sum(terms)
         self.optimizer.zero_grad(set_to_none=True)
@@ -397,9 +404,13 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Greedy exact-match accuracy of each validation set."""
-        return {name: sum(self.recall(examples, filler).correct) / len(examples)
-                for name, filler, examples in self.val_sets}
+        """Greedy exact-match accuracy of each validation set, and its retrieval hit rate (`_hit`)."""
+        results = {}
+        for name, filler, examples in self.val_sets:
+            batch = self.recall(examples, filler)
+            results[name] = sum(batch.correct) / len(examples)
+            results[f"{name}_hit"] = batch.hit_rate
+        return results
 
     def run(self, progress: bool = True) -> dict:
         tc = self.config.train
@@ -476,7 +487,7 @@ def plot_curves(history: Path, out: Path, window: int = 25) -> None:
                       label="mean gate σ(g)")
     accuracy.set_ylim(0, 1)
     accuracy.set_xlabel("step")
-    accuracy.set_title("recall validation (greedy exact match)", fontsize=10)
+    accuracy.set_title("recall validation: greedy exact match, retrieval hit rate (_hit)", fontsize=10)
     accuracy.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -89,7 +89,11 @@ def test_checkpoint_resume_and_load_by_path(tiny_llama_dir, tmp_path):
     assert early.scheduler.get_last_lr()[0] == pytest.approx(tc.lr * lr_factor(3, tc.warmup_steps, 6, tc.min_lr_ratio))
     assert lr_factor(3, tc.warmup_steps, 6, tc.min_lr_ratio) != lr_factor(3, tc.warmup_steps, 3, tc.min_lr_ratio)
     log_lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log_lines] == [1, 2, 3, 4]
+    records = [json.loads(line) for line in log_lines]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    validated = [r for r in records if "val_256" in r]  # val_every 2: an accuracy and a hit rate per set
+    assert [r["step"] for r in validated] == [2, 4]
+    assert all(0 <= r[f"{name}_hit"] <= 1 for r in validated for name in ("val_256", "val_unseen_256"))
     assert (tmp_path / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     trained = LongMem(LongMemConfig.from_dict({**config.to_dict(), "sidenet": {"checkpoint": str(tmp_path / "checkpoint")}}))
@@ -127,12 +131,14 @@ def test_retrieval_loss_is_the_attention_on_the_answer_entries_of_the_fact_memor
     queries = torch.randn(1, t, hq, d, requires_grad=True)
     probs = memory_log_probs(queries.transpose(1, 2), memory, 0.25).exp()  # [1, Hq, T, K]
     # token 7 at position 2: only entry 2 (chunk 1, first token) counts, not entry 0 of the filler
-    loss = retrieval_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [2], [7])
+    loss, hit_rate = retrieval_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [2], [7])
     assert loss.item() == pytest.approx(-probs[0, :, 2, 2].log().mean().item(), rel=1e-5)
+    assert hit_rate == 1.0  # every head retrieved the fact chunk holding token 7
     loss.backward()
     assert queries.grad[0, 2].abs().sum() > 0 and queries.grad[0, :2].abs().sum() == 0
-    # a token the fact memory's retrieved entries do not hold adds nothing
-    assert retrieval_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [1], [8]).item() == 0.0
+    # a token the fact memory's retrieved entries do not hold adds nothing, and is a miss
+    loss, hit_rate = retrieval_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [1], [8])
+    assert loss.item() == 0.0 and hit_rate == 0.0
 
 
 def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_dir, tmp_path):
@@ -143,7 +149,7 @@ def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_di
                                       recall_kinds={"passkey": 1.0}, retrieval_weight=retrieval_weight), tmp_path)
         q_proj = trainer.sidenet.blocks[trainer.sidenet.memory_block].layer.self_attn.q_proj.weight
         trainer.train_step()
-        assert trainer.metrics["retrieval_loss"] > 0
+        assert trainer.metrics["retrieval_loss"] > 0 and 0 < trainer.metrics["retrieval_hit"] <= 1
         return q_proj.grad.abs().max().item()
 
     assert query_grad(0.0) == 0.0
