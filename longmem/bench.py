@@ -40,7 +40,7 @@ import torch
 from . import layers
 from .config import LongMemConfig
 from .data import essays_document
-from .memory import Chunks, ChunkStore, Retrieved
+from .memory import EXACT, ApproxSearch, Chunks, ChunkStore, Retrieved
 from .model import LongMem, pad_segments
 
 # ---- defaults ----------------------------------------------------------------------------------
@@ -493,6 +493,57 @@ def memory_queries(model: LongMem, ids: list[int]) -> np.ndarray:
     return np.concatenate(captured)
 
 
+def bench_text_ids(tokenizer, num_tokens: int) -> list[int]:
+    """`num_tokens` tokens of real text: the essays, then as many Python documentation sources (in name
+    order) as it takes."""
+    from .data import load_corpus
+
+    ids = text_ids(tokenizer, min(num_tokens, count_essay_tokens(tokenizer)))
+    for doc in sorted(load_corpus("python-docs"), key=lambda d: d.name):
+        if len(ids) >= num_tokens:
+            break
+        ids += tokenizer.encode("\n\n" + doc.text, add_special_tokens=False)
+    if len(ids) < num_tokens:
+        raise ValueError(f"the essays and the Python docs have {len(ids):,} tokens, {num_tokens:,} needed")
+    return ids[:num_tokens]
+
+
+def count_essay_tokens(tokenizer) -> int:
+    return len(tokenizer.encode(essays_document(), add_special_tokens=False))
+
+
+def real_memory(model: LongMem, num_tokens: int, query_tokens: int, cache_dir: str | Path) -> dict[str, np.ndarray]:
+    """The token keys/values of `num_tokens` tokens of real text (bench_text_ids) as the ingest path
+    stores them ([N, Hkv, c, d] float16, sinks dropped: held_chunks), and the memory block's queries for
+    the next `query_tokens` tokens ([T, Hq, d] float32). Encoding a million tokens takes ~20 min on 2 cores, so
+    the result is kept in `cache_dir` under the backbone, memory layer, checkpoint and sizes."""
+    import hashlib
+    import json
+
+    c = model.config
+    digest = hashlib.sha256(json.dumps([c.backbone.name_or_path, model.backbone.memory_layer, c.sidenet.checkpoint,
+                                        c.memory.chunk_size, c.memory.sink_tokens, c.read.segment_tokens,
+                                        num_tokens, query_tokens]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"real-memory-{digest}.npz"
+    if path.exists():
+        with np.load(path) as saved:
+            return dict(saved)
+    ids = bench_text_ids(model.tokenizer, num_tokens + query_tokens)
+    memory = model.create_memory(capacity_tokens=round_up(num_tokens, c.memory.chunk_size))
+    try:
+        model.append(memory, token_ids=ids[:num_tokens])
+        store = model.bank.get(memory).store
+        arrays = {"keys": store.keys[:store.filled].astype(np.float16),
+                  "values": store.values[:store.filled].astype(np.float16)}
+    finally:
+        model.delete_memory(memory)
+    arrays["queries"] = memory_queries(model, ids[num_tokens:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path.with_suffix(".tmp.npz"), **arrays)
+    path.with_suffix(".tmp.npz").replace(path)
+    return arrays
+
+
 def _search_ids(indexes: list[faiss.Index], queries: list[np.ndarray], k: int) -> list[np.ndarray]:
     return [index.search(q, k)[1] for index, q in zip(indexes, queries)]  # per kv head [Q, k]
 
@@ -573,6 +624,85 @@ def memory_cost(config: LongMemConfig, tokens: int = MEMORY_COST_TOKENS, query_t
             "kv_heads": hkv, "head_dim": d, "query_tokens": len(queries), "query_heads": queries.shape[1],
             "k_chunks": k, "faiss_threads": faiss.omp_get_max_threads(), "options": asdict(options),
             "rows": rows}
+
+
+# ---- retrieval: approximate search of large memories -------------------------------------------
+
+RETRIEVAL_SIZES = (65_536, 262_144, 1_048_576)
+RETRIEVAL_REPEATS = 3  # timed searches per size and method; the median counts
+
+
+def held_chunks(config: LongMemConfig, tokens: int) -> int:
+    """Chunks a memory holds after `tokens` tokens are appended: each segment's sinks are dropped."""
+    w, sink = config.read.segment_tokens, config.memory.sink_tokens
+    return (tokens - sink * math.ceil(tokens / w)) // config.memory.chunk_size
+
+
+def _store_of(arrays: dict[str, np.ndarray], chunks: int, approx: ApproxSearch) -> tuple[ChunkStore, float]:
+    """A store holding the first `chunks` chunks of real_memory's arrays, and the seconds adding them took
+    (with approx on: the IVF training once it holds approx.min_chunks)."""
+    keys, values = arrays["keys"][:chunks], arrays["values"][:chunks]
+    _, hkv, c, d = keys.shape
+    store = ChunkStore(chunks, c, hkv, d, np.float32, approx)
+    positions = np.arange(chunks * c, dtype=np.int64).reshape(chunks, c)
+    batch = EVICTION_BATCH_CHUNKS  # one 1,024-token segment per add, as ingest does
+    t0 = time.perf_counter()
+    for a in range(0, chunks, batch):
+        b = min(a + batch, chunks)
+        store.add(Chunks(keys[a:b].astype(np.float32), values[a:b].astype(np.float32),
+                         np.zeros((b - a, c), np.int32), positions[a:b], np.arange(a, b, dtype=np.int64)))
+    return store, time.perf_counter() - t0
+
+
+def retrieval(config: LongMemConfig, sizes: Sequence[int] = RETRIEVAL_SIZES, repeats: int = RETRIEVAL_REPEATS, *,
+              model: LongMem | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Retrieval of one segment's queries from memories of N tokens of real text, as configured (exact
+    below memory.ann_min_tokens, ApproxSearch above) and exactly.
+
+    Keys/values and queries: real_memory (the essays, then the Python docs; the memory block's queries
+    for the window after them). Each search is one ChunkStore.search of the whole window, the call
+    the reader makes per segment, hits gathered included (N: tokens appended; the memory holds them
+    less each segment's sinks); its top K = topk_tokens / chunk_size chunks
+    are compared with exact search (recall@K: the share of the exact top-K chunks found, over every
+    query token and head). Reports, per size, the median time of `repeats` searches after an untimed
+    one, the time to fill
+    the store (IVF training included) and the recall; and time(largest) / time(smallest)."""
+    model = model or LongMem(config)
+    c = config.memory.chunk_size
+    k = config.memory.topk_tokens // c
+    cache_dir = cache_dir or Path(config.backbone.cache_dir) / "bench"
+    sizes = sorted(set(sizes))
+    arrays = real_memory(model, sizes[-1], config.read.segment_tokens, cache_dir)
+    queries = arrays["queries"]  # [T, Hq, d]
+    approx = config.memory.approx_search()
+    rows = []
+    for n in sizes:
+        chunks = held_chunks(config, n)
+        exact_store, _ = _store_of(arrays, chunks, EXACT)
+        exact = exact_store.search(queries, k).seqs  # [T, Hq, k]; also the untimed first call
+        exact_s = _median_time(partial(exact_store.search, queries, k), repeats)
+        del exact_store
+        gc.collect()
+        store, fill_s = _store_of(arrays, chunks, approx)
+        method = "approximate" if store.ivf is not None else "exact"
+        found = store.search(queries, k).seqs
+        search_s = _median_time(partial(store.search, queries, k), repeats)
+        recall = float((found[..., :, None] == exact[..., None, :]).any(-1).sum() / exact.size)
+        ivf_recall = None  # the IVF lists alone, without the hot sets
+        if store.ivf is not None:
+            group = queries.shape[1] // store.num_kv_heads
+            ivf_seqs = np.stack([store.seqs[np.maximum(ivf.search(np.ascontiguousarray(
+                queries[:, h * group:(h + 1) * group].reshape(-1, queries.shape[-1])), k)[1], 0)].reshape(
+                len(queries), group, k) for h, ivf in enumerate(store.ivf)], axis=1).reshape(exact.shape)
+            ivf_recall = float((ivf_seqs[..., :, None] == exact[..., None, :]).any(-1).sum() / exact.size)
+        rows.append({"tokens": n, "chunks": chunks, "method": method, "search_s": search_s, "exact_search_s": exact_s,
+                     "fill_s": fill_s, "recall": recall, "ivf_recall": ivf_recall,
+                     "ivf_lists": store.ivf[0].nlist if store.ivf is not None else 0})
+        del store
+        gc.collect()
+    return {"query_tokens": len(queries), "query_heads": queries.shape[1], "k_chunks": k, "chunk_size": c,
+            "approx": asdict(approx), "repeats": repeats, "text": "essays, then Python docs", "rows": rows,
+            "largest_over_smallest": rows[-1]["search_s"] / rows[0]["search_s"]}
 
 
 # ---- 4. long context ---------------------------------------------------------------------------
@@ -737,6 +867,21 @@ def _format_memory_cost(r: dict) -> str:
                 f"recall@{r['k_chunks']}", "key rel. error", "in-place eviction"], rows)])
 
 
+def _format_retrieval(r: dict) -> str:
+    rows = [[_tokens(x["tokens"]), f"{x['chunks']:,}", x["method"], f"{x['ivf_lists']:,}", f"{x['fill_s']:.1f}",
+             f"{1e3 * x['search_s']:,.0f}", f"{1e3 * x['exact_search_s']:,.0f}", f"{x['recall']:.3f}",
+             "" if x["ivf_recall"] is None else f"{x['ivf_recall']:.3f}"]
+            for x in r["rows"]]
+    a = r["approx"]
+    title = (f"## Retrieval: one window of {r['query_tokens']:,} query tokens x {r['query_heads']} heads, "
+             f"top {r['k_chunks']} chunks, real text ({r['text']}); approximate from "
+             f"{a['min_chunks']:,} chunks: IVF probe {a['probe']}, {a['query_clusters']} query directions x "
+             f"{a['hot_chunks']:,} hot chunks")
+    return "\n".join([title, "", _table(["memory", "chunks", "search", "IVF lists", "fill s", "search ms",
+                                          "exact search ms", f"recall@{r['k_chunks']}",
+                                          "IVF lists alone"], rows)])
+
+
 def _format_long_context(r: dict) -> str:
     def cells(m: dict | None) -> list[str]:
         if m is None:
@@ -754,7 +899,7 @@ def _format_long_context(r: dict) -> str:
 
 
 FORMATTERS = {"roofline": _format_roofline, "eviction": _format_eviction, "memory_cost": _format_memory_cost,
-              "long_context": _format_long_context}
+              "long_context": _format_long_context, "retrieval": _format_retrieval}
 
 
 def format_table(results: dict[str, dict], formatters: dict[str, Callable[[dict], str]] | None = None) -> str:
@@ -803,6 +948,27 @@ def _plot_memory_cost(axes, r: dict) -> None:
     ax.set_title("memory cost", fontsize=10)
 
 
+def latency_axes(ax, ylabel: str, title: str) -> None:
+    """Log-log axes of a latency against memory tokens."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("memory tokens")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _plot_retrieval(axes, r: dict) -> None:
+    ax = axes[0]
+    tokens = [x["tokens"] for x in r["rows"]]
+    ax.plot(tokens, [1e3 * x["search_s"] for x in r["rows"]], marker="o", label="as configured")
+    ax.plot(tokens, [1e3 * x["exact_search_s"] for x in r["rows"]], marker="o", label="exact")
+    for x in r["rows"]:
+        ax.annotate(f"recall {x['recall']:.3f}", (x["tokens"], 1e3 * x["search_s"]), fontsize=7,
+                    xytext=(3, -10), textcoords="offset points")
+    latency_axes(ax, "ms per window's search", "retrieval")
+
+
 def _plot_long_context(axes, r: dict) -> None:
     for ax, key, scale, label in ((axes[0], "s_per_token", 1e3, "ms per token"),
                                   (axes[1], "bytes_per_token", 1 / KIB, "peak KiB per token")):
@@ -818,7 +984,8 @@ def _plot_long_context(axes, r: dict) -> None:
 
 # part -> (subplots it takes, function drawing it on them)
 PLOTTERS = {"roofline": (1, _plot_roofline), "eviction": (1, _plot_eviction),
-            "memory_cost": (1, _plot_memory_cost), "long_context": (2, _plot_long_context)}
+            "memory_cost": (1, _plot_memory_cost), "long_context": (2, _plot_long_context),
+            "retrieval": (1, _plot_retrieval)}
 
 
 def plot(results: dict[str, dict], path: str | Path,

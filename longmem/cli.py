@@ -123,7 +123,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 EVAL_PARTS = ("ppl", "chapter", "icl", "passkey", "recall")  # longmem.evaluate.PARTS, without importing torch
-BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "search")
+BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "search", "retrieval")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

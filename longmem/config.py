@@ -55,6 +55,21 @@ class MemoryConfig:
     # otherwise win every search (measured on SmolLM2, see docs).
     sink_tokens: int = 1
     dtype: str = "float32"  # storage of token keys/values
+    # Approximate search of large stores (longmem/memory.py, ApproxSearch): a store (one shard's part
+    # of a memory) searches exactly until it holds ann_min_tokens, then IVF lists + query-chosen hot sets.
+    ann_min_tokens: int = 262_144  # 0: always exact
+    ann_lists_per_sqrt: float = 4.0  # IVF lists = this x sqrt(store capacity in chunks)
+    ann_probe: int = 16  # IVF lists searched per query
+    ann_query_clusters: int = 64  # directions a search's queries are grouped into
+    ann_hot_chunks: int = 4096  # chunks searched exactly per direction
+    ann_kmeans_iterations: int = 10
+
+    def approx_search(self):
+        """These settings as the stores take them (longmem.memory.ApproxSearch)."""
+        from .memory import ApproxSearch
+
+        return ApproxSearch(self.ann_min_tokens // self.chunk_size, self.ann_lists_per_sqrt, self.ann_probe,
+                            self.ann_query_clusters, self.ann_hot_chunks, self.ann_kmeans_iterations)
 
 
 @dataclass
@@ -296,10 +311,14 @@ class BenchConfig:
     search_sizes: list[int] = field(default_factory=lambda: [16_384, 262_144, 1_048_576])  # memory tokens
     search_shards: list[int] = field(default_factory=lambda: [1, 2, 4])
     search_repeats: int = 5  # timed searches per (size, shards); the median counts
+    # Retrieval from memories of real text, as configured (memory.ann_*) against exact search. Encoding
+    # the largest takes ~20 min on 2 cores once; it is kept under backbone.cache_dir/bench.
+    retrieval_sizes: list[int] = field(default_factory=lambda: [65_536, 262_144, 1_048_576])
+    retrieval_repeats: int = 3
     quick: dict[str, Any] = field(default_factory=lambda: {
         "roofline_tokens": 256, "eviction_sizes": [16_384, 65_536], "memory_cost_tokens": 4096,
         "long_context_lengths": [512], "service_tokens": 256, "search_sizes": [16_384],
-        "search_shards": [1, 2], "search_repeats": 3})
+        "search_shards": [1, 2], "search_repeats": 3, "retrieval_sizes": [8192, 16_384], "retrieval_repeats": 1})
 
 
 @dataclass
@@ -373,6 +392,10 @@ class LongMemConfig:
             raise ValueError("memory.capacity_tokens must be a positive multiple of memory.chunk_size")
         if not 0 <= m.sink_tokens < self.read.segment_tokens:
             raise ValueError("memory.sink_tokens must be in [0, read.segment_tokens)")
+        if m.ann_min_tokens < 0 or (m.ann_min_tokens and min(m.ann_lists_per_sqrt, m.ann_probe, m.ann_query_clusters,
+                                                             m.ann_hot_chunks, m.ann_kmeans_iterations) <= 0):
+            raise ValueError("memory.ann_min_tokens must be >= 0, and with it on, memory.ann_lists_per_sqrt, "
+                             "ann_probe, ann_query_clusters, ann_hot_chunks and ann_kmeans_iterations positive")
         if self.sidenet.init not in ("backbone", "zero"):
             raise ValueError("sidenet.init must be 'backbone' or 'zero'")
         if self.sidenet.memory_read not in ("joint", "added"):

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .memory import CHUNK_FIELDS, CapacityExceeded, Chunks, ChunkStore, MemoryNotFound
+from .memory import CHUNK_FIELDS, EXACT, ApproxSearch, CapacityExceeded, Chunks, ChunkStore, MemoryNotFound
 from .storage import Storage, WriteAheadLog, pack_arrays, unpack_arrays
 
 log = logging.getLogger("longmem.durable")
@@ -83,16 +83,18 @@ class Journal:
 
 class StoreSet:
     def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, dtype="float32",
-                 storage: Storage | None = None, snapshot_every: int = 256, budget_bytes: int | None = None):
+                 storage: Storage | None = None, snapshot_every: int = 256, budget_bytes: int | None = None,
+                 approx: ApproxSearch = EXACT):
         self.dims = (chunk_size, num_kv_heads, head_dim)
         self.dtype = np.dtype(dtype)
+        self.approx = approx
         self.budget_bytes = budget_bytes
         self.stores: dict[str, ChunkStore] = {}
         self.journal = Journal(storage, snapshot_every) if storage else None
 
     # ---- budget ---------------------------------------------------------------------------------
     def bytes_for(self, capacity_chunks: int) -> int:
-        return capacity_chunks * ChunkStore.bytes_per_chunk(*self.dims, self.dtype)
+        return ChunkStore.bytes_for(capacity_chunks, *self.dims, self.dtype, self.approx)
 
     @property
     def reserved_bytes(self) -> int:
@@ -153,7 +155,7 @@ class StoreSet:
         op, store_id = meta["op"], meta["store"]
         if op == "create":
             if store_id not in self.stores:
-                self.stores[store_id] = ChunkStore(meta["capacity"], *self.dims, self.dtype)
+                self.stores[store_id] = ChunkStore(meta["capacity"], *self.dims, self.dtype, self.approx)
         elif op == "add":
             store = self.stores.get(store_id)
             if store is not None:
@@ -182,7 +184,7 @@ class StoreSet:
         self.stores = {}
         if self.journal.open():
             for i, store_id in enumerate(json.loads(self.journal.read("stores.json"))):
-                self.stores[store_id] = ChunkStore.from_state(*unpack_arrays(self.journal.read(f"{i}.npz")))
+                self.stores[store_id] = ChunkStore.from_state(*unpack_arrays(self.journal.read(f"{i}.npz")), self.approx)
         for meta, arrays in self.journal.records():
             self._apply(meta, arrays)
         replayed = self.journal.since_snapshot

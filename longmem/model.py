@@ -501,7 +501,7 @@ def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
 def make_bank(config: LongMemConfig, backbone: Backbone) -> MemoryBank:
     mem = config.memory
     return MemoryBank(mem.chunk_size, backbone.num_kv_heads, backbone.head_dim, mem.capacity_tokens,
-                      np.dtype(mem.dtype))
+                      np.dtype(mem.dtype), mem.approx_search())
 
 
 class LongMem(LongMemRunner):

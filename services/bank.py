@@ -200,7 +200,8 @@ def start_bank(config: LongMemConfig, num_kv_heads: int, head_dim: int):
                            num_cpus=serve_cfg.shard_num_cpus, resources=resources, scheduling_strategy="SPREAD",
                            max_restarts=-1).remote(name, serve_cfg.shard_budget_bytes, config.memory.chunk_size,
                                                    num_kv_heads, head_dim, config.memory.dtype, root,
-                                                   serve_cfg.snapshot_every, tuple(serve_cfg.latency_buckets_s))
+                                                   serve_cfg.snapshot_every, tuple(serve_cfg.latency_buckets_s),
+                                                   config.memory.approx_search())
     bank = BankActor.options(name=BANK_NAME, namespace=ns, lifetime="detached", get_if_exists=True,
                              num_cpus=serve_cfg.bank_num_cpus, max_restarts=-1,
                              max_concurrency=serve_cfg.bank_max_concurrency).remote(

@@ -59,7 +59,7 @@ BENCH_NAMESPACE = "longmem-bench"  # Ray namespace of the bank and shard actors 
 SEED = 0
 PARTS = {  # `longmem bench --parts` name -> result key
     "roofline": "roofline", "eviction": "eviction", "memory": "memory_cost", "long_context": "long_context",
-    "service": "service", "search": "search",
+    "service": "service", "search": "search", "retrieval": "retrieval",
 }
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 
@@ -304,7 +304,8 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                    shards: Sequence[int] = SEARCH_SHARDS, *, query_tokens: int = SEARCH_QUERY_TOKENS,
                    fill_tokens: int = SEARCH_FILL_TOKENS, repeats: int = SEARCH_REPEATS,
                    warmup: int = SEARCH_WARMUP, seed: int = SEED) -> dict[str, Any]:
-    """Latency of one search of a memory of N tokens striped over S shards, through the bank actor.
+    """Latency of one exact search of a memory of N tokens striped over S shards, through the bank
+    actor (approximate search of large stores is the retrieval part's question, on real text).
 
     For each size a memory is filled with random float32 keys/values of the backbone's memory-layer
     geometry (config.json), `fill_tokens` per append, and searched with [1, query_tokens, Hq, d] random
@@ -335,6 +336,7 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                  + SHARD_BUDGET_EXTRA_BYTES)
     storage = tempfile.mkdtemp(prefix="longmem-bench-storage-")
     cfg = _bench_config(config, storage, num_shards=max(shards), shard_budget_bytes=budget)
+    cfg.memory.ann_min_tokens = 0  # exact: random keys have no structure for an index to find
     queries = np.random.default_rng(seed).standard_normal((1, query_tokens, hq, d), dtype=np.float32)
     q_torch = torch.from_numpy(queries)
     rows = []
@@ -475,12 +477,7 @@ def _plot_search(axes, r: dict) -> None:
     ax.plot(tokens, [1e3 * row["in_process"]["median_s"] for row in r["rows"]], "o--", label="in-process")
     for i, s in enumerate(x["shards"] for x in r["rows"][0]["sharded"]):
         ax.plot(tokens, [1e3 * row["sharded"][i]["median_s"] for row in r["rows"]], "o-", label=f"{s} shard(s)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("memory tokens")
-    ax.set_ylabel("ms per search")
-    ax.set_title("search latency", fontsize=10)
-    ax.legend(fontsize=7)
+    core.latency_axes(ax, "ms per search", "search latency")
     ax = axes[1]
     for row in r["rows"]:
         ax.plot([x["shards"] for x in row["sharded"]], [x["vs_ideal"] for x in row["sharded"]], "o-",
@@ -557,6 +554,29 @@ def headline(results: dict[str, dict]) -> list[list[str]]:
         out.append(["search", f"{n} tokens, {most['shards']} shards: measured / ideal", f"{most['vs_ideal']:.2f}x"])
         out.append(["search", f"{n} tokens, {r['base_shards']} shard / in-process",
                     f"{big['sharded'][0]['vs_in_process']:.2f}x"])
+    if r := results.get("retrieval"):
+        small, big = r["rows"][0], r["rows"][-1]
+        span = f"{core._tokens(big['tokens'])} / {core._tokens(small['tokens'])}"
+        out.append(["retrieval", f"time per segment's search, {span} ({big['method']} / {small['method']})",
+                    f"{r['largest_over_smallest']:.2f}x"])
+        out.append(["retrieval", f"{core._tokens(big['tokens'])} tokens: recall@{r['k_chunks']} vs exact, "
+                    "time vs exact", f"{big['recall']:.3f}, {big['search_s'] / big['exact_search_s']:.2f}x"])
+    return out
+
+
+def headline_object(results: dict[str, dict]) -> dict[str, float]:
+    """bench.json's `headline`: the issue's bars by name, for the parts this run measured."""
+    out: dict[str, float] = {}
+    if r := results.get("roofline"):
+        out.update(ingest_roofline=r["ingest"]["fraction"], score_roofline=r["score"]["fraction"])
+    if r := results.get("service"):
+        out.update(service_score_ratio=r["ratio"]["score"], service_append_ratio=r["ratio"]["append"])
+    if r := results.get("retrieval"):
+        sizes = {row["tokens"]: row for row in r["rows"]}
+        if 65_536 in sizes and 1_048_576 in sizes:
+            out["retrieval_1m_over_64k"] = sizes[1_048_576]["search_s"] / sizes[65_536]["search_s"]
+        if 1_048_576 in sizes:
+            out["retrieval_recall_1m"] = sizes[1_048_576]["recall"]
     return out
 
 
@@ -612,7 +632,8 @@ def render(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "bench.json").write_text(json.dumps({"headline": headline_object(report["results"]), **report},
+                                               indent=1) + "\n")
     (out / "bench.md").write_text(render(report))
     if report["results"]:
         plot(report["results"], out / "bench.png")
@@ -634,7 +655,7 @@ def run_bench(config: LongMemConfig, parts: Sequence[str] = tuple(PARTS), out: s
         k: v for k, v in config.to_dict()["bench"].items() if k not in ("quick", "out_dir")},
         "results": {}, "wall_s": {}, "total_wall_s": 0.0}
     model = None
-    if {"roofline", "memory", "service"} & set(parts):
+    if {"roofline", "memory", "service", "retrieval"} & set(parts):
         _log(f"loading LongMem ({config.backbone.name_or_path})")
         t0 = time.perf_counter()
         model = LongMem(config)
@@ -647,6 +668,7 @@ def run_bench(config: LongMemConfig, parts: Sequence[str] = tuple(PARTS), out: s
         "long_context": lambda: core.long_context(config, b.long_context_lengths),
         "service": lambda: service_overhead(config, b.service_tokens, model=model),
         "search": lambda: search_scaling(config, b.search_sizes, b.search_shards, repeats=b.search_repeats),
+        "retrieval": lambda: core.retrieval(config, b.retrieval_sizes, b.retrieval_repeats, model=model),
     }
     for part, key in PARTS.items():  # always in this order
         if part not in parts:

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from longmem.durable import StoreSet
-from longmem.memory import CapacityExceeded
+from longmem.memory import EXACT, ApproxSearch, CapacityExceeded
 from longmem.storage import Storage
 from longmem.v1 import internal_pb2 as ipb
 from longmem.wire import from_tensor_proto
@@ -28,13 +28,13 @@ from .metrics import metrics
 class Shard:
     def __init__(self, name: str, budget_bytes: int, chunk_size: int, num_kv_heads: int, head_dim: int,
                  dtype: str = "float32", storage_root: str | None = None, snapshot_every: int = 256,
-                 latency_buckets_s: tuple[float, ...] = ()):
+                 latency_buckets_s: tuple[float, ...] = (), approx: ApproxSearch = EXACT):
         self.name = name
         self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
         self.chunk_size = chunk_size
         storage = Storage(f"{storage_root}/shards/{name}") if storage_root else None
         self.stores = StoreSet(chunk_size, num_kv_heads, head_dim, np.dtype(dtype), storage, snapshot_every,
-                               budget_bytes)
+                               budget_bytes, approx)
         self.stores.restore()
         self._record_tokens()
 

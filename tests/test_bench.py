@@ -194,6 +194,31 @@ def test_read_context(llama_bb, method):
     check_context_read(m, 64)
 
 
+def test_retrieval_is_exact_below_the_threshold_and_approximate_above(llama_bb, tmp_path):
+    """Real keys of the essays in the tiny model's stores: 256 tokens searched exactly, 1,024 (past
+    ann_min_tokens) through IVF + hot sets, each against exact search; the encoded memory is cached."""
+    from longmem.config import LongMemConfig
+
+    config = LongMemConfig.from_dict({**llama_bb.config.to_dict(), "memory": {
+        **llama_bb.config.to_dict()["memory"], "ann_min_tokens": 512, "ann_probe": 1, "ann_query_clusters": 2,
+        "ann_hot_chunks": 8}})
+    r = bench.retrieval(config, (256, 1024), repeats=1, model=llama_bb, cache_dir=tmp_path)
+    json.dumps(r)
+    small, big = r["rows"]
+    assert (small["method"], big["method"]) == ("exact", "approximate")
+    assert small["recall"] == 1.0 and small["ivf_lists"] == 0 and small["ivf_recall"] is None
+    assert 0 <= big["ivf_recall"] <= big["recall"]  # the hot sets only add candidates
+    assert big["chunks"] == bench.held_chunks(config, 1024) == (1024 - 1024 // 32) // 4  # 32-token segments, 1 sink
+    assert 0 < big["recall"] < 1 and big["ivf_lists"] == big["chunks"] // 39  # lists capped by chunks held
+    assert r["largest_over_smallest"] == big["search_s"] / small["search_s"]
+    cached = list(tmp_path.glob("real-memory-*.npz"))
+    assert len(cached) == 1
+    assert bench.retrieval(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]["recall"] == big["recall"]
+    text = bench.format_table({"retrieval": r})
+    assert text.startswith("## Retrieval") and "approximate" in text
+    assert bench.plot({"retrieval": r}, tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_text_ids_are_a_prefix_of_the_essays(llama_bb):
     assert bench.text_ids(llama_bb.tokenizer, 50) == bench.text_ids(llama_bb.tokenizer, 300)[:50]
 

@@ -67,6 +67,28 @@ def test_restore_answers_exactly_as_before_the_crash(tmp_path, snapshot_every):
     assert_same_answers(restored, again, rng)
 
 
+@pytest.mark.parametrize("snapshot_every", [1000, 3])
+def test_a_restored_approximate_store_answers_exactly_as_before_the_crash(tmp_path, snapshot_every):
+    """Stores past ApproxSearch.min_chunks search through IVF lists and hot sets: after a restore (from
+    a snapshot holding the IVF centroids, or by replaying the log across the threshold, which trains
+    the same centroids) every search gives the same hits."""
+    from longmem.memory import ApproxSearch
+
+    approx = ApproxSearch(min_chunks=40, lists_per_sqrt=1.0, probe=2, query_clusters=2, hot_chunks=8,
+                          kmeans_iterations=4)
+    rng = np.random.default_rng(snapshot_every)
+    live = StoreSet(C, HKV, D, storage=Storage(str(tmp_path)), snapshot_every=snapshot_every, approx=approx)
+    live.create("big", 200)
+    chunker = Chunker(C, HKV, D)
+    for _ in range(12):  # ~60 chunks at a time: crosses 40, then wraps the ring
+        live.add("big", make_chunks(chunker, int(rng.integers(200, 280)), rng), chunker.next_seq - 200)
+    assert live.stores["big"].ivf is not None and live.stores["big"].evicted > 0
+    restored = StoreSet(C, HKV, D, storage=Storage(str(tmp_path)), snapshot_every=snapshot_every, approx=approx)
+    restored.restore()
+    assert restored.stores["big"].ivf is not None
+    assert_same_answers(live, restored, rng)
+
+
 def test_replaying_an_add_twice_changes_nothing(tmp_path):
     rng = np.random.default_rng(3)
     store = ChunkStore(8, C, HKV, D)

@@ -444,3 +444,101 @@ def test_compact_hits_of_merged_memories_keep_each_memory_s_chunks_apart():
     back = CompactHits.of(merged, HKV, sources).expand()
     np.testing.assert_array_equal(back.keys, merged.keys)
     np.testing.assert_array_equal(back.values, merged.values)
+
+
+# ---- approximate search of large stores ------------------------------------------------------------
+
+def clustered_chunks(rng: np.random.Generator, first_seq: int, n: int, centers: np.ndarray):
+    """n chunks whose keys lie around a few centers (as real keys do), seqs first_seq.. ."""
+    from longmem.memory import Chunks
+
+    keys = (centers[rng.integers(0, len(centers), (n, HKV))][:, :, None, :]
+            + 0.5 * rng.standard_normal((n, HKV, C, D))).astype(np.float32)
+    return Chunks(keys, rng.standard_normal((n, HKV, C, D)).astype(np.float32),
+                  rng.integers(0, 1000, (n, C)).astype(np.int32),
+                  np.arange(first_seq * C, (first_seq + n) * C, dtype=np.int64).reshape(n, C),
+                  np.arange(first_seq, first_seq + n, dtype=np.int64))
+
+
+def approx(min_chunks: int, probe: int, clusters: int = 4, hot: int = 16):
+    from longmem.memory import ApproxSearch
+
+    return ApproxSearch(min_chunks=min_chunks, lists_per_sqrt=2.0, probe=probe, query_clusters=clusters,
+                        hot_chunks=hot, kmeans_iterations=5)
+
+
+def test_approximate_search_starts_at_its_threshold_and_probing_every_list_is_exact():
+    """Below min_chunks a store searches exactly; from there on through IVF lists + hot sets. With every
+    list probed the result is exactly the exact search's, through ring-buffer overwrites and logical
+    eviction alike (the IVF lists follow every overwrite)."""
+    rng = np.random.default_rng(0)
+    centers = 3 * rng.standard_normal((6, D))
+    capacity = 200
+    store, exact = ChunkStore(capacity, C, HKV, D, approx=approx(120, probe=10**6)), ChunkStore(capacity, C, HKV, D)
+    queries = rng.standard_normal((6, HQ, D)).astype(np.float32)
+    seq = 0
+    for step in range(7):  # 70 chunks at a time: crosses 120, then wraps the ring twice
+        chunks = clustered_chunks(rng, seq, 70, centers)
+        seq += 70
+        store.add(chunks)
+        exact.add(chunks)
+        assert (store.ivf is not None) == (store.live >= 120)
+        if step == 5:
+            store.evict_before(seq - 150)
+            exact.evict_before(seq - 150)
+        a, b = store.search(queries, 8), exact.search(queries, 8)
+        np.testing.assert_array_equal(a.seqs, b.seqs)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(a.keys, b.keys)
+    assert store.ivf[0].ntotal == store.filled  # one entry per slot: overwrites replaced, not added
+    assert (store.search(queries, 8).seqs >= seq - capacity).all()  # overwritten chunks are never found
+
+
+def test_approximate_search_finds_most_of_the_exact_topk_probing_few_lists():
+    rng = np.random.default_rng(1)
+    centers = 3 * rng.standard_normal((8, D))
+    store, exact = ChunkStore(2000, C, HKV, D, approx=approx(1000, probe=4)), ChunkStore(2000, C, HKV, D)
+    for first in range(0, 2000, 250):
+        chunks = clustered_chunks(rng, first, 250, centers)
+        store.add(chunks)
+        exact.add(chunks)
+    assert store.ivf[0].nlist == 1000 // 39  # 2·√2000 lists, at most one per 39 chunks held when trained
+    queries = (centers[rng.integers(0, 8, 64)][:, None, :] + rng.standard_normal((64, HQ, D))).astype(np.float32)
+    found, truth = store.search(queries, 8).seqs, exact.search(queries, 8).seqs
+    recall = (found[..., :, None] == truth[..., None, :]).any(-1).mean()
+    assert 0.8 <= recall < 1.0, recall  # approximate, and close
+    assert (found != NO_SEQ).all() and all(len(set(row)) == 8 for row in found.reshape(-1, 8))
+
+
+def test_an_approximate_store_restores_to_the_same_answers_and_reset_makes_it_exact_again():
+    rng = np.random.default_rng(2)
+    centers = 3 * rng.standard_normal((6, D))
+    store = ChunkStore(300, C, HKV, D, approx=approx(200, probe=2))
+    for first in range(0, 400, 100):  # wraps the ring once
+        store.add(clustered_chunks(rng, first, 100, centers))
+    queries = rng.standard_normal((16, HQ, D)).astype(np.float32)
+    arrays, meta = store.state()
+    assert arrays["ivf_centroids"].shape == (HKV, store.ivf[0].nlist, D)
+    restored = ChunkStore.from_state(arrays, meta, approx(200, probe=2))
+    np.testing.assert_array_equal(restored.search(queries, 8).seqs, store.search(queries, 8).seqs)
+    store.reset()
+    assert store.ivf is None
+    store.add(clustered_chunks(rng, 0, 50, centers))
+    np.testing.assert_array_equal(store.search(queries, 8).seqs, ChunkStore.from_state(*store.state()).search(queries, 8).seqs)
+
+
+def test_approximate_search_settings_are_checked():
+    from longmem.config import LongMemConfig
+
+    config = LongMemConfig.from_dict({"memory": {"ann_min_tokens": 4096, "ann_probe": 0}})
+    with pytest.raises(ValueError, match="ann_probe"):
+        config.validate()
+    off = LongMemConfig.from_dict({"memory": {"ann_min_tokens": 0, "ann_probe": 0}}).validate()
+    assert not off.memory.approx_search().enabled()
+
+
+def test_a_store_that_can_grow_into_ivf_lists_reserves_their_bytes():
+    small, big = ChunkStore(99, C, HKV, D, approx=approx(100, probe=1)), ChunkStore(100, C, HKV, D, approx=approx(100, probe=1))
+    assert small.nbytes == 99 * ChunkStore.bytes_per_chunk(C, HKV, D)  # never reaches the threshold
+    assert big.nbytes == 100 * (ChunkStore.bytes_per_chunk(C, HKV, D) + ChunkStore.ivf_bytes_per_chunk(HKV, D))
+    assert ChunkStore(100, C, HKV, D).nbytes == 100 * ChunkStore.bytes_per_chunk(C, HKV, D)  # exact only
