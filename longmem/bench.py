@@ -498,7 +498,7 @@ def bench_text_ids(tokenizer, num_tokens: int) -> list[int]:
     order) as it takes."""
     from .data import load_corpus
 
-    ids = text_ids(tokenizer, min(num_tokens, count_essay_tokens(tokenizer)))
+    ids = tokenizer.encode(essays_document(), add_special_tokens=False)[:num_tokens]
     for doc in sorted(load_corpus("python-docs"), key=lambda d: d.name):
         if len(ids) >= num_tokens:
             break
@@ -508,20 +508,21 @@ def bench_text_ids(tokenizer, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
-def count_essay_tokens(tokenizer) -> int:
-    return len(tokenizer.encode(essays_document(), add_special_tokens=False))
-
-
 def real_memory(model: LongMem, num_tokens: int, query_tokens: int, cache_dir: str | Path) -> dict[str, np.ndarray]:
     """The token keys/values of `num_tokens` tokens of real text (bench_text_ids) as the ingest path
     stores them ([N, Hkv, c, d] float16, sinks dropped: held_chunks), and the memory block's queries for
-    the next `query_tokens` tokens ([T, Hq, d] float32). Encoding a million tokens takes ~20 min on 2 cores, so
-    the result is kept in `cache_dir` under the backbone, memory layer, checkpoint and sizes."""
+    the next `query_tokens` tokens ([T, Hq, d] float32). Encoding a million tokens takes ~30 min on 2 cores, so
+    the result is kept in `cache_dir` under the backbone, memory layer, checkpoint weights and sizes."""
     import hashlib
     import json
 
+    from .checkpoint import resolve_checkpoint
+    from .evaluate import checkpoint_digest
+
     c = model.config
-    digest = hashlib.sha256(json.dumps([c.backbone.name_or_path, model.backbone.memory_layer, c.sidenet.checkpoint,
+    checkpoint = resolve_checkpoint(c)
+    weights = checkpoint_digest(checkpoint) if checkpoint else None
+    digest = hashlib.sha256(json.dumps([c.backbone.name_or_path, model.backbone.memory_layer, weights,
                                         c.memory.chunk_size, c.memory.sink_tokens, c.read.segment_tokens,
                                         num_tokens, query_tokens]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"real-memory-{digest}.npz"
@@ -665,8 +666,8 @@ def retrieval(config: LongMemConfig, sizes: Sequence[int] = RETRIEVAL_SIZES, rep
     less each segment's sinks); its top K = topk_tokens / chunk_size chunks
     are compared with exact search (recall@K: the share of the exact top-K chunks found, over every
     query token and head). Reports, per size, the median time of `repeats` searches after an untimed
-    one, the time to fill
-    the store (IVF training included) and the recall; and time(largest) / time(smallest)."""
+    one (a size searched exactly as configured is measured once, as both), the time to fill the store
+    (IVF training included) and the recall; and time(largest) / time(smallest)."""
     model = model or LongMem(config)
     c = config.memory.chunk_size
     k = config.memory.topk_tokens // c
@@ -676,27 +677,26 @@ def retrieval(config: LongMemConfig, sizes: Sequence[int] = RETRIEVAL_SIZES, rep
     queries = arrays["queries"]  # [T, Hq, d]
     approx = config.memory.approx_search()
     rows = []
+    recall = lambda found, exact: recall_at_k([found.reshape(-1, k)], [exact.reshape(-1, k)])  # [T, Hq, k] seqs
     for n in sizes:
         chunks = held_chunks(config, n)
-        exact_store, _ = _store_of(arrays, chunks, EXACT)
-        exact = exact_store.search(queries, k).seqs  # [T, Hq, k]; also the untimed first call
-        exact_s = _median_time(partial(exact_store.search, queries, k), repeats)
-        del exact_store
-        gc.collect()
         store, fill_s = _store_of(arrays, chunks, approx)
         method = "approximate" if store.ivf is not None else "exact"
-        found = store.search(queries, k).seqs
+        found = store.search(queries, k).seqs  # [T, Hq, k]; also the untimed first call
         search_s = _median_time(partial(store.search, queries, k), repeats)
-        recall = float((found[..., :, None] == exact[..., None, :]).any(-1).sum() / exact.size)
-        ivf_recall = None  # the IVF lists alone, without the hot sets
+        exact, exact_s, ivf_recall = found, search_s, None  # ivf_recall: the IVF lists alone, no hot sets
         if store.ivf is not None:
+            exact_store, _ = _store_of(arrays, chunks, EXACT)
+            exact = exact_store.search(queries, k).seqs
+            exact_s = _median_time(partial(exact_store.search, queries, k), repeats)
+            del exact_store
             group = queries.shape[1] // store.num_kv_heads
             ivf_seqs = np.stack([store.seqs[np.maximum(ivf.search(np.ascontiguousarray(
                 queries[:, h * group:(h + 1) * group].reshape(-1, queries.shape[-1])), k)[1], 0)].reshape(
-                len(queries), group, k) for h, ivf in enumerate(store.ivf)], axis=1).reshape(exact.shape)
-            ivf_recall = float((ivf_seqs[..., :, None] == exact[..., None, :]).any(-1).sum() / exact.size)
+                len(queries), group, k) for h, ivf in enumerate(store.ivf)], axis=1)
+            ivf_recall = recall(ivf_seqs, exact)
         rows.append({"tokens": n, "chunks": chunks, "method": method, "search_s": search_s, "exact_search_s": exact_s,
-                     "fill_s": fill_s, "recall": recall, "ivf_recall": ivf_recall,
+                     "fill_s": fill_s, "recall": recall(found, exact), "ivf_recall": ivf_recall,
                      "ivf_lists": store.ivf[0].nlist if store.ivf is not None else 0})
         del store
         gc.collect()
