@@ -134,7 +134,8 @@ def reference_read(model, ids: list[int], memory_id: str | None = None):
     bb, sidenet = model.backbone, model.sidenet
     w, c = cfg.read.segment_tokens, cfg.memory.chunk_size
     k_chunks = cfg.memory.topk_tokens // c
-    scratch = Memory("reference-scratch", cfg.memory.capacity_tokens, c, bb.num_kv_heads, bb.head_dim)
+    scratch = Memory("reference-scratch", cfg.memory.capacity_tokens, c, bb.num_kv_heads, bb.head_dim,
+                     np.dtype(cfg.memory.dtype))  # stored as the model's memories are
     logprobs, last = [], None
 
     def retriever(queries):

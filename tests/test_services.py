@@ -29,7 +29,7 @@ from tiny import free_port, save_tiny
 
 NODES = 3
 CLUSTER: dict[str, Cluster] = {}  # the module's cluster, for the test that removes a node
-SHARD_BUDGET = 150_000  # bytes: ~126 chunks (~500 tokens) of the tiny model per shard
+SHARD_BUDGET = 150_000  # bytes: ~215 chunks (~860 tokens) of the tiny model per shard (float16 memory)
 
 
 
@@ -70,7 +70,7 @@ def test_shards_spread_over_memory_nodes(service):
 
 def test_memory_larger_than_one_node_is_striped(service):
     config, _, bank, _ = service
-    chunk_bytes = ChunkStore.bytes_per_chunk(4, 2, 16)
+    chunk_bytes = ChunkStore.bytes_per_chunk(4, 2, 16, config.memory.dtype)
     capacity = (SHARD_BUDGET // chunk_bytes) * 4 * 2  # twice what one shard can hold
     with pytest.raises(CapacityExceeded):
         bank.create("too-big-for-one", capacity, 1)
@@ -87,12 +87,13 @@ def test_memory_larger_than_one_node_is_striped(service):
 @given(seed=st.integers(0, 10_000), shards=st.integers(1, NODES), capacity_chunks=st.integers(3, 60),
        pieces=st.lists(st.integers(1, 90), min_size=1, max_size=5))
 def test_sharded_search_equals_flat_index_and_fifo_is_global(service, seed, shards, capacity_chunks, pieces):
-    _, _, bank, _ = service
+    config, _, bank, _ = service
     rng = np.random.default_rng(seed)
     c, hkv, d, hq = 4, 2, 16, 4
     memory_id = f"prop-{seed}-{shards}-{capacity_chunks}"
     bank.create(memory_id, capacity_chunks * c, shards)
-    flat_chunker, flat = Chunker(c, hkv, d), ChunkStore(capacity_chunks, c, hkv, d)
+    dtype = config.memory.dtype  # the shards store keys/values in it
+    flat_chunker, flat = Chunker(c, hkv, d, dtype), ChunkStore(capacity_chunks, c, hkv, d, dtype)
     try:
         for n in pieces:
             keys, values = rng.standard_normal((2, n, hkv, d)).astype(np.float32)
