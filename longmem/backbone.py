@@ -147,8 +147,9 @@ class Backbone(nn.Module):
             torch.set_num_threads(cfg.torch_threads)
         path = resolve_backbone_path(cfg)
         self.path = path
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.device(device).type == "cuda" else "float32"
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         hf = self.model.config

@@ -45,7 +45,6 @@ from .model import LongMem, pad_segments
 
 # ---- defaults ----------------------------------------------------------------------------------
 ROOFLINE_TOKENS = 4096  # tokens appended, then as many further tokens scored
-MATMUL_SIZES = (1024, 1536, 2048)  # square matmuls timed for the peak FLOP/s
 MATMUL_REPEATS = 5  # timed runs per size; the fastest counts (the machine may be shared)
 EARLY_EXIT_REPEATS = 2  # timed encode_memory / encode passes over the same tokens; the fastest counts
 EVICTION_SIZES = (16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)  # memory sizes in tokens
@@ -199,7 +198,7 @@ def mean_scratch_chunks(num_tokens: int, window: int, sink_tokens: int, chunk_si
 
 
 def roofline(config: LongMemConfig, tokens: int = ROOFLINE_TOKENS, *, model: LongMem | None = None,
-             matmul_sizes: Sequence[int] = MATMUL_SIZES, matmul_repeats: int = MATMUL_REPEATS,
+             matmul_sizes: Sequence[int] | None = None, matmul_repeats: int = MATMUL_REPEATS,
              early_exit_repeats: int = EARLY_EXIT_REPEATS) -> dict[str, Any]:
     """Measured ingest and score tokens/s of the in-process core against the bounds peak FLOP/s gives.
 
@@ -216,7 +215,8 @@ def roofline(config: LongMemConfig, tokens: int = ROOFLINE_TOKENS, *, model: Lon
     device = backbone.device
     c, w = config.memory.chunk_size, config.read.segment_tokens
     window = min(w, tokens)
-    rates = peak_matmul_flops(matmul_sizes, matmul_repeats, device, backbone.model.dtype)
+    rates = peak_matmul_flops(matmul_sizes or config.bench.roofline_matmul_sizes, matmul_repeats, device,
+                              backbone.model.dtype)
     peak = max(rates.values())
     ids = text_ids(model.tokenizer, 2 * tokens + w)
     append_ids, score_ids, warm_ids = ids[:tokens], ids[tokens:2 * tokens], ids[2 * tokens:]
@@ -639,12 +639,13 @@ def held_chunks(config: LongMemConfig, tokens: int) -> int:
     return (tokens - sink * math.ceil(tokens / w)) // config.memory.chunk_size
 
 
-def _store_of(arrays: dict[str, np.ndarray], chunks: int, approx: ApproxSearch) -> tuple[ChunkStore, float]:
-    """A store holding the first `chunks` chunks of real_memory's arrays, and the seconds adding them took
-    (with approx on: the IVF training once it holds approx.min_chunks)."""
+def _store_of(arrays: dict[str, np.ndarray], chunks: int, approx: ApproxSearch,
+              dtype: str) -> tuple[ChunkStore, float]:
+    """A store (keys/values in `dtype`) holding the first `chunks` chunks of real_memory's arrays, and the
+    seconds adding them took (with approx on: the IVF training once it holds approx.min_chunks)."""
     keys, values = arrays["keys"][:chunks], arrays["values"][:chunks]
     _, hkv, c, d = keys.shape
-    store = ChunkStore(chunks, c, hkv, d, np.float32, approx)
+    store = ChunkStore(chunks, c, hkv, d, dtype, approx)
     positions = np.arange(chunks * c, dtype=np.int64).reshape(chunks, c)
     batch = EVICTION_BATCH_CHUNKS  # one 1,024-token segment per add, as ingest does
     t0 = time.perf_counter()
@@ -680,16 +681,18 @@ def retrieval(config: LongMemConfig, sizes: Sequence[int] = RETRIEVAL_SIZES, rep
     recall = lambda found, exact: recall_at_k([found.reshape(-1, k)], [exact.reshape(-1, k)])  # [T, Hq, k] seqs
     for n in sizes:
         chunks = held_chunks(config, n)
-        store, fill_s = _store_of(arrays, chunks, approx)
-        method = "approximate" if store.ivf is not None else "exact"
+        store, fill_s = _store_of(arrays, chunks, approx, config.memory.dtype)
+        method = ("approximate" if store.ivf is not None else "exact" if store.device_keys is None
+                  else f"exact ({store.device_keys.device.type})")
         found = store.search(queries, k).seqs  # [T, Hq, k]; also the untimed first call
         search_s = _median_time(partial(store.search, queries, k), repeats)
         exact, exact_s, ivf_recall = found, search_s, None  # ivf_recall: the IVF lists alone, no hot sets
-        if store.ivf is not None:
-            exact_store, _ = _store_of(arrays, chunks, EXACT)
+        if store.ivf is not None or store.device_keys is not None:  # compared with faiss's exact index
+            exact_store, _ = _store_of(arrays, chunks, EXACT, config.memory.dtype)
             exact = exact_store.search(queries, k).seqs
             exact_s = _median_time(partial(exact_store.search, queries, k), repeats)
             del exact_store
+        if store.ivf is not None:
             group = queries.shape[1] // store.num_kv_heads
             ivf_seqs = np.stack([store.seqs[np.maximum(ivf.search(np.ascontiguousarray(
                 queries[:, h * group:(h + 1) * group].reshape(-1, queries.shape[-1])), k)[1], 0)].reshape(
@@ -874,9 +877,9 @@ def _format_retrieval(r: dict) -> str:
             for x in r["rows"]]
     a = r["approx"]
     title = (f"## Retrieval: one window of {r['query_tokens']:,} query tokens x {r['query_heads']} heads, "
-             f"top {r['k_chunks']} chunks, real text ({r['text']}); approximate from "
-             f"{a['min_chunks']:,} chunks: IVF probe {a['probe']}, {a['query_clusters']} query directions x "
-             f"{a['hot_chunks']:,} hot chunks")
+             f"top {r['k_chunks']} chunks, real text ({r['text']}); search device {a['device']}; beside faiss, "
+             f"approximate from {a['min_chunks']:,} chunks: IVF probe {a['probe']}, {a['query_clusters']} query "
+             f"directions x {a['hot_chunks']:,} hot chunks")
     return "\n".join([title, "", _table(["memory", "chunks", "search", "IVF lists", "fill s", "search ms",
                                           "exact search ms", f"recall@{r['k_chunks']}",
                                           "IVF lists alone"], rows)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class BackboneConfig:
     # `memory_layer_fraction` of the depth (21 of 30 for SmolLM2, 17 of 24 as in the paper).
     memory_layer: int | None = None
     memory_layer_fraction: float = 0.7
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU (and float32 for training)
     device: str = "auto"  # "auto": CUDA when present, else CPU
     cache_dir: str = field(default_factory=lambda: os.environ.get(
         "LONGMEM_CACHE", str(Path.home() / ".cache" / "longmem")))
@@ -66,13 +67,19 @@ class MemoryConfig:
     ann_query_clusters: int = 64  # directions a search's queries are grouped into
     ann_hot_chunks: int = 4096  # chunks searched exactly per direction
     ann_kmeans_iterations: int = 10
+    # Where a store's exact search runs: "faiss" (a CPU flat index), a torch device ("cuda", "cpu": a
+    # matmul + top-k there), or "auto": the GPU when the store's node has one, else faiss. A store on a
+    # GPU searches exactly at any size (the ann_* settings apply beside faiss only).
+    search_device: str = "auto"
+    search_block_scores: int = 1 << 27  # query x chunk scores a torch search holds at once (bounds memory)
 
     def approx_search(self):
         """These settings as the stores take them (longmem.memory.ApproxSearch)."""
         from .memory import ApproxSearch
 
         return ApproxSearch(self.ann_min_tokens // self.chunk_size, self.ann_lists_per_sqrt, self.ann_probe,
-                            self.ann_query_clusters, self.ann_hot_chunks, self.ann_kmeans_iterations)
+                            self.ann_query_clusters, self.ann_hot_chunks, self.ann_kmeans_iterations,
+                            self.search_device, self.search_block_scores)
 
 
 @dataclass
@@ -307,6 +314,8 @@ class BenchConfig:
 
     out_dir: str = "results/bench"
     roofline_tokens: int = 2048  # appended, then as many scored (in-process core against the FLOP bound)
+    # square matmuls timed for the peak FLOP/s (the fastest counts); a GPU needs larger ones, e.g. 8192
+    roofline_matmul_sizes: list[int] = field(default_factory=lambda: [1024, 1536, 2048])
     eviction_sizes: list[int] = field(default_factory=lambda: [16_384, 65_536, 262_144, 1_048_576])
     memory_cost_tokens: int = 16_384  # real keys/values stored in each storage option
     long_context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
@@ -399,6 +408,9 @@ class LongMemConfig:
                                                              m.ann_hot_chunks, m.ann_kmeans_iterations) <= 0):
             raise ValueError("memory.ann_min_tokens must be >= 0, and with it on, memory.ann_lists_per_sqrt, "
                              "ann_probe, ann_query_clusters, ann_hot_chunks and ann_kmeans_iterations positive")
+        if not re.fullmatch(r"auto|faiss|cpu|cuda(:\d+)?", m.search_device) or m.search_block_scores <= 0:
+            raise ValueError("memory.search_device must be auto, faiss, cpu or cuda[:N], and "
+                             "memory.search_block_scores positive")
         if self.sidenet.init not in ("backbone", "zero"):
             raise ValueError("sidenet.init must be 'backbone' or 'zero'")
         if self.sidenet.memory_read not in ("joint", "added"):

@@ -35,6 +35,7 @@ exactly what a single store would.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import faiss
 import numpy as np
@@ -91,74 +92,56 @@ class Chunks:
 
 @dataclass
 class ChunkHits:
-    """The top chunks of a search, per query token and query head, best first. k chunks each."""
+    """The top chunks of a search, per query token and query head, best first (k each).
+
+    The query tokens of a segment, and the query heads sharing a kv head (GQA), retrieve many of the
+    same chunks: each retrieved (chunk, kv head) pair's tokens are held once, in a table of U rows,
+    and each hit points at its row. A search's keys/values take [U, c, d] instead of [T, Hq, k, c, d];
+    this is also what crosses the network (services/messages.py). `keys`, `values`, `positions` and
+    `token_ids` give the per-hit view (expanded on first use)."""
 
     scores: np.ndarray  # [T, Hq, k] float32; -inf where empty
     seqs: np.ndarray  # [T, Hq, k] int64; NO_SEQ where empty
-    positions: np.ndarray  # [T, Hq, k, c] int64
-    token_ids: np.ndarray  # [T, Hq, k, c] int32
-    keys: np.ndarray  # [T, Hq, k, c, d]
-    values: np.ndarray  # [T, Hq, k, c, d]
+    rows: np.ndarray  # [T, Hq, k] int32: the hit's row in the table; -1 where empty
+    table_positions: np.ndarray  # [U, c] int64
+    table_token_ids: np.ndarray  # [U, c] int32
+    table_keys: np.ndarray  # [U, c, d]
+    table_values: np.ndarray  # [U, c, d]
 
     @staticmethod
     def empty(num_tokens: int, num_heads: int, k: int, chunk_size: int, head_dim: int,
               dtype=np.float32) -> "ChunkHits":
         shape = (num_tokens, num_heads, k)
-        return ChunkHits(
-            scores=np.full(shape, -np.inf, np.float32),
-            seqs=np.full(shape, NO_SEQ, np.int64),
-            positions=np.full(shape + (chunk_size,), NO_SEQ, np.int64),
-            token_ids=np.zeros(shape + (chunk_size,), np.int32),
-            keys=np.zeros(shape + (chunk_size, head_dim), dtype),
-            values=np.zeros(shape + (chunk_size, head_dim), dtype),
-        )
+        return ChunkHits(np.full(shape, -np.inf, np.float32), np.full(shape, NO_SEQ, np.int64),
+                         np.full(shape, -1, np.int32), np.zeros((0, chunk_size), np.int64),
+                         np.zeros((0, chunk_size), np.int32), np.zeros((0, chunk_size, head_dim), dtype),
+                         np.zeros((0, chunk_size, head_dim), dtype))
 
-
-@dataclass
-class CompactHits:
-    """ChunkHits with every retrieved (chunk, kv head) pair stored once: what crosses the network.
-
-    The query tokens of a segment, and the query heads sharing a kv head (GQA), retrieve many of
-    the same chunks; a search's keys/values then shrink from [T, Hq, k, c, d] to [U, c, d]."""
-
-    scores: np.ndarray  # [T, Hq, k] float32
-    seqs: np.ndarray  # [T, Hq, k] int64
-    rows: np.ndarray  # [T, Hq, k] int32: the hit's row in the table below; -1 where empty
-    positions: np.ndarray  # [U, c] int64
-    token_ids: np.ndarray  # [U, c] int32
-    keys: np.ndarray  # [U, c, d]
-    values: np.ndarray  # [U, c, d]
-
-    @staticmethod
-    def of(hits: ChunkHits, num_kv_heads: int, sources: np.ndarray | None = None) -> "CompactHits":
-        """sources: [T, Hq, k] which memory each hit came from, when hits merge several memories
-        (seqs are numbered per memory); None when they come from one."""
-        t, hq, k, c, d = hits.keys.shape
-        kv_of_head = np.arange(hq) // (hq // num_kv_heads)  # [Hq]
-        valid = hits.seqs != NO_SEQ
-        chunk = hits.seqs if sources is None else hits.seqs * (int(sources.max()) + 1) + sources
-        pair = np.where(valid, chunk * num_kv_heads + kv_of_head[None, :, None], -1).reshape(-1)
-        live = np.flatnonzero(pair >= 0)
-        uniq, first, inverse = np.unique(pair[live], return_index=True, return_inverse=True)
-        rows = np.full(pair.shape, -1, np.int32)
-        rows[live] = inverse
-        source = live[first]  # flat hit index of each table row's first occurrence
-        return CompactHits(hits.scores, hits.seqs, rows.reshape(t, hq, k),
-                           hits.positions.reshape(-1, c)[source], hits.token_ids.reshape(-1, c)[source],
-                           hits.keys.reshape(-1, c, d)[source], hits.values.reshape(-1, c, d)[source])
-
-    def expand(self) -> ChunkHits:
-        t, hq, k = self.rows.shape
-        c, d = self.keys.shape[1:]
-        hits = ChunkHits.empty(t, hq, k, c, d, self.keys.dtype)
-        hits.scores[:], hits.seqs[:] = self.scores, self.seqs
+    def _per_hit(self, table: np.ndarray, fill) -> np.ndarray:
+        """table [U, ...] -> [T, Hq, k, ...], `fill` where a hit is empty."""
+        out = np.full(self.rows.shape + table.shape[1:], fill, table.dtype)
         valid = self.rows >= 0
-        rows = self.rows[valid]
-        hits.positions[valid] = self.positions[rows]
-        hits.token_ids[valid] = self.token_ids[rows]
-        hits.keys[valid] = self.keys[rows]
-        hits.values[valid] = self.values[rows]
-        return hits
+        out[valid] = table[self.rows[valid]]
+        return out
+
+    @cached_property
+    def keys(self) -> np.ndarray:  # [T, Hq, k, c, d]
+        return self._per_hit(self.table_keys, 0)
+
+    @cached_property
+    def values(self) -> np.ndarray:  # [T, Hq, k, c, d]
+        return self._per_hit(self.table_values, 0)
+
+    @cached_property
+    def positions(self) -> np.ndarray:  # [T, Hq, k, c]
+        return self._per_hit(self.table_positions, NO_SEQ)
+
+    @cached_property
+    def token_ids(self) -> np.ndarray:  # [T, Hq, k, c]
+        return self._per_hit(self.table_token_ids, 0)
+
+
+TABLE_FIELDS = ("table_positions", "table_token_ids", "table_keys", "table_values")
 
 
 def merge_hits(parts: list[ChunkHits], k: int) -> ChunkHits:
@@ -170,19 +153,21 @@ def merge_hits(parts: list[ChunkHits], k: int) -> ChunkHits:
 
 
 def merge_hits_with_sources(parts: list[ChunkHits], k: int) -> tuple[ChunkHits, np.ndarray]:
-    """merge_hits, and for each hit the index of the part it came from: [T, Hq, k]."""
+    """merge_hits, and for each hit the index of the part it came from: [T, Hq, k]. The merged table
+    keeps only the rows some winning hit points at."""
     if len(parts) == 1:
         return parts[0], np.zeros(parts[0].seqs.shape, np.int64)
-    cat = {name: np.concatenate([getattr(p, name) for p in parts], axis=2)
-           for name in ("scores", "seqs", "positions", "token_ids", "keys", "values")}
-    cat["sources"] = np.concatenate([np.full(p.seqs.shape, i, np.int64) for i, p in enumerate(parts)], axis=2)
-    order = np.argsort(-cat["scores"], axis=2, kind="stable")[:, :, :k]  # [T, Hq, k]
-    picked = {}
-    for name, arr in cat.items():
-        idx = order.reshape(order.shape + (1,) * (arr.ndim - 3))
-        picked[name] = np.take_along_axis(arr, idx, axis=2)
-    sources = picked.pop("sources")
-    return ChunkHits(**picked), sources
+    offsets = np.cumsum([0] + [len(p.table_keys) for p in parts[:-1]])
+    scores = np.concatenate([p.scores for p in parts], axis=2)
+    seqs = np.concatenate([p.seqs for p in parts], axis=2)
+    rows = np.concatenate([np.where(p.rows >= 0, p.rows + o, -1) for p, o in zip(parts, offsets)], axis=2)
+    sources = np.concatenate([np.full(p.seqs.shape, i, np.int64) for i, p in enumerate(parts)], axis=2)
+    order = np.argsort(-scores, axis=2, kind="stable")[:, :, :k]  # [T, Hq, k]
+    scores, seqs, rows, sources = (np.take_along_axis(a, order, axis=2) for a in (scores, seqs, rows, sources))
+    used, inverse = np.unique(rows[rows >= 0], return_inverse=True)
+    rows[rows >= 0] = inverse
+    tables = [np.concatenate([getattr(p, name) for p in parts])[used] for name in TABLE_FIELDS]
+    return ChunkHits(scores, seqs, rows.astype(np.int32), *tables), sources
 
 
 @dataclass
@@ -196,19 +181,25 @@ class Retrieved:
 
 def hits_to_retrieved(rows: list[ChunkHits], dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu") -> Retrieved:
-    """Expands per-row chunk hits to token-level keys/values, laid out for attention."""
+    """Per-row chunk hits as token-level keys/values laid out for attention: each row's table goes to
+    `device` as it is ([U, c, d]) and is gathered there into its hits."""
     keys, values, masks = [], [], []
     for hits in rows:
-        t, h, k, c, d = hits.keys.shape
-        keys.append(torch.from_numpy(hits.keys).reshape(t, h, k * c, d).transpose(0, 1))
-        values.append(torch.from_numpy(hits.values).reshape(t, h, k * c, d).transpose(0, 1))
-        valid = torch.from_numpy(hits.seqs != NO_SEQ)  # [T, Hq, k]
-        masks.append(valid.repeat_interleave(c, dim=2).transpose(0, 1))
-    return Retrieved(
-        keys=torch.stack(keys).to(device=device, dtype=dtype),
-        values=torch.stack(values).to(device=device, dtype=dtype),
-        mask=torch.stack(masks).to(device),
-    )
+        t, hq, k = hits.rows.shape
+        c, d = hits.table_keys.shape[1:]
+        index = torch.from_numpy(hits.rows).to(device=device, dtype=torch.long).transpose(0, 1)  # [Hq, T, k]
+        valid = index >= 0
+        index = torch.where(valid, index, len(hits.table_keys))  # empty hits read the zero row added below
+
+        def gather(table: np.ndarray) -> torch.Tensor:  # [U, c, d] -> [Hq, T, K, d]
+            table = torch.from_numpy(table).to(device=device, dtype=dtype)
+            return torch.cat([table, table.new_zeros(1, c, d)])[index].reshape(hq, t, k * c, d)
+
+        keys.append(gather(hits.table_keys))
+        values.append(gather(hits.table_values))
+        masks.append(valid.repeat_interleave(c, dim=2))  # [Hq, T, K]
+    stack = (lambda parts: parts[0][None]) if len(rows) == 1 else torch.stack
+    return Retrieved(keys=stack(keys), values=stack(values), mask=stack(masks))
 
 
 class Chunker:
@@ -292,7 +283,8 @@ class Chunker:
 
 @dataclass(frozen=True)
 class ApproxSearch:
-    """How a large store searches (see the module docstring); the values come from MemoryConfig.ann_*."""
+    """How a store searches (see the module docstring); the values come from MemoryConfig.ann_* and
+    MemoryConfig.search_*."""
 
     min_chunks: int  # a store searches approximately once it holds this many chunks; 0: always exact
     lists_per_sqrt: float  # IVF lists: lists_per_sqrt x sqrt(capacity), at most one per 39 chunks held
@@ -300,9 +292,20 @@ class ApproxSearch:
     query_clusters: int  # directions a search's queries are grouped into for the hot sets
     hot_chunks: int  # chunks per direction in its hot set
     kmeans_iterations: int  # of the spherical k-means that groups a search's queries
+    device: str = "faiss"  # exact search: "faiss" (a CPU flat index), a torch device, or "auto"
+    block_scores: int = 1 << 27  # query x chunk scores a torch search holds at once (bounds its memory)
+
+    def torch_device(self) -> torch.device | None:
+        """Where exact search runs as a torch matmul + top-k, or None for faiss's CPU flat index.
+        "auto": CUDA when present (the GPU index), else faiss."""
+        if self.device == "auto":
+            return torch.device("cuda") if torch.cuda.is_available() else None
+        return None if self.device == "faiss" else torch.device(self.device)
 
     def enabled(self) -> bool:
-        return self.min_chunks > 0
+        """Whether a store can switch to the approximate search: only beside faiss's exact index (on a
+        GPU the exact search is fast enough at any size one store holds)."""
+        return self.min_chunks > 0 and self.torch_device() is None
 
 
 EXACT = ApproxSearch(0, 0.0, 0, 0, 0, 0)
@@ -327,7 +330,9 @@ def _dedupe_top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 class ChunkStore:
-    """A fixed-capacity ring buffer of chunks with one exact inner-product index per kv head.
+    """A fixed-capacity ring buffer of chunks with one exact inner-product index per kv head: a faiss
+    IndexFlatIP, or with `approx.device` a torch device, a [capacity, Hkv, d] tensor of search keys
+    there that a search multiplies with its queries (on CUDA: the GPU index).
 
     Slots fill 0, 1, 2, ... and then wrap: slot `head` always holds the oldest chunk once full, and a
     new chunk overwrites it in place in the arrays and in every head's IndexFlatIP. Chunks can also
@@ -351,7 +356,10 @@ class ChunkStore:
         self.token_ids = np.zeros((capacity_chunks, chunk_size), np.int32)
         self.positions = np.zeros((capacity_chunks, chunk_size), np.int64)
         self.seqs = np.full(capacity_chunks, NO_SEQ, np.int64)
-        self.indexes = [faiss.IndexFlatIP(head_dim) for _ in range(num_kv_heads)]
+        device = approx.torch_device()
+        self.indexes = [faiss.IndexFlatIP(head_dim) for _ in range(num_kv_heads)] if device is None else []
+        self.device_keys = None if device is None else torch.zeros(
+            (capacity_chunks, num_kv_heads, head_dim), dtype=torch.float32, device=device)  # [N, Hkv, d]
         self.head = 0  # next slot to write
         self.filled = 0  # slots present in the faiss indexes (<= capacity)
         self.live = 0  # newest `live` slots before `head` are searchable
@@ -388,6 +396,8 @@ class ChunkStore:
 
     def _write_index(self, slot: int, count: int, search_keys: np.ndarray) -> None:
         """search_keys: [count, Hkv, d] for slots slot..slot+count-1 (no wrap)."""
+        if self.device_keys is not None:
+            self.device_keys[slot:slot + count] = torch.from_numpy(search_keys).to(self.device_keys.device)
         for h, index in enumerate(self.indexes):
             vectors = np.ascontiguousarray(search_keys[:, h], dtype=np.float32)
             overwrite = max(0, min(count, self.filled - slot))
@@ -523,10 +533,15 @@ class ChunkStore:
         fetch = min(self.filled, k + self.filled - self.live)  # room for dead slots to be filtered
         slots = np.empty((t, hq, fetch), np.int64)
         scores = np.empty((t, hq, fetch), np.float32)
-        for kv, index in enumerate(self.indexes):
+        for kv in range(self.num_kv_heads):
             heads = slice(kv * group, (kv + 1) * group)
             q = np.ascontiguousarray(queries[:, heads].reshape(t * group, d), dtype=np.float32)
-            dist, ids = index.search(q, fetch) if self.ivf is None else self._approx_search(kv, q, fetch)
+            if self.ivf is not None:
+                dist, ids = self._approx_search(kv, q, fetch)
+            elif self.device_keys is not None:
+                dist, ids = self._torch_search(kv, q, fetch)
+            else:
+                dist, ids = self.indexes[kv].search(q, fetch)
             scores[:, heads] = dist.reshape(t, group, fetch)
             slots[:, heads] = ids.reshape(t, group, fetch)
         live = self.is_live(slots)
@@ -536,17 +551,24 @@ class ChunkStore:
         valid = np.take_along_axis(live, order, axis=2)
         kept = order.shape[2]
         hits.scores[:, :, :kept] = np.where(valid, np.take_along_axis(scores, order, axis=2), -np.inf)
-        safe = np.where(valid, slots, 0)
+        hits.seqs[:, :, :kept] = np.where(valid, self.seqs[np.where(valid, slots, 0)], NO_SEQ)
         kv_of_head = np.arange(hq) // group  # [Hq]
-        hits.seqs[:, :, :kept] = np.where(valid, self.seqs[safe], NO_SEQ)
-        hits.positions[:, :, :kept] = np.where(valid[..., None], self.positions[safe], NO_SEQ)
-        hits.token_ids[:, :, :kept] = np.where(valid[..., None], self.token_ids[safe], 0)
-        hits.keys[:, :, :kept] = self.keys[safe, kv_of_head[None, :, None]]
-        hits.values[:, :, :kept] = self.values[safe, kv_of_head[None, :, None]]
-        invalid = ~valid
-        hits.keys[:, :, :kept][invalid] = 0
-        hits.values[:, :, :kept][invalid] = 0
+        pair = (slots * self.num_kv_heads + kv_of_head[None, :, None])[valid]  # each hit's (slot, kv head)
+        uniq, inverse = np.unique(pair, return_inverse=True)
+        hits.rows[:, :, :kept][valid] = inverse
+        slot, kv = np.divmod(uniq, self.num_kv_heads)
+        hits.table_positions, hits.table_token_ids = self.positions[slot], self.token_ids[slot]
+        hits.table_keys, hits.table_values = self.keys[slot, kv], self.values[slot, kv]
         return hits
+
+    def _torch_search(self, kv: int, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of kv head `kv` on the search keys' device: q [n, d] -> scores, slots [n, fetch]."""
+        keys = self.device_keys[:self.filled, kv]  # [filled, d]
+        q_t = torch.from_numpy(q).to(keys.device)
+        rows = max(1, self.approx.block_scores // self.filled)
+        best = [(q_t[i:i + rows] @ keys.T).topk(fetch, dim=1) for i in range(0, len(q), rows)]
+        return (torch.cat([b.values for b in best]).cpu().numpy(),
+                torch.cat([b.indices for b in best]).cpu().numpy())
 
     def _approx_search(self, kv: int, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The two-tier search of kv head `kv` (module docstring): q [n, d] -> scores, slots [n, fetch]."""
@@ -584,6 +606,8 @@ class ChunkStore:
     def reset(self) -> None:
         for index in self.indexes:
             index.reset()
+        if self.device_keys is not None:
+            self.device_keys.zero_()
         self.ivf = None
         self.seqs[:] = NO_SEQ
         self.head = self.filled = self.live = self.evicted = 0

@@ -313,8 +313,8 @@ def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
     if not len(seqs):
         return []
     uniq, first, counts = np.unique(seqs, return_index=True, return_counts=True)
-    positions = hits.positions[valid][first]  # [U, c]
-    tokens = hits.token_ids[valid][first]  # [U, c]
+    table_rows = hits.rows[valid][first]
+    positions, tokens = hits.table_positions[table_rows], hits.table_token_ids[table_rows]  # [U, c] each
     best = np.full(len(uniq), -np.inf, np.float32)
     np.maximum.at(best, np.searchsorted(uniq, seqs), hits.scores[valid])
     spans: list[Span] = []

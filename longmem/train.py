@@ -190,13 +190,13 @@ class RecallBatch:
 class Trainer:
     def __init__(self, config: LongMemConfig, out_dir: str | Path | None = None):
         self.config = config.validate()
-        if config.backbone.dtype != "float32":
+        if config.backbone.dtype not in ("float32", "auto"):
             raise ValueError(f"training needs backbone.dtype float32 (got {config.backbone.dtype!r}): the "
                              "trained blocks, their optimizer state and the cache assume it")
         tc = config.train
         self.out = Path(out_dir or tc.out_dir)
         torch.manual_seed(config.seed)
-        self.backbone = Backbone(config.backbone)
+        self.backbone = Backbone(dataclasses.replace(config.backbone, dtype="float32"))  # "auto" trains in float32 too
         self.sidenet = build_sidenet(self.backbone, config).train()
         self.names = trainable_names(self.sidenet, tc.train_blocks)
         params = dict(self.sidenet.named_parameters())

@@ -139,7 +139,7 @@ class Bank:
     async def _search(self, req: ipb.BankSearchRequest) -> ipb.BankSearchResponse:
         rows = await self.core.search([list(row.memory_ids) for row in req.rows], from_tensor_proto(req.queries),
                                       req.k_chunks)
-        return ipb.BankSearchResponse(rows=[hits_to_proto(hits, self.num_kv_heads, sources) for hits, sources in rows])
+        return ipb.BankSearchResponse(rows=[hits_to_proto(hits) for hits, _ in rows])
 
     async def shard_stats(self) -> list[ipb.ShardStats]:
         return list(await asyncio.gather(*(h.stats.remote() for h in self.handles.values())))

@@ -19,6 +19,7 @@ Results are plain, JSON-ready dicts keyed like longmem.bench's: {"service": ...,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -374,8 +375,8 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                             bank.delete(memory_id)
                         # What one search returns: the merged hits as arrays, and as the bank's reply
                         # (hits with their token keys/values; every shard sends the bank as much).
-                        hits_array_bytes = sum(v.nbytes for v in vars(hits[0]).values() if isinstance(v, np.ndarray))
-                        hits_proto_bytes = hits_to_proto(hits[0], hkv).ByteSize()
+                        hits_array_bytes = sum(getattr(hits[0], f.name).nbytes for f in dataclasses.fields(hits[0]))
+                        hits_proto_bytes = hits_to_proto(hits[0]).ByteSize()
                         row["sharded"].append({
                             "shards": s, "median_s": statistics.median(times), "min_s": min(times),
                             "fill_tokens_per_s": size / fill_s,
@@ -582,10 +583,18 @@ def headline_object(results: dict[str, dict]) -> dict[str, float]:
 
 # ---- 4. the whole benchmark --------------------------------------------------------------------
 
+def _version(package: str) -> str:
+    """The installed version of `package`, without importing it (the core parts run without Ray)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def machine_info(config: LongMemConfig) -> dict[str, Any]:
     import faiss
-    import ray
-    import transformers
 
     device = config.backbone.device
     if device == "auto":
@@ -601,7 +610,7 @@ def machine_info(config: LongMemConfig) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "device": device,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
-                     "ray": ray.__version__, "transformers": transformers.__version__},
+                     "ray": _version("ray"), "transformers": _version("transformers")},
     }
 
 

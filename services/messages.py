@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from longmem.backbone import BackboneOutput
-from longmem.memory import ChunkHits, Chunks, CompactHits, MemoryStats
+from longmem.memory import ChunkHits, Chunks, MemoryStats
 from longmem.model import SegmentScores, Span
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
@@ -23,16 +23,16 @@ def chunks_from_proto(m: ipb.ChunkBatch) -> Chunks:
                   from_tensor_proto(m.positions), from_tensor_proto(m.seqs))
 
 
-HIT_FIELDS = ("scores", "seqs", "rows", "positions", "token_ids", "keys", "values")
+HIT_FIELDS = {"scores": "scores", "seqs": "seqs", "rows": "rows", "positions": "table_positions",  # proto: ChunkHits
+              "token_ids": "table_token_ids", "keys": "table_keys", "values": "table_values"}
 
 
-def hits_to_proto(h: ChunkHits, num_kv_heads: int, sources: np.ndarray | None = None) -> ipb.Hits:
-    compact = CompactHits.of(h, num_kv_heads, sources)
-    return ipb.Hits(**{name: to_tensor_proto(getattr(compact, name)) for name in HIT_FIELDS})
+def hits_to_proto(h: ChunkHits) -> ipb.Hits:
+    return ipb.Hits(**{name: to_tensor_proto(getattr(h, field)) for name, field in HIT_FIELDS.items()})
 
 
 def hits_from_proto(m: ipb.Hits) -> ChunkHits:
-    return CompactHits(**{name: from_tensor_proto(getattr(m, name)) for name in HIT_FIELDS}).expand()
+    return ChunkHits(**{field: from_tensor_proto(getattr(m, name)) for name, field in HIT_FIELDS.items()})
 
 
 def encoded_to_proto(out: BackboneOutput) -> ipb.Encoded:

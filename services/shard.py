@@ -64,7 +64,7 @@ class Shard:
         hits = self.stores.get(req.store_id).search(from_tensor_proto(req.queries), req.k_chunks)
         if self.metrics is not None:
             self.metrics.search_seconds.observe(time.perf_counter() - start, tags={"component": "shard"})
-        return hits_to_proto(hits, self.stores.dims[1])
+        return hits_to_proto(hits)
 
     def delete(self, store_id: str) -> None:
         self.stores.delete(store_id)

@@ -216,6 +216,9 @@ def test_retrieval_is_exact_below_the_threshold_and_approximate_above(llama_bb, 
     assert bench.retrieval(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]["recall"] == big["recall"]
     text = bench.format_table({"retrieval": r})
     assert text.startswith("## Retrieval") and "approximate" in text
+    config.memory.search_device = "cpu"  # the GPU index's torch search, here on CPU: exact, checked against faiss
+    on_device = bench.retrieval(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]
+    assert on_device["method"] == "exact (cpu)" and on_device["recall"] == 1.0 and on_device["ivf_recall"] is None
     assert bench.plot({"retrieval": r}, tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longmem.memory import (NO_SEQ, Chunker, ChunkStore, CompactHits, Memory, MemoryBank, hits_to_retrieved,
+from longmem.memory import (NO_SEQ, ApproxSearch, Chunker, ChunkStore, Memory, MemoryBank, hits_to_retrieved,
                             merge_hits, merge_hits_with_sources)
 
 HKV, HQ, D, C = 2, 4, 8, 4  # GQA: query head h searches kv head h // 2
@@ -413,24 +413,28 @@ def test_memory_rejects_bad_shapes_and_capacity():
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), capacity=st.integers(1, 40), n_tokens=st.integers(0, 200),
        t=st.integers(1, 6), k=st.integers(1, 12))
-def test_compact_hits_round_trip_and_store_each_chunk_head_once(seed, capacity, n_tokens, t, k):
+def test_hits_hold_each_chunk_head_once_and_point_every_hit_at_its_own(seed, capacity, n_tokens, t, k):
     rng = np.random.default_rng(seed)
     hq = 2 * HKV
     store, chunker = ChunkStore(capacity, C, HKV, D), Chunker(C, HKV, D)
     keys, values = rng.standard_normal((2, n_tokens, HKV, D)).astype(np.float32)
     store.add(chunker.push(keys, values, rng.integers(0, 99, n_tokens).astype(np.int32)))
     hits = store.search(rng.standard_normal((t, hq, D)).astype(np.float32), k)
-    compact = CompactHits.of(hits, HKV)
-    back = compact.expand()
-    for name in ("scores", "seqs", "positions", "token_ids", "keys", "values"):
-        np.testing.assert_array_equal(getattr(back, name), getattr(hits, name))
     valid = hits.seqs >= 0
+    np.testing.assert_array_equal(hits.rows >= 0, valid)
     pairs = {(int(s), h // 2) for (_, h, _), s in zip(np.argwhere(valid), hits.seqs[valid])}
-    assert len(compact.keys) == len(pairs) <= min(valid.sum(), store.live * HKV)
+    assert len(hits.table_keys) == len(pairs) <= min(valid.sum(), store.live * HKV)
+    for (ti, h, j) in np.argwhere(valid):
+        slot = int(np.flatnonzero(store.seqs == hits.seqs[ti, h, j])[0])
+        np.testing.assert_array_equal(hits.keys[ti, h, j], store.keys[slot, h // 2])
+        np.testing.assert_array_equal(hits.values[ti, h, j], store.values[slot, h // 2])
+        np.testing.assert_array_equal(hits.token_ids[ti, h, j], store.token_ids[slot])
+    assert (hits.keys[~valid] == 0).all() and (hits.positions[~valid] == NO_SEQ).all()
 
 
-def test_compact_hits_of_merged_memories_keep_each_memory_s_chunks_apart():
-    """Two memories number their chunks from 0: a merged result must not take one's keys for the other's."""
+def test_merged_hits_of_two_memories_keep_each_memory_s_chunks_apart():
+    """Two memories number their chunks from 0: a merged result must not take one's keys for the
+    other's, and its table keeps only the rows a winning hit points at."""
     rng = np.random.default_rng(0)
     stores = []
     for _ in range(2):
@@ -439,11 +443,15 @@ def test_compact_hits_of_merged_memories_keep_each_memory_s_chunks_apart():
         store.add(chunker.push(keys, values, rng.integers(0, 99, 32).astype(np.int32)))
         stores.append(store)
     queries = rng.standard_normal((3, HQ, D)).astype(np.float32)
-    merged, sources = merge_hits_with_sources([s.search(queries, 6) for s in stores], 6)
+    parts = [s.search(queries, 6) for s in stores]
+    merged, sources = merge_hits_with_sources(parts, 6)
     assert set(np.unique(sources)) == {0, 1}
-    back = CompactHits.of(merged, HKV, sources).expand()
-    np.testing.assert_array_equal(back.keys, merged.keys)
-    np.testing.assert_array_equal(back.values, merged.values)
+    for (ti, h, j) in np.argwhere(merged.seqs >= 0):
+        part = parts[sources[ti, h, j]]
+        (same,) = np.flatnonzero(part.seqs[ti, h] == merged.seqs[ti, h, j])
+        np.testing.assert_array_equal(merged.keys[ti, h, j], part.keys[ti, h, same])
+        np.testing.assert_array_equal(merged.values[ti, h, j], part.values[ti, h, same])
+    assert len(merged.table_keys) == len(np.unique(merged.rows[merged.rows >= 0])) < sum(len(p.table_keys) for p in parts)
 
 
 # ---- approximate search of large stores ------------------------------------------------------------
@@ -460,9 +468,29 @@ def clustered_chunks(rng: np.random.Generator, first_seq: int, n: int, centers: 
                   np.arange(first_seq, first_seq + n, dtype=np.int64))
 
 
-def approx(min_chunks: int, probe: int, clusters: int = 4, hot: int = 16):
-    from longmem.memory import ApproxSearch
+def fill_beside_exact(store: ChunkStore, exact: ChunkStore, rng, queries, k: int, steps: int, batch: int,
+                      centers, evict_at: int, keep: int, after_add=lambda: True) -> int:
+    """Adds `steps` batches of clustered chunks to both stores, evicting all but the newest `keep` at
+    step `evict_at`; after each, `after_add()` must hold and both must answer alike. Returns the next seq."""
+    seq = 0
+    for step in range(steps):
+        chunks = clustered_chunks(rng, seq, batch, centers)
+        seq += batch
+        store.add(chunks)
+        exact.add(chunks)
+        assert after_add()
+        if step == evict_at:
+            store.evict_before(seq - keep)
+            exact.evict_before(seq - keep)
+        a, b = store.search(queries, k), exact.search(queries, k)
+        np.testing.assert_array_equal(a.seqs, b.seqs)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.values, b.values)
+    return seq
 
+
+def approx(min_chunks: int, probe: int, clusters: int = 4, hot: int = 16):
     return ApproxSearch(min_chunks=min_chunks, lists_per_sqrt=2.0, probe=probe, query_clusters=clusters,
                         hot_chunks=hot, kmeans_iterations=5)
 
@@ -476,20 +504,9 @@ def test_approximate_search_starts_at_its_threshold_and_probing_every_list_is_ex
     capacity = 200
     store, exact = ChunkStore(capacity, C, HKV, D, approx=approx(120, probe=10**6)), ChunkStore(capacity, C, HKV, D)
     queries = rng.standard_normal((6, HQ, D)).astype(np.float32)
-    seq = 0
-    for step in range(7):  # 70 chunks at a time: crosses 120, then wraps the ring twice
-        chunks = clustered_chunks(rng, seq, 70, centers)
-        seq += 70
-        store.add(chunks)
-        exact.add(chunks)
-        assert (store.ivf is not None) == (store.live >= 120)
-        if step == 5:
-            store.evict_before(seq - 150)
-            exact.evict_before(seq - 150)
-        a, b = store.search(queries, 8), exact.search(queries, 8)
-        np.testing.assert_array_equal(a.seqs, b.seqs)
-        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-4)
-        np.testing.assert_array_equal(a.keys, b.keys)
+    # 70 chunks at a time: crosses 120, then wraps the ring twice
+    seq = fill_beside_exact(store, exact, rng, queries, 8, 7, 70, centers, evict_at=5, keep=150,
+                            after_add=lambda: (store.ivf is not None) == (store.live >= 120))
     assert store.ivf[0].ntotal == store.filled  # one entry per slot: overwrites replaced, not added
     assert (store.search(queries, 8).seqs >= seq - capacity).all()  # overwritten chunks are never found
 
@@ -542,3 +559,36 @@ def test_a_store_that_can_grow_into_ivf_lists_reserves_their_bytes():
     assert small.nbytes == 99 * ChunkStore.bytes_per_chunk(C, HKV, D)  # never reaches the threshold
     assert big.nbytes == 100 * (ChunkStore.bytes_per_chunk(C, HKV, D) + ChunkStore.ivf_bytes_per_chunk(HKV, D))
     assert ChunkStore(100, C, HKV, D).nbytes == 100 * ChunkStore.bytes_per_chunk(C, HKV, D)  # exact only
+
+
+TORCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", TORCH_DEVICES)
+def test_a_store_searching_on_a_torch_device_answers_as_the_faiss_index(device):
+    """The GPU index (on CPU here, CUDA where present): the same hits as faiss's flat index through
+    ring-buffer overwrites, logical eviction, a restore and a reset; a small block_scores splits the
+    queries into blocks without changing the answer; approximate settings are ignored on it."""
+    rng = np.random.default_rng(5)
+    on_device = ApproxSearch(100, 2.0, 4, 4, 16, 5, device=device, block_scores=64)
+    store, exact = ChunkStore(120, C, HKV, D, approx=on_device), ChunkStore(120, C, HKV, D)
+    assert store.indexes == [] and store.device_keys.device.type == device and not on_device.enabled()
+    queries = queries_for(rng, t=9)
+    fill_beside_exact(store, exact, rng, queries, 7, 4, 50, 3 * rng.standard_normal((4, D)), evict_at=2, keep=90)
+    assert store.ivf is None  # no IVF lists beside a torch index, whatever its size
+    restored = ChunkStore.from_state(*store.state(), on_device)
+    np.testing.assert_array_equal(restored.search(queries, 7).seqs, exact.search(queries, 7).seqs)
+    store.reset()
+    assert (store.search(queries, 7).seqs == NO_SEQ).all() and not store.device_keys.any()
+
+
+def test_search_device_settings_are_checked():
+    from longmem.config import LongMemConfig
+
+    for bad in ({"search_device": "gpu"}, {"search_block_scores": 0}):
+        with pytest.raises(ValueError, match="search_device"):
+            LongMemConfig.from_dict({"memory": bad}).validate()
+    on_cpu = LongMemConfig.from_dict({"memory": {"search_device": "cpu"}}).validate().memory.approx_search()
+    assert on_cpu.torch_device() == torch.device("cpu") and not on_cpu.enabled()
+    auto = LongMemConfig().memory.approx_search()  # the GPU where there is one, else faiss with the IVF beside it
+    assert (auto.torch_device() is None) == (not torch.cuda.is_available()) and auto.enabled() != torch.cuda.is_available()

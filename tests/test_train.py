@@ -121,10 +121,11 @@ def test_retrieval_loss_is_the_attention_on_the_answer_entries_of_the_fact_memor
 
     rng = np.random.default_rng(0)
     t, hq, k, c, d = 3, 2, 2, 2, 4
-    hits = ChunkHits.empty(t, hq, k, c, d)
-    hits.seqs[:] = 0
-    hits.keys[:] = rng.standard_normal(hits.keys.shape)
-    hits.token_ids[:] = [[7, 8], [7, 9]]  # per chunk: its c tokens
+    n = t * hq * k  # a table row of its own for every hit, with random keys
+    hits = ChunkHits(np.zeros((t, hq, k), np.float32), np.zeros((t, hq, k), np.int64),
+                     np.arange(n, dtype=np.int32).reshape(t, hq, k), np.zeros((n, c), np.int64),
+                     np.tile(np.array([[7, 8], [7, 9]], np.int32), (n // k, 1)),  # per chunk: its c tokens
+                     rng.standard_normal((n, c, d)).astype(np.float32), np.zeros((n, c, d), np.float32))
     sources = np.zeros((t, hq, k), np.int64)
     sources[:, :, 1] = 1  # chunk 1 comes from the fact memory
     memory = hits_to_retrieved([hits])
