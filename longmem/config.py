@@ -321,7 +321,7 @@ class BenchConfig:
     long_context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     service_tokens: int = 2048  # appended, then as many scored, through gRPC + Ray and in process
     search_sizes: list[int] = field(default_factory=lambda: [16_384, 262_144, 1_048_576])  # memory tokens
-    search_shards: list[int] = field(default_factory=lambda: [1, 2, 4])
+    search_shards: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     search_repeats: int = 5  # timed searches per (size, shards); the median counts
     # Retrieval from memories of real text, as configured (memory.ann_*) against exact search. Encoding
     # the largest takes ~20 min on 2 cores once; it is kept under backbone.cache_dir/bench.

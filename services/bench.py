@@ -23,6 +23,7 @@ import dataclasses
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -86,7 +87,7 @@ def local_ray(config: LongMemConfig, num_cpus: float) -> Iterator[None]:
     if ray.is_initialized():
         raise RuntimeError("the service benchmarks start their own local Ray instance; call them with Ray not "
                            "initialized")
-    cpus = max(float(len(os.sched_getaffinity(0))), num_cpus)
+    cpus = max(len(os.sched_getaffinity(0)), math.ceil(num_cpus))  # Ray takes whole CPUs only
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             ray.init(address="local", namespace=config.serve.namespace, num_cpus=cpus, include_dashboard=False,
@@ -301,6 +302,18 @@ def search_dims(config: LongMemConfig) -> dict[str, int]:
     return {"kv_heads": dims.num_kv_heads, "head_dim": dims.head_dim, "query_heads": heads}
 
 
+def _shard_search_cpu(bank_handle, before: dict[str, tuple[float, int]] | None = None):
+    """Without `before`: every shard's (search CPU seconds, searches) so far. With it: the CPU seconds
+    per search of each shard that searched since then, sorted."""
+    import ray
+
+    now = {s.name: (s.search_cpu_seconds, s.searches) for s in ray.get(bank_handle.shard_stats.remote())}
+    if before is None:
+        return now
+    return sorted((cpu - before[name][0]) / (n - before[name][1]) for name, (cpu, n) in now.items()
+                  if n > before[name][1])
+
+
 def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                    shards: Sequence[int] = SEARCH_SHARDS, *, query_tokens: int = SEARCH_QUERY_TOKENS,
                    fill_tokens: int = SEARCH_FILL_TOKENS, repeats: int = SEARCH_REPEATS,
@@ -314,7 +327,10 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
     median counts. The same data goes into an in-process `Memory` (one store, searched in this
     process). Per (N, S): measured / 1 shard, the ideal of perfect striping ideal(N, S) =
     lat(N, S0) x S0 / S (S0 the smallest shard count, normally 1), measured / ideal, measured /
-    in-process, and the share of hit seqs equal to the in-process search's (exact search: 1.0).
+    in-process, and the share of hit seqs equal to the in-process search's (exact search: 1.0); and the
+    work each shard does: the CPU time of its process per search (Shard.search), the largest of the S
+    against the same ideal (max shard CPU(N, S0) x S0 / S): how well striping divides the work where
+    the cores to run the shards in parallel are missing (the bank's merge is in the latency only).
     One local Ray instance with max(shards) shard actors, each with the byte budget of the biggest
     memory on one shard.
     """
@@ -352,7 +368,7 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                 for size in sizes:
                     data_seed = seed + size
                     _log(f"search scaling: {core._tokens(size)} tokens in process")
-                    memory = Memory("reference", size, c, hkv, d)
+                    memory = Memory("reference", size, c, hkv, d, np.dtype(config.memory.dtype))  # as the shards store
                     fill_s = _fill(memory.append, size, fill_tokens, data_seed, hkv, d)
                     times, ref = _time_calls(partial(memory.search, queries[0], k), warmup, repeats)
                     local = {"median_s": statistics.median(times), "min_s": min(times),
@@ -369,8 +385,10 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                             held = bank.stats(memory_id).tokens_held
                             if held != size:
                                 raise AssertionError(f"a memory of {size} tokens holds {held}")
+                            cpu_before = _shard_search_cpu(handle)
                             times, hits = _time_calls(partial(bank.search, [[memory_id]], q_torch, k), warmup,
                                                       repeats)
+                            shard_cpu = _shard_search_cpu(handle, cpu_before)
                         finally:
                             bank.delete(memory_id)
                         # What one search returns: the merged hits as arrays, and as the bank's reply
@@ -381,6 +399,7 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                             "shards": s, "median_s": statistics.median(times), "min_s": min(times),
                             "fill_tokens_per_s": size / fill_s,
                             "topk_match": float(np.mean(hits[0].seqs == ref.seqs)),
+                            "shard_cpu_s": shard_cpu, "max_shard_cpu_s": max(shard_cpu),
                         })
                     del ref
                     gc.collect()
@@ -397,6 +416,8 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
             x["vs_ideal"] = x["median_s"] / x["ideal_s"]
             x["vs_base"] = x["median_s"] / base["median_s"]
             x["vs_in_process"] = x["median_s"] / row["in_process"]["median_s"]
+            x["cpu_ideal_s"] = base["max_shard_cpu_s"] * base["shards"] / x["shards"]
+            x["cpu_vs_ideal"] = x["max_shard_cpu_s"] / x["cpu_ideal_s"]
     return {"chunk_size": c, **dims, "query_tokens": query_tokens, "k_chunks": k, "fill_tokens": fill_tokens,
             "repeats": repeats, "warmup": warmup, "shard_actors": cfg.serve.num_shards,
             "shard_budget_bytes": budget, "ray_cpus": ray_cpus, "shard_threads": shard_threads,
@@ -437,15 +458,16 @@ def _format_search(r: dict) -> str:
     for row in r["rows"]:
         local = row["in_process"]
         rows.append([core._tokens(row["tokens"]), "in-process", f"{1e3 * local['median_s']:.1f}",
-                     f"{1e3 * local['min_s']:.1f}", "", "", "", "1.00x", f"{local['fill_tokens_per_s']:,.0f}", ""])
+                     f"{1e3 * local['min_s']:.1f}", "", "", "", "1.00x", f"{local['fill_tokens_per_s']:,.0f}", "", "", ""])
         for x in row["sharded"]:
             rows.append([core._tokens(row["tokens"]), str(x["shards"]), f"{1e3 * x['median_s']:.1f}",
                          f"{1e3 * x['min_s']:.1f}", f"{x['vs_base']:.2f}x", f"{1e3 * x['ideal_s']:.1f}",
                          f"{x['vs_ideal']:.2f}x", f"{x['vs_in_process']:.2f}x", f"{x['fill_tokens_per_s']:,.0f}",
-                         f"{x['topk_match']:.4f}"])
+                         f"{x['topk_match']:.4f}", f"{1e3 * x['max_shard_cpu_s']:.1f}", f"{x['cpu_vs_ideal']:.2f}x"])
     title = (f"## Search scaling: one search of {r['query_tokens']} query tokens x {r['query_heads']} heads for "
              f"{r['k_chunks']} chunks through the bank actor (median of {r['repeats']}); ideal = "
-             f"lat(N, {base} shard) x {base} / S")
+             f"lat(N, {base} shard) x {base} / S; shard CPU: the busiest shard's process CPU time per search, "
+             f"against the same ideal")
     moved = (f"one search returns {r['hits_array_bytes'] / 2**20:.1f} MiB of hits with their token keys/values "
              f"({r['hits_proto_bytes'] / 2**20:.1f} MiB as the bank's protobuf reply); shard actors: "
              f"{r['shard_threads']['torch_threads']} torch / {r['shard_threads']['faiss_threads']} faiss threads "
@@ -453,7 +475,8 @@ def _format_search(r: dict) -> str:
     return "\n".join([
         title, "",
         core._table(["memory tokens", "shards", "median ms", "min ms", f"vs {base} shard", "ideal ms",
-                     "measured / ideal", "vs in-process", "fill tok/s", "top-k match"], rows), "",
+                     "measured / ideal", "vs in-process", "fill tok/s", "top-k match", "shard CPU ms",
+                     "shard CPU / ideal"], rows), "",
         moved])
 
 
@@ -553,6 +576,8 @@ def headline(results: dict[str, dict]) -> list[list[str]]:
         out.append(["search", f"{n} tokens, {most['shards']} shards / {r['base_shards']} shard",
                     f"{most['vs_base']:.2f}x"])
         out.append(["search", f"{n} tokens, {most['shards']} shards: measured / ideal", f"{most['vs_ideal']:.2f}x"])
+        out.append(["search", f"{n} tokens, {most['shards']} shards: busiest shard's CPU / ideal",
+                    f"{most['cpu_vs_ideal']:.2f}x"])
         out.append(["search", f"{n} tokens, {r['base_shards']} shard / in-process",
                     f"{big['sharded'][0]['vs_in_process']:.2f}x"])
     if r := results.get("retrieval"):
@@ -578,6 +603,8 @@ def headline_object(results: dict[str, dict]) -> dict[str, float]:
             out["retrieval_1m_over_64k"] = sizes[1_048_576]["search_s"] / sizes[65_536]["search_s"]
         if 1_048_576 in sizes:
             out["retrieval_recall_1m"] = sizes[1_048_576]["recall"]
+    if r := results.get("search"):  # the largest memory: how far the busiest shard's CPU is from 1/S
+        out["shard_cpu_scaling_error"] = max(abs(x["cpu_vs_ideal"] - 1) for x in r["rows"][-1]["sharded"])
     return out
 
 

@@ -78,7 +78,13 @@ def test_search_scaling(search_result):
             assert x["vs_ideal"] == pytest.approx(x["median_s"] / x["ideal_s"]) and x["vs_ideal"] > 0
             assert x["vs_base"] == pytest.approx(x["median_s"] / one["median_s"])
             assert x["vs_in_process"] == pytest.approx(x["median_s"] / local["median_s"])
-        assert one["vs_ideal"] == one["vs_base"] == 1.0
+            # every shard of the memory searched, each with its own CPU time per search
+            assert len(x["shard_cpu_s"]) == x["shards"] and min(x["shard_cpu_s"]) > 0
+            assert x["max_shard_cpu_s"] == max(x["shard_cpu_s"])
+            assert x["cpu_vs_ideal"] == pytest.approx(x["max_shard_cpu_s"] / (one["max_shard_cpu_s"] / x["shards"]))
+        assert one["vs_ideal"] == one["vs_base"] == one["cpu_vs_ideal"] == 1.0
+    assert bench.headline_object({"search": r})["shard_cpu_scaling_error"] == max(
+        abs(x["cpu_vs_ideal"] - 1) for x in r["rows"][-1]["sharded"])
 
 
 def test_search_scaling_checks_sizes_before_starting_ray(tiny_llama_dir):
@@ -95,7 +101,9 @@ def test_report_renders_every_part(service_result, search_result, tmp_path):
     written = json.loads((tmp_path / "bench.json").read_text())
     assert list(written)[0] == "headline"  # the bars by name, first
     assert written["headline"] == {"service_score_ratio": service_result["ratio"]["score"],
-                                   "service_append_ratio": service_result["ratio"]["append"]}
+                                   "service_append_ratio": service_result["ratio"]["append"],
+                                   "shard_cpu_scaling_error": bench.headline_object({"search": search_result})[
+                                       "shard_cpu_scaling_error"]}
     del written["headline"]
     assert written == json.loads(json.dumps(report))
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
@@ -106,6 +114,7 @@ def test_report_renders_every_part(service_result, search_result, tmp_path):
     figures = [row[1] for row in bench.headline(report["results"])]
     assert "append tokens/s, gRPC + Ray / in-process" in figures
     assert "1k tokens, 2 shards: measured / ideal" in figures
+    assert "1k tokens, 2 shards: busiest shard's CPU / ideal" in figures
 
 
 def check_report(out, parts: set[str]) -> dict:

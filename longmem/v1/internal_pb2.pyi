@@ -216,17 +216,21 @@ class ShardSearchRequest(_message.Message):
     def __init__(self, store_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k_chunks: _Optional[int] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("name", "node_id", "budget_bytes", "reserved_bytes", "num_stores", "live_chunks")
+    __slots__ = ("name", "node_id", "budget_bytes", "reserved_bytes", "num_stores", "live_chunks", "search_cpu_seconds", "searches")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_STORES_FIELD_NUMBER: _ClassVar[int]
     LIVE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
     name: str
     node_id: str
     budget_bytes: int
     reserved_bytes: int
     num_stores: int
     live_chunks: int
-    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., num_stores: _Optional[int] = ..., live_chunks: _Optional[int] = ...) -> None: ...
+    search_cpu_seconds: float
+    searches: int
+    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., num_stores: _Optional[int] = ..., live_chunks: _Optional[int] = ..., search_cpu_seconds: _Optional[float] = ..., searches: _Optional[int] = ...) -> None: ...
