@@ -89,10 +89,10 @@ class Bank:
     """The bank actor: the core's StripedBank over RayShard clients, speaking protos."""
 
     def __init__(self, shard_names: list[str], namespace: str, chunk_size: int, num_kv_heads: int, head_dim: int,
-                 default_capacity: int, default_shards: int, dtype: str = "float32",
-                 storage_root: str | None = None, snapshot_every: int = 256, retry_seconds: float = 30.0,
-                 latency_buckets_s: tuple[float, ...] = (), server_id: str = "",
-                 lock_stale_seconds: float = 30.0, lock_refresh_seconds: float = 5.0):
+                 default_capacity: int, default_shards: int, dtype: str, storage_root: str | None,
+                 snapshot_every: int, retry_seconds: float, latency_buckets_s: tuple[float, ...], server_id: str,
+                 lock_stale_seconds: float, lock_refresh_seconds: float):
+        """Every setting from the config (start_bank passes them all)."""
         self.handles = {n: ray.get_actor(n, namespace=namespace) for n in shard_names}
         self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
         self.num_kv_heads = num_kv_heads

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from longmem.durable import StoreSet
-from longmem.memory import EXACT, ApproxSearch, CapacityExceeded
+from longmem.memory import ApproxSearch, CapacityExceeded
 from longmem.storage import Storage
 from longmem.v1 import internal_pb2 as ipb
 from longmem.wire import from_tensor_proto
@@ -27,8 +27,9 @@ from .metrics import metrics
 
 class Shard:
     def __init__(self, name: str, budget_bytes: int, chunk_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: str = "float32", storage_root: str | None = None, snapshot_every: int = 256,
-                 latency_buckets_s: tuple[float, ...] = (), approx: ApproxSearch = EXACT):
+                 dtype: str, storage_root: str | None, snapshot_every: int, latency_buckets_s: tuple[float, ...],
+                 approx: ApproxSearch):
+        """Every setting from the config (services.bank.start_bank passes them all)."""
         self.name = name
         self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
         self.chunk_size = chunk_size
