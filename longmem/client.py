@@ -277,11 +277,13 @@ class LongMemClient:
     # -- reading ---------------------------------------------------------------------------------
 
     def score(self, text: str | None = None, token_ids: Sequence[int] | None = None, memory_id: str = "",
-              use_memory: bool | None = None, append: bool = False) -> pb.ScoreResponse:
+              use_memory: bool | None = None, append: bool = False,
+              backbone_logprobs: bool = True) -> pb.ScoreResponse:
         """Per-token log-probabilities and perplexity of a text (or token ids), optionally reading
-        (use_memory, default: when memory_id is set) and then appending to (append) a memory."""
+        (use_memory, default: when memory_id is set) and then appending to (append) a memory;
+        backbone_logprobs=False skips the backbone-alone baseline."""
         _exactly_one(text, token_ids)
-        request = pb.ScoreRequest(memory_id=memory_id, append=append)
+        request = pb.ScoreRequest(memory_id=memory_id, append=append, skip_backbone_logprobs=not backbone_logprobs)
         if text is not None:
             request.text = text
         else:

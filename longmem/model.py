@@ -44,7 +44,7 @@ from .sidenet import FrozenInputs, SideNet
 class ScoreResult:
     token_ids: list[int]
     logprobs: np.ndarray  # [N - 1]: log p(token i+1 | tokens <= i), LongMem (or SideNet) reading
-    backbone_logprobs: np.ndarray  # [N - 1]: the backbone alone, same segments
+    backbone_logprobs: np.ndarray  # [N - 1]: the backbone alone, same segments; [0] when not asked for
 
     @staticmethod
     def _ppl(lp: np.ndarray) -> float:
@@ -74,7 +74,7 @@ class Span:
 @dataclass
 class SegmentScores:
     logprobs: np.ndarray  # [n] log-probabilities of the targets
-    backbone_logprobs: np.ndarray  # [n]
+    backbone_logprobs: np.ndarray  # [n]; [0] when the row did not ask for the backbone alone
 
 
 class Bank(Protocol):
@@ -96,7 +96,7 @@ class Encoder(Protocol):
 
 class Reader(Protocol):
     def read(self, encoded: Any, segments: list[list[int]], search: list[list[str]],
-             fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]: ...
+             fill: list[str | None], targets: list[list[int]], backbone: list[bool]) -> list[SegmentScores]: ...
     def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
                  top_k: int, seed: int, use_memory: bool) -> Iterator[int]: ...
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]: ...
@@ -188,9 +188,9 @@ class LocalReader:
         return self.sidenet.frozen_inputs(out.hidden, self._positions(b, t), out.mem_keys, out.mem_values, start)
 
     def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
-             fill: list[str | None], targets: list[list[int]]) -> list[SegmentScores]:
+             fill: list[str | None], targets: list[list[int]], backbone: list[bool]) -> list[SegmentScores]:
         """Scores the targets of each row, then appends each row's segment to its `fill` memory."""
-        scores = self.score(encoded, search, targets)
+        scores = self.score(encoded, search, targets, backbone)
         self.fill(encoded, segments, fill)
         return scores
 
@@ -201,17 +201,20 @@ class LocalReader:
                 fill_memory(self.bank, memory_id, encoded, b, segments[b], self.config.memory.sink_tokens)
 
     @torch.no_grad()
-    def score(self, encoded: BackboneOutput, search: list[list[str]], targets: list[list[int]]) -> list[SegmentScores]:
-        """Log-probabilities of each row's targets, LongMem and backbone; no memory is changed."""
+    def score(self, encoded: BackboneOutput, search: list[list[str]], targets: list[list[int]],
+              backbone: list[bool]) -> list[SegmentScores]:
+        """Log-probabilities of each row's targets, LongMem's and, for the rows whose `backbone` is
+        True, the backbone's alone (its LM head runs only if some row asks); no memory is changed."""
         state = self.read_state(encoded, self.retriever(search))
         logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
-        base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1)
+        base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1) if any(backbone) else None
         scores = []
         for b, tgt in enumerate(targets):
             t = torch.tensor(tgt, dtype=torch.long, device=logp.device)[:, None]
             n = len(tgt)
             scores.append(SegmentScores(logp[b, :n].gather(-1, t)[:, 0].cpu().numpy(),
-                                        base[b, :n].gather(-1, t)[:, 0].cpu().numpy()))
+                                        base[b, :n].gather(-1, t)[:, 0].cpu().numpy() if backbone[b]
+                                        else np.zeros(0, np.float32)))
         return scores
 
     @contextmanager
@@ -342,6 +345,7 @@ class _Row:
     ids: list[int]
     search: list[str]
     fill: str | None
+    backbone: bool  # also score it with the backbone alone
 
 
 class LongMemRunner:
@@ -404,15 +408,18 @@ class LongMemRunner:
                 targets = [r.ids[s * w + 1:(s + 1) * w + 1] for r in group]
                 encoded = self.encoder.encode(segments)
                 scores = self.reader.read(encoded, segments, [r.search for r in group],
-                                          [r.fill for r in group], targets)
+                                          [r.fill for r in group], targets, [r.backbone for r in group])
                 for i, sc in zip(active[start:start + batch], scores):
                     collected[i].append(sc)
         return [ScoreResult(r.ids, np.concatenate([c.logprobs for c in cs]),
                             np.concatenate([c.backbone_logprobs for c in cs])) for r, cs in zip(rows, collected)]
 
     def score_batch(self, docs: list[list[int]], memory_ids: list[str | None] | None = None,
-                    use_memory: bool = True, append: bool = False, progress: bool = False) -> list[ScoreResult]:
-        """Scores several documents together, each with its own memory (batch rows never mix)."""
+                    use_memory: bool = True, append: bool = False, progress: bool = False,
+                    backbone_logprobs: bool = True) -> list[ScoreResult]:
+        """Scores several documents together, each with its own memory (batch rows never mix).
+        backbone_logprobs=False leaves each result's backbone_logprobs empty and skips the backbone's
+        LM head (one of the two vocabulary projections per scored token)."""
         if not docs:
             raise ValueError("docs must not be empty")
         memory_ids = memory_ids or [None] * len(docs)
@@ -433,7 +440,7 @@ class LongMemRunner:
             for ids, m, scratch in zip(docs, memory_ids, scratches):
                 search = [x for x in (m, scratch) if x is not None] if use_memory else []
                 fill = m if append and m is not None else scratch
-                rows.append(_Row(ids, search, fill))
+                rows.append(_Row(ids, search, fill, backbone_logprobs))
             return self._read(rows, progress)
         finally:
             for scratch in scratches:
@@ -441,8 +448,10 @@ class LongMemRunner:
                     self.bank.delete(scratch)
 
     def score(self, text: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
-              use_memory: bool = True, append: bool = False, progress: bool = False) -> ScoreResult:
-        return self.score_batch([self.token_ids(text, token_ids)], [memory_id], use_memory, append, progress)[0]
+              use_memory: bool = True, append: bool = False, progress: bool = False,
+              backbone_logprobs: bool = True) -> ScoreResult:
+        return self.score_batch([self.token_ids(text, token_ids)], [memory_id], use_memory, append, progress,
+                                backbone_logprobs)[0]
 
     def append(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
                progress: bool = False) -> int:

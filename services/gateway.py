@@ -190,7 +190,8 @@ class Gateway:
         ids = self._ids(request.text, request.token_ids)
         if len(ids) < 2:
             raise ValueError("text must have at least 2 tokens to score")
-        r = self.runner.score_batch([ids], [memory_id], use_memory, request.append)[0]
+        r = self.runner.score_batch([ids], [memory_id], use_memory, request.append,
+                                    backbone_logprobs=not request.skip_backbone_logprobs)[0]
         self.metrics.tokens_scored.inc(len(ids), tags={"source": "grpc"})
         if request.append:
             self.metrics.tokens_appended.inc(len(ids), tags={"source": "grpc"})

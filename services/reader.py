@@ -40,14 +40,16 @@ class ReaderDeployment:
         outs = [encoded_from_proto(e) for e in encoded]
         targets = [segments_from_proto(r.targets) for r in requests]
         search = [[list(s.memory_ids) for s in r.search] for r in requests]
+        backbone = [list(r.backbone) for r in requests]
         try:
             rows = await asyncio.to_thread(self.reader.score, BackboneOutput.concat(outs),
-                                           [s for ss in search for s in ss], [t for ts in targets for t in ts])
+                                           [s for ss in search for s in ss], [t for ts in targets for t in ts],
+                                           [b for bs in backbone for b in bs])
             scores = [rows[start:start + len(ts)] for start, ts in zip(row_starts(targets), targets)]
         except Exception:
             if len(requests) == 1:
                 raise
-            scores = [await self._score_alone(o, s, t) for o, s, t in zip(outs, search, targets)]
+            scores = [await self._score_alone(o, s, t, b) for o, s, t, b in zip(outs, search, targets, backbone)]
         results = []
         for out, req, rows in zip(outs, requests, scores):
             if isinstance(rows, Exception):
@@ -61,9 +63,10 @@ class ReaderDeployment:
                 results.append(e)
         return results
 
-    async def _score_alone(self, out: BackboneOutput, search: list[list[str]], targets: list[list[int]]):
+    async def _score_alone(self, out: BackboneOutput, search: list[list[str]], targets: list[list[int]],
+                           backbone: list[bool]):
         try:
-            return await asyncio.to_thread(self.reader.score, out, search, targets)
+            return await asyncio.to_thread(self.reader.score, out, search, targets, backbone)
         except Exception as e:
             return e
 
@@ -81,10 +84,10 @@ class RemoteReader:
     def __init__(self, handle):
         self.handle = handle
 
-    def read(self, encoded, segments, search, fill, targets) -> list[SegmentScores]:
+    def read(self, encoded, segments, search, fill, targets, backbone) -> list[SegmentScores]:
         req = ipb.ReadRequest(segments=segments_to_proto(segments),
                               search=[ipb.SearchList(memory_ids=s) for s in search],
-                              fill=[f or "" for f in fill], targets=segments_to_proto(targets))
+                              fill=[f or "" for f in fill], targets=segments_to_proto(targets), backbone=backbone)
         return scores_from_proto(result(self.handle.read.remote(encoded, req)))
 
     def generate(self, ids, memory_id, max_new_tokens, temperature, top_k, seed, use_memory) -> Iterator[int]:

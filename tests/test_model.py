@@ -275,6 +275,10 @@ def test_use_memory_false_ignores_memory(llama_bb, fresh_memory):
     np.testing.assert_allclose(with_memory.backbone_logprobs, plain.backbone_logprobs[:W - 1], atol=1e-6)
     assert with_memory.perplexity == pytest.approx(math.exp(-with_memory.logprobs.mean()))
     assert plain.backbone_perplexity == pytest.approx(math.exp(-plain.backbone_logprobs.mean()))
+    # without the baseline: the same reading, no backbone log-probs
+    alone = model.score(token_ids=short, memory_id=full, backbone_logprobs=False)
+    np.testing.assert_array_equal(alone.logprobs, with_memory.logprobs)
+    assert len(alone.backbone_logprobs) == 0 and math.isnan(alone.backbone_perplexity)
 
 
 def test_gate_closed_means_memory_has_no_effect(tiny_dirs, llama_bb, fresh_memory):

@@ -4,6 +4,7 @@ a head and three memory nodes, each with a small shard byte budget; Serve gRPC o
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -138,6 +139,9 @@ def test_score_through_service_equals_core(service):
         assert abs(remote.perplexity - core.perplexity) < 1e-3 * core.perplexity
         with_memory_differs = np.abs(np.array(remote.logprobs) - np.array(remote.backbone_logprobs)).max()
         assert with_memory_differs > 1e-3
+        alone = stub.Score(pb.ScoreRequest(memory_id="parity", text=text[1500:], skip_backbone_logprobs=True))
+        np.testing.assert_array_equal(alone.logprobs, remote.logprobs)  # the baseline is not part of the reading
+        assert len(alone.backbone_logprobs) == 0 and math.isnan(alone.backbone_perplexity)
     finally:
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="parity"))
 

@@ -46,16 +46,18 @@ class IngestRequest(_message.Message):
     def __init__(self, memory_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("segments", "search", "fill", "targets")
+    __slots__ = ("segments", "search", "fill", "targets", "backbone")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FIELD_NUMBER: _ClassVar[int]
     FILL_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     search: _containers.RepeatedCompositeFieldContainer[SearchList]
     fill: _containers.RepeatedScalarFieldContainer[str]
     targets: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., search: _Optional[_Iterable[_Union[SearchList, _Mapping]]] = ..., fill: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    backbone: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., search: _Optional[_Iterable[_Union[SearchList, _Mapping]]] = ..., fill: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., backbone: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class SegmentScores(_message.Message):
     __slots__ = ("logprobs", "backbone_logprobs")

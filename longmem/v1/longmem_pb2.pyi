@@ -89,18 +89,20 @@ class AppendResponse(_message.Message):
     def __init__(self, memory: _Optional[_Union[MemoryInfo, _Mapping]] = ..., tokens_appended: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("memory_id", "text", "token_ids", "use_memory", "append")
+    __slots__ = ("memory_id", "text", "token_ids", "use_memory", "append", "skip_backbone_logprobs")
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     USE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BACKBONE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     memory_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     use_memory: bool
     append: bool
-    def __init__(self, memory_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., use_memory: _Optional[bool] = ..., append: _Optional[bool] = ...) -> None: ...
+    skip_backbone_logprobs: bool
+    def __init__(self, memory_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., use_memory: _Optional[bool] = ..., append: _Optional[bool] = ..., skip_backbone_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "perplexity", "num_scored_tokens", "backbone_logprobs", "backbone_perplexity")
