@@ -361,7 +361,7 @@ class ChunkStore:
         self.device_keys = None if device is None else torch.zeros(
             (capacity_chunks, num_kv_heads, head_dim), dtype=torch.float32, device=device)  # [N, Hkv, d]
         self.head = 0  # next slot to write
-        self.filled = 0  # slots present in the faiss indexes (<= capacity)
+        self.filled = 0  # slots written to the search index, faiss or device_keys (<= capacity)
         self.live = 0  # newest `live` slots before `head` are searchable
         self.evicted = 0  # chunks dropped, by overwrite or by evict_before
         self.last_seq = NO_SEQ  # newest seq stored: adding a seq again is a no-op (replays are idempotent)

@@ -95,7 +95,6 @@ class Bank:
         """Every setting from the config (start_bank passes them all)."""
         self.handles = {n: ray.get_actor(n, namespace=namespace) for n in shard_names}
         self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
-        self.num_kv_heads = num_kv_heads
         lock = (StorageLock(Storage(storage_root), {"server": server_id}, lock_stale_seconds)
                 if storage_root else None)
         self.core = StripedBank({n: RayShard(h, retry_seconds) for n, h in self.handles.items()}, chunk_size,

@@ -302,15 +302,16 @@ def search_dims(config: LongMemConfig) -> dict[str, int]:
     return {"kv_heads": dims.num_kv_heads, "head_dim": dims.head_dim, "query_heads": heads}
 
 
-def _shard_search_cpu(bank_handle, before: dict[str, tuple[float, int]] | None = None):
-    """Without `before`: every shard's (search CPU seconds, searches) so far. With it: the CPU seconds
-    per search of each shard that searched since then, sorted."""
+def _shard_search_cpu(bank_handle) -> dict[str, tuple[float, int]]:
+    """Every shard's (search CPU seconds, searches) so far."""
     import ray
 
-    now = {s.name: (s.search_cpu_seconds, s.searches) for s in ray.get(bank_handle.shard_stats.remote())}
-    if before is None:
-        return now
-    return sorted((cpu - before[name][0]) / (n - before[name][1]) for name, (cpu, n) in now.items()
+    return {s.name: (s.search_cpu_seconds, s.searches) for s in ray.get(bank_handle.shard_stats.remote())}
+
+
+def _cpu_per_search(before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]]) -> list[float]:
+    """The CPU seconds per search of each shard that searched between two _shard_search_cpu readings, sorted."""
+    return sorted((cpu - before[name][0]) / (n - before[name][1]) for name, (cpu, n) in after.items()
                   if n > before[name][1])
 
 
@@ -388,7 +389,7 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                             cpu_before = _shard_search_cpu(handle)
                             times, hits = _time_calls(partial(bank.search, [[memory_id]], q_torch, k), warmup,
                                                       repeats)
-                            shard_cpu = _shard_search_cpu(handle, cpu_before)
+                            shard_cpu = _cpu_per_search(cpu_before, _shard_search_cpu(handle))
                         finally:
                             bank.delete(memory_id)
                         # What one search returns: the merged hits as arrays, and as the bank's reply

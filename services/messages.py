@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from longmem.backbone import BackboneOutput
 from longmem.memory import ChunkHits, Chunks, MemoryStats
 from longmem.model import SegmentScores, Span
