@@ -7,6 +7,10 @@ each append every store of the memory evicts chunks older than `next_seq - capac
 memory holds exactly its newest `capacity_tokens` across its stores. A search asks each store for its
 local top-k and merges them: exactly the top-k of one flat index over all the memory's chunks.
 
+The bank places and routes; it does not carry the data of a search. A reader asks it for the memories'
+routes (`StripedBank.routes`) and searches their stores itself (`search_routes`), so the retrieved keys
+and values go from each shard straight to the reader.
+
 Durability: the bank's journal decides which memories exist and what each holds; shards are brought
 to agree with it.
 - Every *incarnation* of a memory has a store id of its own (`<memory id>@<random>`): create and
@@ -38,7 +42,7 @@ import numpy as np
 
 from .durable import Journal
 from .memory import (CapacityExceeded, ChunkHits, Chunker, Chunks, MemoryExists, MemoryNotFound, MemoryStats,
-                     ShardUnavailable, merge_hits_with_sources)
+                     ShardUnavailable, merge_hits)
 from .storage import Storage, StorageLock, pack_arrays, unpack_arrays
 
 log = logging.getLogger("longmem.striped")
@@ -54,8 +58,35 @@ class ShardClient(Protocol):
     async def add(self, store_id: str, chunks: Chunks, min_seq: int) -> None: ...
     async def delete(self, store_id: str) -> None: ...
     async def sync(self, capacity_chunks: dict[str, int]) -> dict[str, int]: ...
-    async def search(self, store_id: str, queries: np.ndarray, k_chunks: int) -> ChunkHits: ...
     async def free_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one memory's chunks are: its current incarnation's store on each of its shards, in stripe
+    order. Valid for the search it was asked for: a reset or delete moves a memory to a new store."""
+    store_id: str
+    shards: tuple[str, ...]
+
+
+class StoreSearch(Protocol):
+    """The reader's side of a search: runs every (shard, store id, queries [T, Hq, d]) search and returns
+    their hits in order. Runs where the reader runs, blocks on I/O, and should run the calls concurrently."""
+
+    def __call__(self, calls: list[tuple[str, str, np.ndarray]], k_chunks: int) -> list[ChunkHits]: ...
+
+
+def search_routes(search: StoreSearch, routes: list[list[Route]], queries: np.ndarray, k_chunks: int,
+                  chunk_size: int, dtype) -> list[ChunkHits]:
+    """queries: [B, T, Hq, d]; row b searches the union of the memories routed by routes[b]: every store
+    of each is searched and the hits merged, exactly the top-k of one flat index over those memories."""
+    calls = [(b, shard, route.store_id) for b, row in enumerate(routes) for route in row for shard in route.shards]
+    found = search([(shard, store_id, queries[b]) for b, shard, store_id in calls], k_chunks)
+    parts: list[list[ChunkHits]] = [[] for _ in routes]
+    for (b, _, _), hits in zip(calls, found):
+        parts[b].append(hits)
+    t, hq, d = queries.shape[1:]
+    return [merge_hits(p or [ChunkHits.empty(t, hq, k_chunks, chunk_size, d, dtype)], k_chunks) for p in parts]
 
 
 def new_store_id(memory_id: str) -> str:
@@ -373,22 +404,17 @@ class StripedBank:
                                        "GetMemory's tokens_appended counts it; do not resend it)") from None
         return p.stats()
 
-    async def search(self, memory_ids: list[list[str]], queries: np.ndarray,
-                     k_chunks: int) -> list[tuple[ChunkHits, np.ndarray]]:
-        """queries: [B, T, Hq, d]; row b searches the union of memories memory_ids[b]. Returns per row
-        the merged hits and which part each hit came from ([T, Hq, k])."""
+    async def routes(self, memory_ids: list[list[str]]) -> list[list[Route]]:
+        """Where the memories of each row are, for a reader's `search_routes`. A memory with a committed
+        change not yet on every shard is first brought there, so a route leads to what the journal holds."""
         await self.ready()
         rows = []
-        for b, ids in enumerate(memory_ids):
+        for ids in memory_ids:
             placements = [self._get(m) for m in ids]
             for p in placements:
                 if not p.synced:
                     async with p.lock:
+                        self._current(p)
                         await self._carry(p)
-            parts = await gather_all(self.shards[n].search(p.store_id, queries[b], k_chunks)
-                                     for p in placements for n in p.shards)
-            if not parts:
-                t, hq, d = queries.shape[1:]
-                parts = [ChunkHits.empty(t, hq, k_chunks, self.chunk_size, d, self.dtype)]
-            rows.append(merge_hits_with_sources(parts, k_chunks))
+            rows.append([Route(p.store_id, tuple(p.shards)) for p in placements])
         return rows

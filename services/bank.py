@@ -5,7 +5,9 @@ This module keeps what is Ray's: finding the shard actors, retrying a restarting
 `serve.shard_retry_seconds` (then ShardUnavailable), the single-writer lock of the storage, proto
 conversion and metrics. Placement, chunking, the global FIFO, the merge and durability are the core's.
 
-`RemoteBank` gives the reader, encoder and gateway the core's `Bank` interface over this actor.
+`RemoteBank` gives the reader, encoder and gateway the core's `Bank` interface over this actor. Its
+search asks the bank actor only for routes and searches the shard actors itself: the retrieved keys
+and values go from the shards to the reader, never through the bank.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ import torch
 from longmem.config import LongMemConfig
 from longmem.memory import ChunkHits, Chunks, MemoryStats, ShardUnavailable
 from longmem.storage import Storage, StorageLock
-from longmem.striped import StripedBank
+from longmem.striped import Route, StripedBank, search_routes
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 from longmem.wire import from_tensor_proto, to_tensor_proto
 
-from .messages import chunks_to_proto, hits_from_proto, hits_to_proto, stats_from_proto, stats_to_proto
+from .messages import chunks_to_proto, hits_from_proto, stats_from_proto, stats_to_proto
 from .remote import result
-from .metrics import metrics
 from .shard import ShardActor
 
 BANK_NAME = "bank"
@@ -41,7 +42,7 @@ def unavailable(error: BaseException) -> ShardUnavailable:
 
 class RayShard:
     """The core's ShardClient over one shard actor. Changes are retried while the shard restarts
-    (re-sending is idempotent); a search fails fast, so a client hears UNAVAILABLE at once."""
+    (re-sending is idempotent)."""
 
     def __init__(self, handle, retry_seconds: float):
         self.handle, self.retry_seconds = handle, retry_seconds
@@ -73,13 +74,6 @@ class RayShard:
         request = ipb.ShardSyncRequest(capacity_chunks=capacity_chunks)
         return dict((await self._retried(lambda: self.handle.sync.remote(request))).last_seq)
 
-    async def search(self, store_id: str, queries: np.ndarray, k_chunks: int) -> ChunkHits:
-        request = ipb.ShardSearchRequest(store_id=store_id, queries=to_tensor_proto(queries), k_chunks=k_chunks)
-        try:
-            return hits_from_proto(await self.handle.search.remote(request))
-        except RAY_UNAVAILABLE as e:
-            raise unavailable(e) from None
-
     async def free_bytes(self) -> int:
         stats = await self._retried(lambda: self.handle.stats.remote())
         return stats.budget_bytes - stats.reserved_bytes
@@ -90,11 +84,10 @@ class Bank:
 
     def __init__(self, shard_names: list[str], namespace: str, chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype: str, storage_root: str | None,
-                 snapshot_every: int, retry_seconds: float, latency_buckets_s: tuple[float, ...], server_id: str,
+                 snapshot_every: int, retry_seconds: float, server_id: str,
                  lock_stale_seconds: float, lock_refresh_seconds: float):
         """Every setting from the config (start_bank passes them all)."""
         self.handles = {n: ray.get_actor(n, namespace=namespace) for n in shard_names}
-        self.metrics = metrics(tuple(latency_buckets_s)) if latency_buckets_s else None
         lock = (StorageLock(Storage(storage_root), {"server": server_id}, lock_stale_seconds)
                 if storage_root else None)
         self.core = StripedBank({n: RayShard(h, retry_seconds) for n, h in self.handles.items()}, chunk_size,
@@ -129,16 +122,10 @@ class Bank:
                                                      from_tensor_proto(req.values),
                                                      from_tensor_proto(req.token_ids), req.skip_first))
 
-    async def search(self, req: ipb.BankSearchRequest) -> ipb.BankSearchResponse:
-        if self.metrics is None:
-            return await self._search(req)
-        with self.metrics.timed(self.metrics.search_seconds, {"component": "bank"}):
-            return await self._search(req)
-
-    async def _search(self, req: ipb.BankSearchRequest) -> ipb.BankSearchResponse:
-        rows = await self.core.search([list(row.memory_ids) for row in req.rows], from_tensor_proto(req.queries),
-                                      req.k_chunks)
-        return ipb.BankSearchResponse(rows=[hits_to_proto(hits) for hits, _ in rows])
+    async def routes(self, req: ipb.RouteRequest) -> ipb.RouteResponse:
+        rows = await self.core.routes([list(row.memory_ids) for row in req.rows])
+        return ipb.RouteResponse(rows=[ipb.RouteList(routes=[ipb.Route(store_id=r.store_id, shards=r.shards)
+                                                             for r in row]) for row in rows])
 
     async def shard_stats(self) -> list[ipb.ShardStats]:
         return list(await asyncio.gather(*(h.stats.remote() for h in self.handles.values())))
@@ -148,10 +135,15 @@ BankActor = ray.remote(Bank)
 
 
 class RemoteBank:
-    """The core's Bank interface over the bank actor (blocking calls)."""
+    """The core's Bank interface over the bank actor and, for searches, the shard actors (blocking
+    calls). `search_metrics`, when given, times each search as component "reader"."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, config: LongMemConfig, search_metrics=None):
+        self.handle = get_bank(config)
+        self.namespace = config.serve.namespace
+        self.chunk_size, self.dtype = config.memory.chunk_size, np.dtype(config.memory.dtype)
+        self.metrics = search_metrics
+        self.shards: dict[str, ray.actor.ActorHandle] = {}
 
     def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None) -> MemoryStats:
         return stats_from_proto(result(self.handle.create.remote(memory_id, capacity_tokens or 0, num_shards or 0)))
@@ -176,9 +168,32 @@ class RemoteBank:
         return stats_from_proto(result(self.handle.append.remote(req)))
 
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
-        req = ipb.BankSearchRequest(rows=[ipb.SearchList(memory_ids=row) for row in memory_ids],
-                                    queries=to_tensor_proto(queries.detach().float().cpu()), k_chunks=k_chunks)
-        return [hits_from_proto(h) for h in result(self.handle.search.remote(req)).rows]
+        """queries: [B, T, Hq, d]. The bank routes; the memories' shards are searched from here, all at
+        once, and their hits merged here. A shard that is down fails the search at once: UNAVAILABLE."""
+        if self.metrics is None:
+            return self._search(memory_ids, queries, k_chunks)
+        with self.metrics.timed(self.metrics.search_seconds, {"component": "reader"}):
+            return self._search(memory_ids, queries, k_chunks)
+
+    def _search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
+        req = ipb.RouteRequest(rows=[ipb.SearchList(memory_ids=row) for row in memory_ids])
+        routes = [[Route(r.store_id, tuple(r.shards)) for r in row.routes]
+                  for row in result(self.handle.routes.remote(req)).rows]
+        return search_routes(self._search_stores, routes, queries.detach().float().cpu().numpy(), k_chunks,
+                             self.chunk_size, self.dtype)
+
+    def _search_stores(self, calls: list[tuple[str, str, np.ndarray]], k_chunks: int) -> list[ChunkHits]:
+        refs = [self._shard(name).search.remote(ipb.ShardSearchRequest(
+            store_id=store_id, queries=to_tensor_proto(queries), k_chunks=k_chunks)) for name, store_id, queries in calls]
+        try:
+            return [hits_from_proto(result(ref)) for ref in refs]
+        except RAY_UNAVAILABLE as e:
+            raise unavailable(e) from None
+
+    def _shard(self, name: str):
+        if name not in self.shards:
+            self.shards[name] = ray.get_actor(name, namespace=self.namespace)
+        return self.shards[name]
 
 
 def shard_names(config: LongMemConfig) -> list[str]:
@@ -206,7 +221,7 @@ def start_bank(config: LongMemConfig, num_kv_heads: int, head_dim: int):
                              max_concurrency=serve_cfg.bank_max_concurrency).remote(
         names, ns, config.memory.chunk_size, num_kv_heads, head_dim, config.memory.capacity_tokens,
         serve_cfg.default_memory_shards, config.memory.dtype, root, serve_cfg.snapshot_every,
-        serve_cfg.shard_retry_seconds, tuple(serve_cfg.latency_buckets_s), uuid.uuid4().hex,
+        serve_cfg.shard_retry_seconds, uuid.uuid4().hex,
         serve_cfg.lock_stale_seconds, serve_cfg.lock_refresh_seconds)
     result(bank.ready.remote())
     return bank

@@ -41,7 +41,7 @@ from longmem.memory import MemoryExists, MemoryNotFound
 from longmem.model import LocalEncoder, LongMem, ingest_tokens
 
 from .auth import scope
-from .bank import RemoteBank, get_bank, start_bank
+from .bank import RemoteBank, start_bank
 from .metrics import metrics
 from .remote import set_replica_threads
 
@@ -263,7 +263,7 @@ class IngestStage(_Stage):
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         self.backbone = Backbone(self.config.backbone)
-        self.bank = RemoteBank(get_bank(self.config))
+        self.bank = RemoteBank(self.config)
         self.encoder = LocalEncoder(self.backbone, self.bank, self.config)
 
     def tokenize(self, text: str) -> list[int]:

@@ -319,8 +319,8 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
                    shards: Sequence[int] = SEARCH_SHARDS, *, query_tokens: int = SEARCH_QUERY_TOKENS,
                    fill_tokens: int = SEARCH_FILL_TOKENS, repeats: int = SEARCH_REPEATS,
                    warmup: int = SEARCH_WARMUP, seed: int = SEED) -> dict[str, Any]:
-    """Latency of one exact search of a memory of N tokens striped over S shards, through the bank
-    actor (approximate search of large stores is the retrieval part's question, on real text).
+    """Latency of one exact search of a memory of N tokens striped over S shards, as a reader searches:
+    the bank actor's route, then the shard actors directly and the merge here (approximate search of large stores is the retrieval part's question, on real text).
 
     For each size a memory is filled with random float32 keys/values of the backbone's memory-layer
     geometry (config.json), `fill_tokens` per append, and searched with [1, query_tokens, Hq, d] random
@@ -363,7 +363,7 @@ def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
             ray_cpus = ray.cluster_resources().get("CPU", 0.0)
             shard_threads = _probe_threads(cfg.serve.shard_num_cpus, 0)
             handle = start_bank(cfg, num_kv_heads=hkv, head_dim=d)
-            bank = RemoteBank(handle)
+            bank = RemoteBank(cfg)
             try:
                 ray.get(handle.shard_stats.remote())  # every actor up before anything is timed
                 for size in sizes:
@@ -466,11 +466,11 @@ def _format_search(r: dict) -> str:
                          f"{x['vs_ideal']:.2f}x", f"{x['vs_in_process']:.2f}x", f"{x['fill_tokens_per_s']:,.0f}",
                          f"{x['topk_match']:.4f}", f"{1e3 * x['max_shard_cpu_s']:.1f}", f"{x['cpu_vs_ideal']:.2f}x"])
     title = (f"## Search scaling: one search of {r['query_tokens']} query tokens x {r['query_heads']} heads for "
-             f"{r['k_chunks']} chunks through the bank actor (median of {r['repeats']}); ideal = "
+             f"{r['k_chunks']} chunks as a reader searches (bank route, shards, merge; median of {r['repeats']}); ideal = "
              f"lat(N, {base} shard) x {base} / S; shard CPU: the busiest shard's process CPU time per search, "
              f"against the same ideal")
     moved = (f"one search returns {r['hits_array_bytes'] / 2**20:.1f} MiB of hits with their token keys/values "
-             f"({r['hits_proto_bytes'] / 2**20:.1f} MiB as the bank's protobuf reply); shard actors: "
+             f"({r['hits_proto_bytes'] / 2**20:.1f} MiB as protobuf); shard actors: "
              f"{r['shard_threads']['torch_threads']} torch / {r['shard_threads']['faiss_threads']} faiss threads "
              f"({r['shard_threads']['num_cpus']:g} CPU)")
     return "\n".join([

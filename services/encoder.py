@@ -13,7 +13,7 @@ from longmem.model import LocalEncoder
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 
-from .bank import RemoteBank, get_bank
+from .bank import RemoteBank
 from .messages import encoded_to_proto, segments_from_proto, segments_to_proto, stats_from_proto, stats_to_proto
 from .remote import configure_batching, raise_if_error, result, row_starts, set_replica_threads
 
@@ -26,7 +26,7 @@ class EncoderDeployment:
         cfg = LongMemConfig.from_dict(config)
         set_replica_threads(cfg.serve.replica_torch_threads)
         self.backbone = Backbone(cfg.backbone)
-        self.encoder = LocalEncoder(self.backbone, RemoteBank(get_bank(cfg)), cfg)
+        self.encoder = LocalEncoder(self.backbone, RemoteBank(cfg), cfg)
         configure_batching(cfg, self._encode_batch, self._ingest_batch)
 
     async def encode(self, req: ipb.EncodeRequest) -> ipb.Encoded:

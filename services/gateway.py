@@ -26,7 +26,7 @@ from longmem.model import LongMemRunner
 from longmem.v1 import longmem_pb2 as pb
 
 from .auth import SEPARATOR, Tenants, Unauthenticated, load_keys, scope, unscope
-from .bank import RemoteBank, get_bank
+from .bank import RemoteBank
 from .encoder import RemoteEncoder
 from .messages import spans_to_proto, stats_to_proto
 from .metrics import metrics
@@ -109,7 +109,7 @@ class Gateway:
         tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(self.config.backbone))
         dims = model_dims(self.config.backbone)
         self.runner = LongMemRunner(self.config, RemoteEncoder(encoder), RemoteReader(reader),
-                                    RemoteBank(get_bank(self.config)), tokenizer, dims.vocab_size)
+                                    RemoteBank(self.config), tokenizer, dims.vocab_size)
 
     # ---- validation -----------------------------------------------------------------------------
     def _ids(self, text: str, token_ids, field: str = "text") -> list[int]:

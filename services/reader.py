@@ -13,9 +13,10 @@ from longmem.model import LocalReader, SegmentScores, Span, build_sidenet
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 
-from .bank import RemoteBank, get_bank
+from .bank import RemoteBank
 from .messages import (encoded_from_proto, scores_from_proto, scores_to_proto, segments_from_proto, segments_to_proto,
                        spans_from_proto, spans_to_proto)
+from .metrics import metrics
 from .remote import configure_batching, raise_if_error, result, row_starts, set_replica_threads
 
 
@@ -27,7 +28,7 @@ class ReaderDeployment:
         cfg = LongMemConfig.from_dict(config)
         set_replica_threads(cfg.serve.replica_torch_threads)
         backbone = Backbone(cfg.backbone)  # its LM head, positions, and the KV-cached path of generation
-        self.reader = LocalReader(backbone, build_sidenet(backbone, cfg), RemoteBank(get_bank(cfg)), cfg)
+        self.reader = LocalReader(backbone, build_sidenet(backbone, cfg), RemoteBank(cfg, metrics(tuple(cfg.serve.latency_buckets_s))), cfg)
         configure_batching(cfg, self._read_batch)
 
     async def read(self, encoded: ipb.Encoded, req: ipb.ReadRequest) -> ipb.ReadResponse:

@@ -138,7 +138,7 @@ def test_prometheus_metrics(service):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     wanted = ['ray_longmem_tokens_appended', 'source="grpc"', 'ray_longmem_tokens_scored',
               'ray_longmem_memory_tokens', 'shard="shard-0"', 'ray_longmem_evicted_tokens',
-              'ray_longmem_search_seconds_bucket', 'component="bank"', 'component="shard"',
+              'ray_longmem_search_seconds_bucket', 'component="reader"', 'component="shard"',
               'ray_longmem_request_seconds_bucket', 'method="Append"', 'method="Score"',
               'ray_longmem_errors', 'code="NOT_FOUND"']
     text = wait_for(lambda: (lambda t: t if all(w in t for w in wanted) else None)(scrape(metrics_port)),

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from conftest import TEXT, tiny_config
 from longmem.model import LongMem
 from services.auth import scope
-from services.bank import RemoteBank, get_bank, stop_bank
+from services.bank import RemoteBank, stop_bank
 from services.batch import INVALID, OK, memory_id_for, read_results, run_batch
 from services.gateway import MEMORY_ID
 
@@ -68,7 +68,7 @@ def test_both_modes_ingest_into_the_bank_and_score_like_the_core(cluster, tmp_pa
     assert (rows.loc[["empty.txt", "latin1.txt", "huge.txt"], "status"] == INVALID).all()
 
     model = LongMem(config)
-    bank = RemoteBank(get_bank(config))
+    bank = RemoteBank(config)
     for name, text in GOOD.items():
         row = rows.loc[name]
         ids = model.tokenize(text)

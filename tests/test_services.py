@@ -25,7 +25,7 @@ from longmem.model import LongMem
 from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pbg
 from services.app import APP_NAME, build, grpc_options
-from services.bank import RemoteBank, get_bank, stop_bank
+from services.bank import RemoteBank, stop_bank
 from tiny import free_port, save_tiny
 
 NODES = 3
@@ -53,7 +53,7 @@ def service(tmp_path_factory):
     serve.run(build(config), name=APP_NAME, route_prefix="/")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield config, pbg.LongMemStub(channel), RemoteBank(get_bank(config)), nodes
+        yield config, pbg.LongMemStub(channel), RemoteBank(config), nodes
     finally:
         channel.close()
         serve.shutdown()

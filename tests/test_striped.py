@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from longmem.durable import StoreSet
-from longmem.memory import CapacityExceeded, ChunkStore, Memory, MemoryExists, MemoryNotFound, ShardUnavailable
+from longmem.memory import (NO_SEQ, CapacityExceeded, ChunkHits, ChunkStore, Memory, MemoryExists, MemoryNotFound,
+                            ShardUnavailable, merge_hits)
 from longmem.storage import Storage, StorageConflict, StorageLock, StorageLocked, WriteAheadLog
-from longmem.striped import StripedBank
+from longmem.striped import StripedBank, search_routes
 
 C, HKV, D, HQ = 2, 1, 4, 2
 SHARDS = ("s0", "s1", "s2")
@@ -75,15 +76,19 @@ class LocalShard:
     async def sync(self, capacity_chunks):
         return self._call(self.stores.sync, capacity_chunks)
 
-    async def search(self, store_id, queries, k_chunks):
-        return self.stores.get(store_id).search(queries, k_chunks)
-
     async def free_bytes(self):
         return self.stores.free_bytes()
 
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def search(bank: StripedBank, shards: dict[str, LocalShard], memory_ids: list[list[str]], queries, k):
+    """A reader's search: routes from the bank, then every store searched on its shard (search_routes)."""
+    def stores(calls, k_chunks):
+        return [shards[name].stores.get(store_id).search(q, k_chunks) for name, store_id, q in calls]
+    return search_routes(stores, run(bank.routes(memory_ids)), queries, k, C, np.float32)
 
 
 def make_bank(root, shards, snapshot_every: int) -> StripedBank:
@@ -167,7 +172,7 @@ def test_a_memory_recreated_after_delete_holds_only_its_new_chunks(tmp_path):
     ref.append(keys, values, ids)
     assert_agrees(bank, shards, {"m": ref})
     queries = rng.standard_normal((1, 3, HQ, D)).astype(np.float32)
-    hits, _ = run(bank.search([["m"]], queries, 8))[0]
+    (hits,) = search(bank, shards, [["m"]], queries, 8)
     np.testing.assert_array_equal(np.sort(hits.seqs, axis=2), np.sort(ref.search(queries[0], 8).seqs, axis=2))
 
 
@@ -327,6 +332,22 @@ class BankMachine(RuleBasedStateMachine):
             self._restart_bank()
         run(self.bank.list())
         self._check()
+
+    @invariant()
+    def striped_search_is_one_flat_index(self):
+        """Striped search (the bank's routes, each store searched, hits merged) == one flat index over
+        the union of a row's memories; rows: all memories, each one alone, none."""
+        if not (hasattr(self, "bank") and self.bank.restored):
+            return
+        rows = [sorted(self.model), *([m] for m in sorted(self.model)), []]
+        queries = self.rng.standard_normal((len(rows), 3, HQ, D)).astype(np.float32)
+        k = 5  # more than some memories hold
+        for ids, q, got in zip(rows, queries, search(self.bank, self.shards, rows, queries, k)):
+            want = merge_hits([self.model[m].search(q, k) for m in ids] or [ChunkHits.empty(3, HQ, k, C, D, np.float32)], k)
+            np.testing.assert_array_equal(got.seqs != NO_SEQ, want.seqs != NO_SEQ)
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+            if len(ids) == 1:  # one memory: the same chunks (seqs are per memory)
+                np.testing.assert_array_equal(np.sort(got.seqs, axis=2), np.sort(want.seqs, axis=2))
 
     def _check(self):
         assert_agrees(self.bank, self.shards, self.model)

@@ -147,21 +147,31 @@ class BankAppendRequest(_message.Message):
     skip_first: int
     def __init__(self, memory_id: _Optional[str] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., skip_first: _Optional[int] = ...) -> None: ...
 
-class BankSearchRequest(_message.Message):
-    __slots__ = ("rows", "queries", "k_chunks")
-    ROWS_FIELD_NUMBER: _ClassVar[int]
-    QUERIES_FIELD_NUMBER: _ClassVar[int]
-    K_CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    rows: _containers.RepeatedCompositeFieldContainer[SearchList]
-    queries: _tensor_pb2.Tensor
-    k_chunks: int
-    def __init__(self, rows: _Optional[_Iterable[_Union[SearchList, _Mapping]]] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k_chunks: _Optional[int] = ...) -> None: ...
-
-class BankSearchResponse(_message.Message):
+class RouteRequest(_message.Message):
     __slots__ = ("rows",)
     ROWS_FIELD_NUMBER: _ClassVar[int]
-    rows: _containers.RepeatedCompositeFieldContainer[Hits]
-    def __init__(self, rows: _Optional[_Iterable[_Union[Hits, _Mapping]]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[SearchList]
+    def __init__(self, rows: _Optional[_Iterable[_Union[SearchList, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("store_id", "shards")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, store_id: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RouteList(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class RouteResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[RouteList]
+    def __init__(self, rows: _Optional[_Iterable[_Union[RouteList, _Mapping]]] = ...) -> None: ...
 
 class ShardCreateRequest(_message.Message):
     __slots__ = ("store_id", "capacity_chunks")
