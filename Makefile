@@ -1,4 +1,6 @@
-# `make demo` sets everything up and runs the demo; `make test` sets up and runs the test suite.
+# `make demo` sets up the virtual environment and runs the demo; `make test` sets it up and runs the test
+# suite. Neither needs root: both install only into $(VENV). `make data` installs the Debian corpora
+# (training, evaluation; apt, root) and `make test-corpora` checks them.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEBIAN_CORPORA := /usr/share/doc/python3.11/html/_sources/index.rst.txt /usr/share/doc/jargon-text/jargon.txt.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo test
+.PHONY: install data demo test test-corpora
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +32,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/longmem demo
 
-test: $(STAMP) $(DEBIAN_CORPORA)
+test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-corpora: $(STAMP) $(DEBIAN_CORPORA)
+	$(PY) -m pytest -q -m corpora tests

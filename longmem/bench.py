@@ -40,19 +40,15 @@ import torch
 from . import layers
 from .config import LongMemConfig
 from .data import essays_document
-from .memory import EXACT, ApproxSearch, Chunks, ChunkStore, Retrieved
+from .memory import EXACT, ApproxSearch, Chunks, ChunkStore, Retrieved, round_up
 from .model import LongMem, pad_segments
 
-# ---- defaults ----------------------------------------------------------------------------------
-ROOFLINE_TOKENS = 4096  # tokens appended, then as many further tokens scored
+# ---- fixed parameters (the sizes of each part are config.bench's) --------------------------------
 MATMUL_REPEATS = 5  # timed runs per size; the fastest counts (the machine may be shared)
 EARLY_EXIT_REPEATS = 2  # timed encode_memory / encode passes over the same tokens; the fastest counts
-EVICTION_SIZES = (16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)  # memory sizes in tokens
 EVICTION_BATCH_CHUNKS = 256  # chunks evicted and added per step: one 1,024-token segment
 EVICTION_REPEATS = 5  # timed steps per size after one warm-up step; the median counts
-MEMORY_COST_TOKENS = 32 * 1024  # tokens of real text whose keys/values are stored
 SEARCH_REPEATS = 3  # timed searches per storage option; the median counts
-LONG_CONTEXT_LENGTHS = (1024, 2048, 4096, 8192)
 CONTEXT_WARMUP_TOKENS = 16  # an untimed read this long before each long-context measurement
 LOGPROB_ROWS = 1024  # log-softmax over the vocabulary this many rows at a time (bounds memory)
 PLOT_COLUMNS = 3  # subplots per row of the PNG
@@ -107,10 +103,6 @@ def text_ids(tokenizer, num_tokens: int) -> list[int]:
         if cut == len(text):
             raise ValueError(f"the essays have {len(ids):,} tokens, {num_tokens:,} needed")
         chars *= 2
-
-
-def round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
 
 
 # ---- 1. roofline -------------------------------------------------------------------------------
@@ -197,7 +189,7 @@ def mean_scratch_chunks(num_tokens: int, window: int, sink_tokens: int, chunk_si
     return statistics.fmean(s * (window - sink_tokens) // chunk_size for s in range(segments))
 
 
-def roofline(config: LongMemConfig, tokens: int = ROOFLINE_TOKENS, *, model: LongMem | None = None,
+def roofline(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
              matmul_sizes: Sequence[int] | None = None, matmul_repeats: int = MATMUL_REPEATS,
              early_exit_repeats: int = EARLY_EXIT_REPEATS) -> dict[str, Any]:
     """Measured ingest and score tokens/s of the in-process core against the bounds peak FLOP/s gives.
@@ -328,7 +320,7 @@ class OfficialMemory:
         return index_s, array_s
 
 
-def eviction(sizes: Sequence[int] = EVICTION_SIZES, *, shape: StoreShape | None = None,
+def eviction(sizes: Sequence[int], *, shape: StoreShape | None = None,
              batch_chunks: int = EVICTION_BATCH_CHUNKS, repeats: int = EVICTION_REPEATS,
              seed: int = SEED) -> dict[str, Any]:
     """Time to evict the oldest `batch_chunks` chunks and add as many new ones, once memory is full.
@@ -496,10 +488,10 @@ def memory_queries(model: LongMem, ids: list[int]) -> np.ndarray:
 def bench_text_ids(tokenizer, num_tokens: int) -> list[int]:
     """`num_tokens` tokens of real text: the essays, then as many Python documentation sources (in name
     order) as it takes."""
-    from .data import load_corpus
+    from .data import named_corpus
 
     ids = tokenizer.encode(essays_document(), add_special_tokens=False)[:num_tokens]
-    for doc in sorted(load_corpus("python-docs"), key=lambda d: d.name):
+    for doc in named_corpus("python-docs"):
         if len(ids) >= num_tokens:
             break
         ids += tokenizer.encode("\n\n" + doc.text, add_special_tokens=False)
@@ -560,7 +552,7 @@ def _relative_error(stored: list[StoredVectors], originals: list[np.ndarray]) ->
     return math.sqrt(err / sum(float(np.square(x).sum()) for x in originals))
 
 
-def memory_cost(config: LongMemConfig, tokens: int = MEMORY_COST_TOKENS, query_tokens: int | None = None, *,
+def memory_cost(config: LongMemConfig, tokens: int, query_tokens: int | None = None, *,
                 model: LongMem | None = None, options: IndexOptions | None = None) -> dict[str, Any]:
     """Bytes per cached token, build time, search latency and recall@K of each storage option.
 
@@ -629,10 +621,6 @@ def memory_cost(config: LongMemConfig, tokens: int = MEMORY_COST_TOKENS, query_t
 
 # ---- retrieval: approximate search of large memories -------------------------------------------
 
-RETRIEVAL_SIZES = (65_536, 262_144, 1_048_576)
-RETRIEVAL_REPEATS = 3  # timed searches per size and method; the median counts
-
-
 def held_chunks(config: LongMemConfig, tokens: int) -> int:
     """Chunks a memory holds after `tokens` tokens are appended: each segment's sinks are dropped."""
     w, sink = config.read.segment_tokens, config.memory.sink_tokens
@@ -656,7 +644,7 @@ def _store_of(arrays: dict[str, np.ndarray], chunks: int, approx: ApproxSearch,
     return store, time.perf_counter() - t0
 
 
-def retrieval(config: LongMemConfig, sizes: Sequence[int] = RETRIEVAL_SIZES, repeats: int = RETRIEVAL_REPEATS, *,
+def retrieval(config: LongMemConfig, sizes: Sequence[int], repeats: int, *,
               model: LongMem | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Retrieval of one segment's queries from memories of N tokens of real text, as configured (exact
     below memory.ann_min_tokens, ApproxSearch above) and exactly.
@@ -772,7 +760,7 @@ def _in_fresh_process(fn: Callable, *args) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def long_context(config: LongMemConfig, lengths: Sequence[int] = LONG_CONTEXT_LENGTHS) -> dict[str, Any]:
+def long_context(config: LongMemConfig, lengths: Sequence[int]) -> dict[str, Any]:
     """Time and peak memory per token of reading the first n tokens of the essays, for each n:
     LongMem (score with no memory id: W-token windows, earlier windows in a scratch memory) and the
     backbone with full attention over all n tokens (one forward pass; only up to its position

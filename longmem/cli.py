@@ -8,7 +8,7 @@ import sys
 import time
 
 from .client_cli import add_client_commands
-from .config import LongMemConfig
+from .config import BENCH_PARTS, EVAL_PARTS, LongMemConfig
 
 log = logging.getLogger("longmem")
 
@@ -120,10 +120,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
         ray.shutdown()
     print(summary.table())
     return 0 if not summary.errors else 1
-
-
-EVAL_PARTS = ("ppl", "chapter", "icl", "passkey", "recall")  # longmem.evaluate.PARTS, without importing torch
-BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "search", "retrieval")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

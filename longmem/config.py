@@ -167,15 +167,23 @@ class ServeConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """How a corpus path is read, the same for `longmem train`, `longmem eval` and `longmem batch`
+    (longmem/data.py): a directory of text files, JSONL or Parquet records."""
+
+    text_extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst"])  # empty: every file
+    text_field: str = "text"  # JSONL / Parquet
+    # The first present names a record; a record with none is named by a hash of its text.
+    id_fields: list[str] = field(default_factory=lambda: ["id", "name"])
+
+
+@dataclass
 class BatchConfig:
     """`longmem batch`: a corpus through Ray Data, each document ingested into its own memory and/or
     scored with memory, results to Parquet or JSONL."""
 
     mode: str = "both"  # "ingest", "score" (per-document perplexity with memory) or "both"
     input_format: str = "auto"  # "text" (a directory of files), "jsonl", "parquet"; auto: by suffix
-    text_extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst"])  # empty: every file
-    text_field: str = "text"  # JSONL / Parquet
-    id_fields: list[str] = field(default_factory=lambda: ["id", "name"])  # first present names a record
     output_format: str = "parquet"  # or "jsonl"
     tenant: str = "default"  # memories are created for this tenant (the insecure local mode's tenant)
     memory_prefix: str = "doc-"  # memory id = prefix + document id (made a valid memory id)
@@ -268,6 +276,9 @@ class TrainConfig:
     checkpoint_dtype: str = "float16"
 
 
+EVAL_PARTS = ("ppl", "chapter", "icl", "passkey", "recall")  # `longmem eval --parts`, in run order
+
+
 @dataclass
 class EvalConfig:
     out_dir: str = "results/eval"
@@ -307,6 +318,9 @@ class DemoConfig:
     answer_tokens: int = 8
 
 
+BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "search", "retrieval")  # `longmem bench --parts`, in run order
+
+
 @dataclass
 class BenchConfig:
     """`longmem bench`: how big each part is (longmem/bench.py, services/bench.py). The defaults run in
@@ -340,6 +354,7 @@ class LongMemConfig:
     sidenet: SideNetConfig = field(default_factory=SideNetConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

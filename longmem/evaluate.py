@@ -44,14 +44,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import LongMemConfig
+from .config import EVAL_PARTS, LongMemConfig
 from .curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, RecallExample, curriculum_config, phrasings
 from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, random_key,
                    sentiment_lexicon, split_heldout)
-from .memory import MemoryStats
-from .model import LongMem, pad_segments
+from .memory import MemoryStats, round_up
+from .model import LongMem, memory_capacity, pad_segments, perplexity
 
-PARTS = ("ppl", "chapter", "icl", "passkey", "recall")
+PARTS = EVAL_PARTS
 TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
           "icl": "Many-shot in-context learning with demonstrations in memory",
           "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, unseen phrasings"}
@@ -89,16 +89,8 @@ def fmt_acc(correct: int, total: int) -> str:
     return f"{correct / total:.1%} ({correct}/{total})" if total else "n/a"
 
 
-def ppl_of(logprobs: np.ndarray) -> float:
-    return float(math.exp(-float(np.mean(logprobs)))) if len(logprobs) else float("nan")
-
-
-def round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
-
-
 def heldout_documents(config: LongMemConfig) -> list[Document]:
-    return split_heldout(load_corpus(config.eval.corpus), config.train.heldout_fraction)[1]
+    return split_heldout(load_corpus(config.eval.corpus, config.corpus), config.train.heldout_fraction)[1]
 
 
 @dataclass
@@ -123,7 +115,7 @@ def eval_data(config: LongMemConfig) -> EvalData:
     if not heldout:
         raise ValueError(f"corpus {config.eval.corpus!r} has no held-out documents at fraction "
                          f"{config.train.heldout_fraction}")
-    return EvalData(heldout, {name: load_corpus(name) for name in config.eval.unseen_corpora})
+    return EvalData(heldout, {name: load_corpus(name, config.corpus) for name in config.eval.unseen_corpora})
 
 
 def _jsonable(x: Any) -> Any:
@@ -252,7 +244,7 @@ def bucket_ppl(logprobs: list[np.ndarray], ranges: list[tuple[int, int]]) -> lis
     result = []
     for start, end in ranges:
         parts = [lp[max(start - 1, 0):max(end - 1, 0)] for lp in logprobs]
-        result.append(ppl_of(np.concatenate(parts)))
+        result.append(perplexity(np.concatenate(parts)))
     return result
 
 
@@ -276,16 +268,16 @@ def ppl_corpus(model: LongMem, config: LongMemConfig, docs: Sequence[Document], 
         "longmem": ("LongMem, memory of earlier segments", [r.logprobs for r in with_memory]),
     }
     ranges = position_buckets(n_tokens, ev.position_buckets)
-    scratch_capacity = min(model.config.memory.capacity_tokens, round_up(n_tokens, model.config.memory.chunk_size))
+    scratch_capacity = memory_capacity(model.config, n_tokens)
     result = {
         "corpus": name, "items": len(chosen), "doc_tokens": n_tokens, "segment_tokens": w,
         "full_window_tokens": window, "memory_capacity_tokens": scratch_capacity,
         "documents": [{"name": d.name, "tokens": len(d.ids), "joined_documents": d.joined} for d in chosen],
         "buckets": [list(r) for r in ranges],
         # logprobs[i] predicts token i + 1: the tokens after the first segment are logprobs[w - 1:]
-        "methods": {key: {"label": label, "ppl": ppl_of(np.concatenate(lps)),
-                          "after_first_segment": ppl_of(np.concatenate([lp[w - 1:] for lp in lps])),
-                          "per_doc": [ppl_of(lp) for lp in lps], "by_position": bucket_ppl(lps, ranges)}
+        "methods": {key: {"label": label, "ppl": perplexity(np.concatenate(lps)),
+                          "after_first_segment": perplexity(np.concatenate([lp[w - 1:] for lp in lps])),
+                          "per_doc": [perplexity(lp) for lp in lps], "by_position": bucket_ppl(lps, ranges)}
                     for key, (label, lps) in methods.items()},
         "notes": [],
     }

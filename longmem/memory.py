@@ -34,6 +34,7 @@ exactly what a single store would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -65,6 +66,12 @@ class CapacityExceeded(RuntimeError):
 
 class ShardUnavailable(RuntimeError):
     """A memory shard is down or restarting; the call may be retried."""
+
+
+
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a positive multiple of `multiple` (e.g. a capacity in whole chunks holding n tokens)."""
+    return max(multiple, math.ceil(n / multiple) * multiple)
 
 
 @dataclass

@@ -36,8 +36,19 @@ from tqdm.auto import tqdm
 from .backbone import Backbone, BackboneOutput
 from .checkpoint import load_weights, read_meta, resolve_checkpoint
 from .config import LongMemConfig
-from .memory import ChunkHits, MemoryBank, MemoryStats, hits_to_retrieved
+from .memory import ChunkHits, MemoryBank, MemoryStats, hits_to_retrieved, round_up
 from .sidenet import FrozenInputs, SideNet
+
+
+
+def perplexity(logprobs: np.ndarray) -> float:
+    """exp of the mean negative log-prob (NaN for none)."""
+    return float(math.exp(-float(np.mean(logprobs)))) if len(logprobs) else float("nan")
+
+
+def memory_capacity(config: LongMemConfig, num_tokens: int) -> int:
+    """A memory capacity holding num_tokens, in whole chunks, at most `memory.capacity_tokens`."""
+    return min(config.memory.capacity_tokens, round_up(num_tokens, config.memory.chunk_size))
 
 
 @dataclass
@@ -46,17 +57,13 @@ class ScoreResult:
     logprobs: np.ndarray  # [N - 1]: log p(token i+1 | tokens <= i), LongMem (or SideNet) reading
     backbone_logprobs: np.ndarray  # [N - 1]: the backbone alone, same segments; [0] when not asked for
 
-    @staticmethod
-    def _ppl(lp: np.ndarray) -> float:
-        return float(math.exp(-lp.mean())) if len(lp) else float("nan")
-
     @property
     def perplexity(self) -> float:
-        return self._ppl(self.logprobs)
+        return perplexity(self.logprobs)
 
     @property
     def backbone_perplexity(self) -> float:
-        return self._ppl(self.backbone_logprobs)
+        return perplexity(self.backbone_logprobs)
 
 
 @dataclass
@@ -290,10 +297,8 @@ def ingest_tokens(encoder: Encoder, memory_id: str, ids: list[int], config: Long
 
 def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:
     """A temporary memory for a call's own earlier segments, sized to hold all of them if it can."""
-    c = config.memory.chunk_size
-    capacity = min(config.memory.capacity_tokens, math.ceil(num_tokens / c) * c)
     memory_id = f"scratch-{uuid.uuid4().hex}"
-    bank.create(memory_id, capacity)
+    bank.create(memory_id, memory_capacity(config, num_tokens))
     return memory_id
 
 

@@ -61,7 +61,7 @@ from .config import LongMemConfig, TrainConfig
 from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
 from .data import Document, load_corpus, split_heldout
 from .model import LocalEncoder, LocalReader, build_sidenet, fill_memory, make_bank
-from .memory import ChunkHits, Retrieved
+from .memory import ChunkHits, Retrieved, round_up
 from .sidenet import FrozenInputs, SideNet, memory_log_probs
 
 log = logging.getLogger("longmem.train")
@@ -228,7 +228,7 @@ class Trainer:
 
     def _data(self) -> None:
         tc, w = self.config.train, self.config.read.segment_tokens
-        docs = [d for spec in tc.corpora for d in load_corpus(spec)]
+        docs = [d for spec in tc.corpora for d in load_corpus(spec, self.config.corpus)]
         train_docs, _ = split_heldout(docs, tc.heldout_fraction)
         self.docs = lm_documents(train_docs, self.tokenize, tc, random.Random(self.config.seed))
         if not self.docs:
@@ -242,9 +242,9 @@ class Trainer:
                                      curriculum_config(self.config, w))
         largest = max([tc.recall_memory_tokens[1], tc.val_heldout_tokens, *tc.val_memory_tokens])
         c = self.config.memory.chunk_size
-        self.bank.create(FILLER, math.ceil((largest + w) / c) * c)
+        self.bank.create(FILLER, round_up(largest + w, c))
         for b in range(max(tc.recall_rows, tc.val_items)):
-            self.bank.create(f"facts-{b}", math.ceil(w / c) * c)
+            self.bank.create(f"facts-{b}", round_up(w, c))
         rng = random.Random(self.config.seed + 1)  # the validation items, the same in every run
         sets = [(f"val_{n}", n, False) for n in tc.val_memory_tokens] + [
             (f"val_unseen_{tc.val_heldout_tokens}", tc.val_heldout_tokens, True)]

@@ -24,10 +24,10 @@ DEFAULT_ACTORS = "1,2"
 
 def subset(corpus: str, docs: int, folder: Path) -> int:
     """The first `docs` documents of a named corpus as text files; returns their characters."""
-    from longmem.data import load_corpus
+    from longmem.data import named_corpus
 
     chars = 0
-    for doc in load_corpus(corpus)[:docs]:
+    for doc in named_corpus(corpus)[:docs]:
         path = folder / f"{doc.name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(doc.text)

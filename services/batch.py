@@ -20,7 +20,6 @@ the same mode) and retries errors. A bad document never stops the job.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -35,10 +34,10 @@ import pyarrow.fs as pafs
 import ray
 
 from longmem.backbone import Backbone, model_dims
-from longmem.config import BatchConfig, LongMemConfig
-from longmem.data import NAMED_CORPORA, load_corpus
+from longmem.config import BatchConfig, CorpusConfig, LongMemConfig
+from longmem.data import NAMED_CORPORA, InvalidRecord, jsonl_documents, named_corpus, record_document
 from longmem.memory import MemoryExists, MemoryNotFound
-from longmem.model import LocalEncoder, LongMem, ingest_tokens
+from longmem.model import LocalEncoder, LongMem, ingest_tokens, memory_capacity
 
 from .auth import scope
 from .bank import RemoteBank, start_bank
@@ -100,66 +99,46 @@ def _decode_files(batch: pd.DataFrame, root: str, source: str) -> pd.DataFrame:
     return _rows(records, source)
 
 
-def _record_id(record: dict[str, Any], text: str, id_fields: list[str]) -> str:
-    """The record's first present id field, else a hash of its text (stable across re-runs)."""
-    for key in id_fields:
-        if record.get(key) is not None:
-            return str(record[key])
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def _jsonl_records(batch: pd.DataFrame, root: str, source: str, text_field: str, id_fields: list[str]) -> pd.DataFrame:
+def _jsonl_records(batch: pd.DataFrame, root: str, source: str, cfg: CorpusConfig) -> pd.DataFrame:
     records = []
     for path, data in zip(batch["path"], batch["bytes"]):
-        name = _relative(path, root)
-        for line_no, raw in enumerate(data.split(b"\n"), 1):
-            if not raw.strip():
-                continue
-            where = f"{name}:{line_no}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                records.append((where, "", INVALID, f"line {line_no} is not a JSON object ({type(e).__name__})"))
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                records.append((where, "", INVALID, f"line {line_no} has no string field {text_field!r}"))
-                continue
-            text = record[text_field]
-            records.append((_record_id(record, text, id_fields), text, OK, ""))
+        for doc in jsonl_documents(data, _relative(path, root), cfg):
+            records.append((doc.where, "", INVALID, doc.why) if isinstance(doc, InvalidRecord)
+                           else (doc.name, doc.text, OK, ""))
     return _rows(records, source)
 
 
-def _parquet_records(batch: pd.DataFrame, root: str, source: str, text_field: str,
-                     id_fields: list[str]) -> pd.DataFrame:
+def _parquet_records(batch: pd.DataFrame, root: str, source: str, cfg: CorpusConfig) -> pd.DataFrame:
     records = []
     for record in batch.to_dict("records"):
-        text = record.get(text_field)
-        if not isinstance(text, str):
-            where = f"{_relative(record['path'], root)}:{_record_id(record, '', id_fields)}"
-            records.append((where, "", INVALID, f"no string {text_field!r}"))
-            continue
-        records.append((_record_id(record, text, id_fields), text, OK, ""))
+        try:
+            doc = record_document(record, _relative(record["path"], root), cfg)
+            records.append((doc.name, doc.text, OK, ""))
+        except InvalidRecord as e:
+            records.append((e.where, "", INVALID, e.why))
     return _rows(records, source)
 
 
-def read_corpus(source: str, cfg: BatchConfig) -> ray.data.Dataset:
+def read_corpus(source: str, config: LongMemConfig) -> ray.data.Dataset:
     """A named corpus (longmem.data), or a directory of text files, JSONL or Parquet (local path or
-    any URI pyarrow reads: s3://, gs://, ...), as rows doc_id / source / text / status / error."""
+    any URI pyarrow reads: s3://, gs://, ...) read as config.corpus says, as rows doc_id / source /
+    text / status / error. Records are named as `longmem train` and `longmem eval` name them."""
+    cfg, corpus = config.batch, config.corpus
     if source in NAMED_CORPORA:
-        return ray.data.from_pandas(_rows([(d.name, d.text, OK, "") for d in load_corpus(source)], source))
+        return ray.data.from_pandas(_rows([(d.name, d.text, OK, "") for d in named_corpus(source)], source))
     fmt, root = input_format(source, cfg), _strip_scheme(source).rstrip("/")
     if fmt == "parquet":
         root = os.path.dirname(root) if root.endswith(".parquet") else root
         ds = ray.data.read_parquet(source, include_paths=True, num_cpus=cfg.io_num_cpus)
-        return ds.map_batches(_parquet_records, batch_format="pandas", num_cpus=cfg.io_num_cpus, fn_kwargs={
-            "root": root, "source": source, "text_field": cfg.text_field, "id_fields": cfg.id_fields})
-    extensions = ["jsonl", "json"] if fmt == "jsonl" else [e.lstrip(".") for e in cfg.text_extensions] or None
+        return ds.map_batches(_parquet_records, batch_format="pandas", num_cpus=cfg.io_num_cpus,
+                              fn_kwargs={"root": root, "source": source, "cfg": corpus})
+    extensions = ["jsonl", "json"] if fmt == "jsonl" else [e.lstrip(".") for e in corpus.text_extensions] or None
     ds = ray.data.read_binary_files(source, include_paths=True, file_extensions=extensions, num_cpus=cfg.io_num_cpus)
     if root.endswith(tuple(extensions or ())):
         root = os.path.dirname(root)
     if fmt == "jsonl":
-        return ds.map_batches(_jsonl_records, batch_format="pandas", num_cpus=cfg.io_num_cpus, fn_kwargs={
-            "root": root, "source": source, "text_field": cfg.text_field, "id_fields": cfg.id_fields})
+        return ds.map_batches(_jsonl_records, batch_format="pandas", num_cpus=cfg.io_num_cpus,
+                              fn_kwargs={"root": root, "source": source, "cfg": corpus})
     return ds.map_batches(_decode_files, batch_format="pandas", num_cpus=cfg.io_num_cpus,
                           fn_kwargs={"root": root, "source": source})
 
@@ -272,8 +251,7 @@ class IngestStage(_Stage):
     def _fresh_memory(self, memory_id: str, num_tokens: int) -> None:
         """An empty memory sized for the document (or batch.memory_capacity_tokens); a memory left by
         an interrupted earlier run is replaced, so a re-run never appends a document twice."""
-        c, cfg = self.config.memory.chunk_size, self.config.batch
-        capacity = cfg.memory_capacity_tokens or min(self.config.memory.capacity_tokens, math.ceil(num_tokens / c) * c)
+        capacity = self.config.batch.memory_capacity_tokens or memory_capacity(self.config, num_tokens)
         try:
             self.bank.create(memory_id, capacity)
         except MemoryExists:
@@ -357,7 +335,7 @@ def run_batch(config: LongMemConfig, source: str, out: str, progress: bool = Tru
     done = done_ids(previous, cfg.mode)
     run_id = uuid.uuid4().hex[:12]
     start = time.perf_counter()
-    ds = read_corpus(source, cfg).map_batches(_prepare, batch_format="pandas", num_cpus=cfg.io_num_cpus,
+    ds = read_corpus(source, config).map_batches(_prepare, batch_format="pandas", num_cpus=cfg.io_num_cpus,
                                               fn_kwargs={"mode": cfg.mode, "run_id": run_id, "done": done})
     stage_args = {"batch_format": "pandas", "batch_size": cfg.docs_per_call, "num_cpus": cfg.actor_num_cpus,
                   "fn_constructor_kwargs": {"config": config.to_dict()}}

@@ -41,17 +41,14 @@ import numpy as np
 import torch
 
 from longmem import bench as core
-from longmem.config import LongMemConfig
+from longmem.config import BENCH_PARTS, LongMemConfig
+from longmem.memory import round_up
 from longmem.model import LongMem
 
-# ---- defaults ----------------------------------------------------------------------------------
-SERVICE_TOKENS = 2048  # tokens appended, then as many further tokens scored, per path
+# ---- fixed parameters (the sizes of each part are config.bench's) --------------------------------
 SERVICE_WARMUP_TOKENS = 256  # an untimed append + score this long per path first (lazy inits, first calls)
-SEARCH_SIZES = (16 * 1024, 256 * 1024, 1024 * 1024)  # memory sizes, tokens
-SEARCH_SHARDS = (1, 2, 4)  # shard counts a memory is striped over
 SEARCH_QUERY_TOKENS = 64  # query tokens per search (x the model's query heads)
 SEARCH_FILL_TOKENS = 64 * 1024  # tokens per bank append while filling a memory
-SEARCH_REPEATS = 5  # timed searches per (size, shards); the median counts
 SEARCH_WARMUP = 1  # untimed searches first
 SHARD_BUDGET_HEADROOM = 1.05  # shard byte budget: the biggest memory on one shard, x this ...
 SHARD_BUDGET_EXTRA_BYTES = 64 << 20  # ... plus this
@@ -59,10 +56,7 @@ READY_TIMEOUT_S = 300.0  # Serve deploy until the gRPC API answers
 RAY_START_ATTEMPTS = 2  # a local Ray instance may time out starting on a busy machine: try once more
 BENCH_NAMESPACE = "longmem-bench"  # Ray namespace of the bank and shard actors the benchmarks start
 SEED = 0
-PARTS = {  # `longmem bench --parts` name -> result key
-    "roofline": "roofline", "eviction": "eviction", "memory": "memory_cost", "long_context": "long_context",
-    "service": "service", "search": "search", "retrieval": "retrieval",
-}
+PARTS = {part: {"memory": "memory_cost"}.get(part, part) for part in BENCH_PARTS}  # name -> result key
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 
 
@@ -154,7 +148,7 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def service_overhead(config: LongMemConfig, tokens: int = SERVICE_TOKENS, *, model: LongMem | None = None,
+def service_overhead(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
                      warmup_tokens: int = SERVICE_WARMUP_TOKENS,
                      ready_timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
     """Append and Score tokens/s through the gRPC API against the in-process core, and how far apart
@@ -185,13 +179,13 @@ def service_overhead(config: LongMemConfig, tokens: int = SERVICE_TOKENS, *, mod
         load_s = None
     config = model.config
     c = config.memory.chunk_size
-    capacity = core.round_up(tokens, c)
+    capacity = round_up(tokens, c)
     ids = core.text_ids(model.tokenizer, 2 * tokens + 2 * warmup_tokens)
     append_ids, score_ids = ids[:tokens], ids[tokens:2 * tokens]
     warm_append, warm_score = ids[2 * tokens:2 * tokens + warmup_tokens], ids[2 * tokens + warmup_tokens:]
 
     _log(f"service overhead: in-process, {tokens:,} tokens")
-    warm = model.create_memory(capacity_tokens=core.round_up(warmup_tokens, c))
+    warm = model.create_memory(capacity_tokens=round_up(warmup_tokens, c))
     model.append(warm, token_ids=warm_append)
     model.score(token_ids=warm_score, memory_id=warm, append=False)
     model.delete_memory(warm)
@@ -224,7 +218,7 @@ def service_overhead(config: LongMemConfig, tokens: int = SERVICE_TOKENS, *, mod
                     client.wait_ready(ready_timeout_s)
                     startup_s = time.perf_counter() - t0
                     _log(f"service overhead: service ready in {startup_s:.1f} s; {tokens:,} tokens")
-                    client.create_memory("bench-warm", capacity_tokens=core.round_up(warmup_tokens, c))
+                    client.create_memory("bench-warm", capacity_tokens=round_up(warmup_tokens, c))
                     client.append("bench-warm", token_ids=warm_append)
                     client.score(token_ids=warm_score, memory_id="bench-warm", append=False)
                     client.delete_memory("bench-warm")
@@ -315,9 +309,8 @@ def _cpu_per_search(before: dict[str, tuple[float, int]], after: dict[str, tuple
                   if n > before[name][1])
 
 
-def search_scaling(config: LongMemConfig, sizes: Sequence[int] = SEARCH_SIZES,
-                   shards: Sequence[int] = SEARCH_SHARDS, *, query_tokens: int = SEARCH_QUERY_TOKENS,
-                   fill_tokens: int = SEARCH_FILL_TOKENS, repeats: int = SEARCH_REPEATS,
+def search_scaling(config: LongMemConfig, sizes: Sequence[int], shards: Sequence[int], repeats: int, *,
+                   query_tokens: int = SEARCH_QUERY_TOKENS, fill_tokens: int = SEARCH_FILL_TOKENS,
                    warmup: int = SEARCH_WARMUP, seed: int = SEED) -> dict[str, Any]:
     """Latency of one exact search of a memory of N tokens striped over S shards, as a reader searches:
     the bank actor's route, then the shard actors directly and the merge here (approximate search of large stores is the retrieval part's question, on real text).

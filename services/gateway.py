@@ -20,26 +20,20 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from longmem.backbone import model_dims, resolve_backbone_path
 from longmem.config import LongMemConfig
-from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
-from longmem.storage import StorageLocked
 from longmem.model import LongMemRunner
 from longmem.v1 import longmem_pb2 as pb
 
-from .auth import SEPARATOR, Tenants, Unauthenticated, load_keys, scope, unscope
+from .auth import SEPARATOR, Tenants, load_keys, scope, unscope
 from .bank import RemoteBank
 from .encoder import RemoteEncoder
 from .messages import spans_to_proto, stats_to_proto
 from .metrics import metrics
 from .reader import RemoteReader
+from .remote import STATUS
 
 log = logging.getLogger("longmem.gateway")
 
 MEMORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-STATUS = ((Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (MemoryNotFound, grpc.StatusCode.NOT_FOUND),
-          (MemoryExists, grpc.StatusCode.ALREADY_EXISTS), (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-          (ShardUnavailable, grpc.StatusCode.UNAVAILABLE), (StorageLocked, grpc.StatusCode.FAILED_PRECONDITION),
-          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
 def status_of(error: BaseException) -> grpc.StatusCode | None:
@@ -220,7 +214,8 @@ class Gateway:
         return pb.ScoreChoicesResponse(choices=out, best_index=best)
 
     def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> Iterator[pb.GenerateResponse]:
-        # A streaming status reaches the client only with a raise after set_code (see ray-notes).
+        # On Serve's gRPC proxy a streaming method's status reaches the client only if it raises after
+        # set_code (a code set after the last yield, followed by a plain return, arrives as OK).
         tenant = None
         start = time.perf_counter()
         try:

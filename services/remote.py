@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import grpc
 import ray
 import torch
 
 from longmem.config import LongMemConfig
-
 from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
 from longmem.storage import StorageLocked
 
-KNOWN_ERRORS = (MemoryNotFound, MemoryExists, CapacityExceeded, ShardUnavailable, StorageLocked, ValueError)
+from .auth import Unauthenticated
+
+# The errors a caller is told about, each with its gRPC status: the gateway answers with these codes,
+# and a remote call re-raises them as themselves (`result`). Anything else is a bug: INTERNAL.
+STATUS = ((Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (MemoryNotFound, grpc.StatusCode.NOT_FOUND),
+          (MemoryExists, grpc.StatusCode.ALREADY_EXISTS), (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (ShardUnavailable, grpc.StatusCode.UNAVAILABLE), (StorageLocked, grpc.StatusCode.FAILED_PRECONDITION),
+          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+KNOWN_ERRORS = tuple(kind for kind, _ in STATUS)
 
 
 def known_cause(error: BaseException) -> BaseException | None:
-    """The core error (not found, exists, capacity, bad value) behind a Ray/Serve error, if any."""
+    """The known error (STATUS) behind a Ray/Serve error, if any."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

@@ -14,10 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import TEXT, tiny_config
+from longmem import data
+from longmem.data import load_corpus
 from longmem.model import LongMem
 from services.auth import scope
 from services.bank import RemoteBank, stop_bank
-from services.batch import INVALID, OK, memory_id_for, read_results, run_batch
+from services.batch import INVALID, OK, memory_id_for, read_corpus, read_results, run_batch
 from services.gateway import MEMORY_ID
 
 MAX_DOC_TOKENS = 600
@@ -121,6 +123,24 @@ def test_jsonl_and_parquet_inputs_with_bad_records(cluster, tmp_path):
     finally:
         config.batch.output_format = "parquet"
         config.batch.mode = "both"
+
+
+def test_batch_names_records_as_training_does(cluster, tmp_path):
+    """One corpus reader: `longmem batch` and `longmem train`/`eval` (load_corpus) give a corpus the
+    same documents under the same ids, for JSONL and Parquet, with and without id fields."""
+    config = cluster
+    records = [{"id": "i1", "name": "n1", "text": "first"}, {"name": "n2", "text": "second"},
+               {"text": "third, with no id"}, {"id": 4, "text": "fourth"}]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    parquet = tmp_path / "c.parquet"
+    pd.DataFrame({"id": ["i1", None, None, "4"], "name": ["n1", "n2", None, None],
+                  "text": [r["text"] for r in records]}).to_parquet(parquet)
+    for path in (jsonl, parquet):
+        rows = read_corpus(str(path), config).to_pandas()
+        want = load_corpus(str(path), config.corpus)
+        assert sorted(zip(rows["doc_id"], rows["text"])) == sorted((d.name, d.text) for d in want), path
+        assert data.text_id("third, with no id") in set(rows["doc_id"])
 
 
 @given(st.text(min_size=1, max_size=300))

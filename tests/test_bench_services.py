@@ -89,7 +89,7 @@ def test_search_scaling(search_result):
 
 def test_search_scaling_checks_sizes_before_starting_ray(tiny_llama_dir):
     with pytest.raises(ValueError, match="multiples of the chunk size"):
-        bench.search_scaling(tiny_config(tiny_llama_dir), (30,), (1,))
+        bench.search_scaling(tiny_config(tiny_llama_dir), (30,), (1,), repeats=1)
     assert not ray.is_initialized()
 
 

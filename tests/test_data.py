@@ -1,8 +1,8 @@
 """longmem.data: corpus loading, the held-out split, the passkey prompt, the sentiment lexicon.
 
-The named-corpus tests read the Debian packages python3.11-doc and jargon-text and the lexicon test
-reads the vaderSentiment wheel; they fail (never skip) when those are missing, since the project
-setup installs them."""
+The Debian corpora's loaders run here on miniatures of their layout; the tests marked `corpora` read
+the real packages (python3.11-doc, jargon-text), which `make data` installs: `make test-corpora` runs
+them, `make test` does not need them. The lexicon test reads the vaderSentiment wheel."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from longmem import data
+from longmem.config import CorpusConfig
 from longmem.data import Document
 
 SMOLLM2 = Path("/root/.cache/longmem/models/smollm2-135m-instruct")
@@ -21,25 +22,44 @@ SMOLLM2 = Path("/root/.cache/longmem/models/smollm2-135m-instruct")
 
 # ---- loading from paths ------------------------------------------------------------------------
 
+CORPUS = CorpusConfig()
+
+
 def test_jsonl(tmp_path):
     path = tmp_path / "c.jsonl"
-    rows = [{"text": "beta text", "id": 7}, {"text": "alpha text", "name": "a"}, {"text": "no name"}]
+    rows = [{"text": "beta text", "id": 7}, {"text": "alpha text", "name": "a"}, {"text": "no name"},
+            {"text": "both", "name": "by-name", "id": "by-id"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
-    docs = data.load_corpus(str(path))
-    assert docs == [Document("7", "beta text"), Document("a", "alpha text"), Document("c/0000003", "no name")]
+    docs = data.load_corpus(str(path), CORPUS)
+    assert sorted(docs, key=lambda d: d.text) == [
+        Document("a", "alpha text"), Document("7", "beta text"), Document("by-id", "both"),
+        Document(data.text_id("no name"), "no name")]
+    assert [d.name for d in docs] == sorted(d.name for d in docs)
+
+
+def test_the_id_rule_is_the_config(tmp_path):
+    """The first present of corpus.id_fields names a record, else the hash of its text; the text
+    comes from corpus.text_field."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"body": "the text", "name": "n", "id": "i"}) + "\n", encoding="utf-8")
+    cfg = CorpusConfig(text_field="body", id_fields=["name", "id"])
+    assert data.load_corpus(str(path), cfg) == [Document("n", "the text")]
+    assert data.load_corpus(str(path), CorpusConfig(text_field="body", id_fields=[])) == [
+        Document(data.text_id("the text"), "the text")]
+    assert data.text_id("the text") == data.text_id("the text") != data.text_id("the text.")
 
 
 def test_jsonl_errors(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"text\""):
-        data.load_corpus(str(path))
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'text'"):
+        data.load_corpus(str(path), CORPUS)
     path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        data.load_corpus(str(path))
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
+        data.load_corpus(str(path), CORPUS)
     path.write_text('{"text": "one", "id": "x"}\n{"text": "two", "id": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="two documents named 'x'"):
-        data.load_corpus(str(path))
+        data.load_corpus(str(path), CORPUS)
 
 
 def test_parquet(tmp_path):
@@ -49,38 +69,41 @@ def test_parquet(tmp_path):
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({"text": ["zulu", "yankee", "xray"], "id": ["z", None, "x"],
                              "other": [1, 2, 3]}), path)
-    assert data.load_corpus(str(path)) == [
-        Document("c/0000001", "yankee"), Document("x", "xray"), Document("z", "zulu")]
+    assert sorted(data.load_corpus(str(path), CORPUS), key=lambda d: d.text) == [
+        Document("x", "xray"), Document(data.text_id("yankee"), "yankee"), Document("z", "zulu")]
     pq.write_table(pa.table({"body": ["no text column"]}), path)
-    with pytest.raises(ValueError, match='no "text" column'):
-        data.load_corpus(str(path))
+    with pytest.raises(ValueError, match="no 'text' column"):
+        data.load_corpus(str(path), CORPUS)
 
 
 def test_directory(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("bee", encoding="utf-8")
     (tmp_path / "sub" / "a.md").write_text("# a", encoding="utf-8")
+    (tmp_path / "c.rst").write_text("see", encoding="utf-8")
     (tmp_path / "skip.json").write_text("{}", encoding="utf-8")
-    assert data.load_corpus(str(tmp_path)) == [Document("b.txt", "bee"), Document("sub/a.md", "# a")]
+    assert data.load_corpus(str(tmp_path), CORPUS) == [
+        Document("b.txt", "bee"), Document("c.rst", "see"), Document("sub/a.md", "# a")]
+    assert [d.name for d in data.load_corpus(str(tmp_path), CorpusConfig(text_extensions=[".md"]))] == ["sub/a.md"]
 
 
 def test_unknown_spec(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus 'no-such-corpus'"):
-        data.load_corpus("no-such-corpus")
+        data.load_corpus("no-such-corpus", CORPUS)
     with pytest.raises(ValueError, match="unknown corpus"):
-        data.load_corpus(str(tmp_path / "missing.jsonl"))
+        data.load_corpus(str(tmp_path / "missing.jsonl"), CORPUS)
     (tmp_path / "c.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match="unsupported corpus file"):
-        data.load_corpus(str(tmp_path / "c.csv"))
+        data.load_corpus(str(tmp_path / "c.csv"), CORPUS)
 
 
 def test_missing_debian_corpus_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "PYTHON_DOCS_DIR", tmp_path / "none")
     monkeypatch.setattr(data, "JARGON_FILE", tmp_path / "none.txt.gz")
     with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
-        data.load_corpus("python-docs")
+        data.named_corpus("python-docs")
     with pytest.raises(FileNotFoundError, match="apt-get install jargon-text"):
-        data.load_corpus("jargon")
+        data.named_corpus("jargon")
 
 
 # ---- the Jargon File parser on a miniature of its layout --------------------------------------
@@ -168,10 +191,30 @@ def test_pack_units():
     assert data.pack_units(["x" * 50, "y"], 10, 20) == ["x" * 50, "y"]  # too long: alone
 
 
-# ---- the named corpora (Debian packages, installed by the project setup) ----------------------
+# ---- the named corpora ---------------------------------------------------------------------------
 
+def test_python_docs_loader_on_a_miniature(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PYTHON_DOCS_DIR", tmp_path)
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "os.rst.txt").write_text("os\n==\n\n" + "Files. " * 100, encoding="utf-8")
+    (tmp_path / "short.rst.txt").write_text("too short", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("Not a source. " * 100, encoding="utf-8")
+    assert data.named_corpus("python-docs") == [Document("library/os.rst.txt", "os\n==\n\n" + "Files. " * 100)]
+
+
+def test_jargon_loader_on_a_miniature(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setattr(data, "JARGON_FILE", tmp_path / "jargon.txt.gz")
+    with gzip.open(data.JARGON_FILE, "wt", encoding="utf-8") as f:
+        f.write(MINI_JARGON)
+    units = data.jargon_units(MINI_JARGON)
+    assert data.named_corpus("jargon") == [Document("jargon/0001", "\n\n".join(units))]
+
+
+@pytest.mark.corpora
 def test_python_docs():
-    docs = data.load_corpus("python-docs")
+    docs = data.named_corpus("python-docs")
     assert len(docs) >= 400
     names = [d.name for d in docs]
     assert names == sorted(names) and len(set(names)) == len(names)
@@ -180,8 +223,9 @@ def test_python_docs():
     assert sum(len(d.text) for d in docs) > 5_000_000
 
 
+@pytest.mark.corpora
 def test_jargon():
-    docs = data.load_corpus("jargon")
+    docs = data.named_corpus("jargon")
     assert len(docs) >= 10
     assert [d.name for d in docs] == [f"jargon/{i:04d}" for i in range(1, len(docs) + 1)]
     sizes = [len(d.text) for d in docs]
@@ -193,7 +237,7 @@ def test_jargon():
 
 
 def test_essays_corpus():
-    docs = data.load_corpus("essays")
+    docs = data.named_corpus("essays")
     assert len(docs) == len(data.essays()) > 10
     assert all(d.name.startswith("essays/") for d in docs)
 

@@ -1,8 +1,8 @@
 """longmem.evaluate on the tiny random llama backbone with tiny sizes: the whole evaluation writes its
 report, results and plots with sane numbers; the cached-filler passkey memory equals appending the
 whole text; ICL demonstrations and test words are disjoint; ChapterBreak candidates hold the true
-opening exactly once. The held-out documents are the Python docs (Debian python3.11-doc): when they
-are missing these tests fail, they do not skip."""
+opening exactly once. The held-out documents are a reStructuredText corpus the tests generate from the
+essays (conftest.rst_corpus), standing in for the Python docs `longmem eval` holds out."""
 
 from __future__ import annotations
 
@@ -31,20 +31,25 @@ TINY_EVAL = {
 }
 
 
-def eval_config(model, **changes) -> LongMemConfig:
-    data = model.config.to_dict()
-    data["eval"] = {**data["eval"], **TINY_EVAL, **changes}
-    return LongMemConfig.from_dict(data)
+@pytest.fixture(scope="module")
+def eval_config(rst_corpus):
+    """The model's config with the tiny evaluation sizes, holding out every document of rst_corpus."""
+    def make(model, **changes) -> LongMemConfig:
+        data = model.config.to_dict()
+        data["eval"] = {**data["eval"], **TINY_EVAL, "corpus": rst_corpus, **changes}
+        data["train"] = {**data["train"], "heldout_fraction": 1.0}
+        return LongMemConfig.from_dict(data)
+    return make
 
 
 @pytest.fixture(scope="module")
-def heldout(llama_bb):
+def heldout(llama_bb, eval_config):
     docs = heldout_documents(eval_config(llama_bb))
-    assert docs, "no held-out python-docs documents"
+    assert len(docs) >= TINY_EVAL["chapter_items"], "too few held-out documents"
     return docs
 
 
-def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path):
+def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path, eval_config):
     model = llama_bb
     config = eval_config(model)
     memories_before = {m.memory_id for m in model.list_memories()}
@@ -104,7 +109,7 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path):
     assert sum(t["facts"] == TINY_EVAL["recall_facts"] for t in recall["trials"] if t["set"] == "facts8") == 3
     assert {t["kind"] for t in recall["trials"] if t["set"] == "unseen_phrasing"} == {"passkey", "words", "person"}
     for t in recall["trials"]:
-        assert t["answer"] not in passkey_filler_text(model)  # answers occur only where stated
+        assert t["answer"] not in passkey_filler_text(model, eval_config)  # answers occur only where stated
     headline = results["headline"]
     assert list(on_disk)[0] == "headline"
     assert set(headline["passkey"]) == {str(n) for n in TINY_EVAL["passkey_lengths"]}
@@ -112,7 +117,7 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path):
     assert set(headline["ppl_after_first_segment"]["essays"]) >= {"longmem", "sidenet", "backbone_w", "longmem_vs_sidenet"}
 
 
-def passkey_filler_text(model) -> str:
+def passkey_filler_text(model, eval_config) -> str:
     from longmem.evaluate import eval_data
 
     config = eval_config(model)
@@ -120,13 +125,7 @@ def passkey_filler_text(model) -> str:
                                            random.Random(config.eval.seed)))
 
 
-def test_the_command_line_offers_every_part():
-    from longmem.cli import EVAL_PARTS
-
-    assert EVAL_PARTS == PARTS
-
-
-def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path):
+def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path, eval_config):
     results = evaluate(llama_bb, eval_config(llama_bb, ppl_docs=1, position_buckets=2), tmp_path,
                        parts=("ppl",), progress=False)
     assert set(results) == {"headline", "setup", "ppl"}
@@ -135,7 +134,7 @@ def test_evaluate_runs_selected_parts_only(llama_bb, tmp_path):
         evaluate(llama_bb, eval_config(llama_bb), tmp_path, parts=("ppl", "squad"))
 
 
-def test_parts_run_separately_accumulate_in_one_report_of_the_same_setup(llama_bb, tmp_path):
+def test_parts_run_separately_accumulate_in_one_report_of_the_same_setup(llama_bb, tmp_path, eval_config):
     config = eval_config(llama_bb, ppl_docs=1, position_buckets=2)
     first = evaluate(llama_bb, config, tmp_path, parts=("ppl",), progress=False)
     both = evaluate(llama_bb, config, tmp_path, parts=("icl",), progress=False)
@@ -206,7 +205,7 @@ def test_icl_split_is_disjoint_balanced_and_deterministic():
         icl_split(lexicon[:50], 40, 4, 20, random.Random(0))
 
 
-def test_chapter_candidates_include_the_true_opening_exactly_once(llama_bb, heldout):
+def test_chapter_candidates_include_the_true_opening_exactly_once(llama_bb, heldout, eval_config):
     model = llama_bb
     config = eval_config(model, chapter_items=6, chapter_candidates=4)
     ev = config.eval

@@ -200,6 +200,24 @@ def test_end_to_end_from_a_separate_client_process(service, tmp_path):
     assert out.returncode == 2 and "NOT_FOUND" in out.stderr
 
 
+def test_the_readme_client_examples_run_against_the_service(service, tmp_path):
+    from test_examples import EXAMPLES
+
+    config, _, _, _ = service
+    target = f"127.0.0.1:{config.serve.grpc_port}"
+    book = tmp_path / "book.txt"
+    book.write_text(essays_document()[:3000])
+    out = subprocess.run([sys.executable, str(EXAMPLES / "client.py"), str(book), "--target", target],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.splitlines()[0]) > 1
+    env = dict(os.environ, LONGMEM_TARGET=target, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    out = subprocess.run(["bash", str(EXAMPLES / "client_cli.sh"), str(book)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "book-cli" in out.stdout and "perplexity" in out.stdout
+
+
 @pytest.mark.parametrize("call, request_msg, code, field", [
     ("GetMemory", pb.GetMemoryRequest(memory_id="missing"), grpc.StatusCode.NOT_FOUND, "missing"),
     ("GetMemory", pb.GetMemoryRequest(), grpc.StatusCode.INVALID_ARGUMENT, "memory_id"),
