@@ -24,11 +24,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import layers
 from .config import DEFAULT_BACKBONE, BackboneConfig
+
+LOGPROB_ROWS = 512  # LM head + log-softmax over this many positions at a time (bounds memory)
 
 
 def resolve_backbone_path(cfg: BackboneConfig) -> Path:
@@ -89,22 +92,29 @@ class _MemoryLayerReached(Exception):
 
 @dataclass
 class ModelDims:
+    """A backbone's sizes, as its HF config states them: the one place they are read."""
     num_layers: int
+    hidden_size: int
+    num_heads: int  # query heads
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    max_positions: int
+
+    @classmethod
+    def of(cls, hf) -> "ModelDims":
+        heads = hf.num_attention_heads
+        return cls(num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_heads=heads,
+                   num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads, vocab_size=hf.vocab_size,
+                   max_positions=getattr(hf, "max_position_embeddings", None) or hf.n_positions)
 
 
 def model_dims(cfg: BackboneConfig) -> ModelDims:
-    """The sizes the memory bank and the gateway need, read from config.json without loading weights."""
+    """The backbone's sizes from its config.json, without loading weights (the bank, the gateway)."""
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(resolve_backbone_path(cfg))
-    heads = hf.num_attention_heads
-    return ModelDims(num_layers=hf.num_hidden_layers,
-                     num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-                     head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
-                     vocab_size=hf.vocab_size)
+    return ModelDims.of(AutoConfig.from_pretrained(resolve_backbone_path(cfg)))
 
 
 @dataclass
@@ -157,11 +167,9 @@ class Backbone(nn.Module):
         self.base = getattr(self.model, self.model.base_model_prefix)
         self.layers_name, self.layers = layers.decoder_layers(self.base)
         self.num_layers = len(self.layers)
-        self.hidden_size = hf.hidden_size
-        self.num_heads = hf.num_attention_heads
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(hf, "head_dim", None) or self.hidden_size // self.num_heads
-        self.max_positions = getattr(hf, "max_position_embeddings", None) or hf.n_positions
+        dims = ModelDims.of(hf)
+        self.hidden_size, self.num_heads, self.num_kv_heads = dims.hidden_size, dims.num_heads, dims.num_kv_heads
+        self.head_dim, self.max_positions = dims.head_dim, dims.max_positions
         self.memory_layer = cfg.memory_layer if cfg.memory_layer is not None else self.default_memory_layer(
             self.num_layers, cfg.memory_layer_fraction)
         if not 0 <= self.memory_layer < self.num_layers:
@@ -203,6 +211,22 @@ class Backbone(nn.Module):
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """The backbone's own next-token logits from its last (pre-norm) hidden state."""
         return self.lm_head(self.final_norm(hidden_last))
+
+    @torch.no_grad()
+    def window_logprobs(self, ids: list[int], window: int) -> np.ndarray:
+        """log p(token i+1 | tokens <= i), [len(ids) - 1], from the backbone alone reading `window`
+        tokens at once (consecutive windows when `ids` is longer). One plain forward per window (no
+        hidden states kept); the LM head and log-softmax run LOGPROB_ROWS rows at a time."""
+        out = []
+        for start in range(0, len(ids) - 1, window):
+            x = torch.tensor([ids[start:start + window]], device=self.device)  # [1, T]
+            normed = self.base(input_ids=x, use_cache=False).last_hidden_state[0]  # [T, D], final-normed
+            targets = torch.tensor(ids[start + 1:start + window + 1], device=self.device)  # [T or T - 1]
+            for a in range(0, len(targets), LOGPROB_ROWS):
+                rows = targets[a:a + LOGPROB_ROWS]
+                logp = torch.log_softmax(self.lm_head(normed[a:a + len(rows)]).float(), dim=-1)  # [R, V]
+                out.append(logp.gather(-1, rows[:, None])[:, 0].cpu().numpy())
+        return np.concatenate(out)
 
     @torch.no_grad()
     def _check(self) -> str:

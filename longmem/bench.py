@@ -42,6 +42,7 @@ from .config import LongMemConfig
 from .data import essays_document
 from .memory import EXACT, ApproxSearch, Chunks, ChunkStore, Retrieved, round_up
 from .model import LongMem, pad_segments
+from .report import markdown_table
 
 # ---- fixed parameters (the sizes of each part are config.bench's) --------------------------------
 MATMUL_REPEATS = 5  # timed runs per size; the fastest counts (the machine may be shared)
@@ -50,7 +51,6 @@ EVICTION_BATCH_CHUNKS = 256  # chunks evicted and added per step: one 1,024-toke
 EVICTION_REPEATS = 5  # timed steps per size after one warm-up step; the median counts
 SEARCH_REPEATS = 3  # timed searches per storage option; the median counts
 CONTEXT_WARMUP_TOKENS = 16  # an untimed read this long before each long-context measurement
-LOGPROB_ROWS = 1024  # log-softmax over the vocabulary this many rows at a time (bounds memory)
 PLOT_COLUMNS = 3  # subplots per row of the PNG
 CHARS_PER_TOKEN_GUESS = 5  # how much essay text to tokenize first when n tokens are needed
 SEED = 0
@@ -698,22 +698,6 @@ def retrieval(config: LongMemConfig, sizes: Sequence[int], repeats: int, *,
 
 # ---- 4. long context ---------------------------------------------------------------------------
 
-def full_attention_logprobs(model: LongMem, ids: list[int]) -> np.ndarray:
-    """log p(token i+1 | tokens <= i) from the backbone reading all of `ids` in one forward pass
-    (hidden states are not kept; the LM head runs LOGPROB_ROWS rows at a time), [len(ids) - 1]."""
-    backbone = model.backbone
-    x = torch.tensor([ids], device=backbone.device)  # [1, T]
-    with torch.no_grad():
-        hidden = backbone.base(input_ids=x, use_cache=False).last_hidden_state[0]  # [T, D], final-normed
-        out = []
-        for a in range(0, len(ids) - 1, LOGPROB_ROWS):
-            rows = hidden[a:min(a + LOGPROB_ROWS, len(ids) - 1)]
-            targets = x[0, a + 1:a + 1 + len(rows), None]  # [R, 1]
-            logp = torch.log_softmax(backbone.lm_head(rows).float(), dim=-1)  # [R, V]
-            out.append(logp.gather(-1, targets)[:, 0].cpu().numpy())
-    return np.concatenate(out)
-
-
 def _memory_mark(device: torch.device) -> int:
     """Resets the peak-memory counter; returns the memory in use now, in bytes (CPU: resident set)."""
     gc.collect()
@@ -746,7 +730,7 @@ def _read_context(config: dict, method: str, ids: list[int], threads: int) -> di
     model = LongMem(LongMemConfig.from_dict(config))
     device = model.backbone.device
     read = (lambda x: model.score(token_ids=x)) if method == "longmem" else \
-        (lambda x: full_attention_logprobs(model, x))
+        (lambda x: model.backbone.window_logprobs(x, len(x)))
     read(ids[:CONTEXT_WARMUP_TOKENS])
     baseline = _memory_mark(device)
     seconds, _ = _timed(lambda: read(ids), device)
@@ -768,14 +752,12 @@ def long_context(config: LongMemConfig, lengths: Sequence[int]) -> dict[str, Any
     spawned process with this process's torch thread count; memory is the peak above what the
     loaded model holds: CPU resident set (VmHWM, its high-water mark reset after loading), or
     torch.cuda.max_memory_allocated."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .backbone import resolve_backbone_path
+    from .backbone import model_dims, resolve_backbone_path
 
-    path = resolve_backbone_path(config.backbone)
-    hf = AutoConfig.from_pretrained(path)
-    max_positions = getattr(hf, "max_position_embeddings", None) or hf.n_positions
-    ids = text_ids(AutoTokenizer.from_pretrained(path), max(lengths))
+    max_positions = model_dims(config.backbone).max_positions
+    ids = text_ids(AutoTokenizer.from_pretrained(resolve_backbone_path(config.backbone)), max(lengths))
     threads = torch.get_num_threads()
     rows = []
     for n in lengths:
@@ -790,16 +772,6 @@ def long_context(config: LongMemConfig, lengths: Sequence[int]) -> dict[str, Any
 
 
 # ---- 5. rendering ------------------------------------------------------------------------------
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table padded to read well on a terminal: first column left, the rest right."""
-    cells = [headers] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                       for i, (c, w) in enumerate(zip(r, widths))) + " |"
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(headers), rule, *map(line, rows)])
-
 
 def _si(x: float, unit: str = "") -> str:
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -828,7 +800,7 @@ def _format_roofline(r: dict) -> str:
              f"{e['encode_s']:.2f} s = {e['speedup']:.2f}x (FLOP ratio {e['flop_ratio']:.2f}x)")
     return "\n".join([
         title,
-        "", _table(["path", "FLOPs/token", "bound tok/s", "measured tok/s", "of bound"], rows), "",
+        "", markdown_table(["path", "FLOPs/token", "bound tok/s", "measured tok/s", "of bound"], rows), "",
         "score FLOPs/token: " + ", ".join(f"{k} {_si(v)}" for k, v in f["score_parts"].items()),
         early,
     ])
@@ -840,7 +812,7 @@ def _format_eviction(r: dict) -> str:
             for x in r["rows"]]
     return "\n".join([
         f"## Eviction: evict + add {r['batch_chunks']} chunks once full (median of {r['repeats']})", "",
-        _table(["memory tokens", "chunks", "ring buffer ms", "remove_ids + shift ms", "of which remove_ids + add ms",
+        markdown_table(["memory tokens", "chunks", "ring buffer ms", "remove_ids + shift ms", "of which remove_ids + add ms",
                 "ratio", "ring exact"], rows)])
 
 
@@ -854,7 +826,7 @@ def _format_memory_cost(r: dict) -> str:
              f"recall@{r['k_chunks']} chunks vs exact fp32")
     return "\n".join([
         title, "",
-        _table(["option", "K/V stored as", "K/V B/token", "index B/token", "total B/token", "build s", "search ms",
+        markdown_table(["option", "K/V stored as", "K/V B/token", "index B/token", "total B/token", "build s", "search ms",
                 f"recall@{r['k_chunks']}", "key rel. error", "in-place eviction"], rows)])
 
 
@@ -868,7 +840,7 @@ def _format_retrieval(r: dict) -> str:
              f"top {r['k_chunks']} chunks, real text ({r['text']}); search device {a['device']}; beside faiss, "
              f"approximate from {a['min_chunks']:,} chunks: IVF probe {a['probe']}, {a['query_clusters']} query "
              f"directions x {a['hot_chunks']:,} hot chunks")
-    return "\n".join([title, "", _table(["memory", "chunks", "search", "IVF lists", "fill s", "search ms",
+    return "\n".join([title, "", markdown_table(["memory", "chunks", "search", "IVF lists", "fill s", "search ms",
                                           "exact search ms", f"recall@{r['k_chunks']}",
                                           "IVF lists alone"], rows)])
 
@@ -885,7 +857,7 @@ def _format_long_context(r: dict) -> str:
              f"{r['max_positions']:,} positions); memory = {r['memory']}")
     return "\n".join([
         title, "",
-        _table(["tokens", "LongMem ms/token", "KiB/token", "MiB", "full attention ms/token", "KiB/token", "MiB"],
+        markdown_table(["tokens", "LongMem ms/token", "KiB/token", "MiB", "full attention ms/token", "KiB/token", "MiB"],
                rows)])
 
 

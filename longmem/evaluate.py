@@ -50,12 +50,12 @@ from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, ran
                    sentiment_lexicon, split_heldout)
 from .memory import MemoryStats, round_up
 from .model import LongMem, memory_capacity, pad_segments, perplexity
+from .report import markdown_table
 
 PARTS = EVAL_PARTS
 TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
           "icl": "Many-shot in-context learning with demonstrations in memory",
           "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, unseen phrasings"}
-LOGSOFTMAX_ROWS = 512  # rows of full-window logits turned into log-probabilities at once
 CHAPTER_LOCAL_TOKENS = 32  # tokens before a section break that the reader sees locally
 CHAPTER_MIN_BREAKS = 6  # documents with fewer section breaks give no ChapterBreak items
 HEADING_CHARS = "=-~^*"  # reST section adornments used by the Python docs
@@ -65,16 +65,6 @@ RECALL_EXTRA_TOKENS = 2  # greedy tokens generated past the answer's own, so a l
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    """A Markdown table; `align` holds one of l/r/c per column (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(headers) - 1)
-    rule = {"l": ":--", "r": "--:", "c": ":-:"}
-    lines = ["| " + " | ".join(map(str, headers)) + " |",
-             "| " + " | ".join(rule[a] for a in align) + " |"]
-    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def md_literal(text: str) -> str:
     """Generated text shown safely in Markdown: its Python repr, with backticks escaped."""
@@ -164,19 +154,6 @@ def _bar_plot(out_dir: Path, name: str, title: str, labels: list[str], values: l
     return _save(fig, out_dir, name)
 
 
-def score_continuations(model: LongMem, prefixes: list[list[int]], choices: list[list[int]],
-                        memory_id: str | None, use_memory: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of log-probabilities of every choice as the continuation of every prefix (token ids), as
-    score_choices computes it, in one score_batch call: ([P, C] reader, [P, C] backbone)."""
-    texts = [p + c for p in prefixes for c in choices]
-    results = model.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False)
-    lengths = [len(c) for _ in prefixes for c in choices]
-    reader = [float(r.logprobs[-n:].sum()) for r, n in zip(results, lengths)]
-    backbone = [float(r.backbone_logprobs[-n:].sum()) for r, n in zip(results, lengths)]
-    shape = (len(prefixes), len(choices))
-    return np.reshape(reader, shape), np.reshape(backbone, shape)
-
-
 # ---- a. long-document perplexity ----------------------------------------------------------------
 
 @dataclass
@@ -212,27 +189,6 @@ def ppl_documents(model: LongMem, docs: Sequence[Document], count: int, num_toke
     return long
 
 
-def full_window_logprobs(model: LongMem, ids: list[int], window: int) -> np.ndarray:
-    """log p(token i+1 | tokens <= i) from the backbone reading `window` tokens at once (consecutive
-    windows when the document is longer); log-softmax in blocks of rows to bound memory."""
-    backbone = model.backbone
-    out = []
-    for start in range(0, len(ids), window):
-        segment = ids[start:start + window]
-        targets = torch.tensor(ids[start + 1:start + window + 1], device=backbone.device)
-        if not len(targets):
-            break
-        encoded, _ = backbone.encode(torch.tensor([segment], device=backbone.device))
-        for a in range(0, len(targets), LOGSOFTMAX_ROWS):
-            with torch.no_grad():
-                logits = backbone.logits(encoded.last[0, a:a + LOGSOFTMAX_ROWS]).float()
-            rows = targets[a:a + LOGSOFTMAX_ROWS]
-            lp = torch.log_softmax(logits[:len(rows)], dim=-1).gather(-1, rows[:, None])[:, 0]
-            out.append(lp.cpu().numpy())
-        del encoded
-    return np.concatenate(out)
-
-
 def position_buckets(num_tokens: int, buckets: int) -> list[tuple[int, int]]:
     """Equal [start, end) ranges of token position covering [0, num_tokens)."""
     edges = [round(i * num_tokens / buckets) for i in range(buckets + 1)]
@@ -259,7 +215,7 @@ def ppl_corpus(model: LongMem, config: LongMemConfig, docs: Sequence[Document], 
     window = min(n_tokens, ev.full_window_tokens, model.backbone.max_positions)
     with_memory = model.score_batch(ids, use_memory=True, progress=progress)
     without = model.score_batch(ids, use_memory=False, progress=progress)
-    full = [full_window_logprobs(model, d, window)
+    full = [model.backbone.window_logprobs(d, window)
             for d in tqdm(ids, desc="full window", unit="doc", disable=not progress)]
     methods = {
         "backbone_w": (f"backbone, {w}-token window", [r.backbone_logprobs for r in with_memory]),
@@ -443,8 +399,8 @@ def run_chapter(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: 
         memory_id = model.create_memory(capacity_tokens=round_up(len(item.memory_ids), c))
         try:
             model.append(memory_id, token_ids=item.memory_ids)
-            with_mem, backbone = score_continuations(model, [item.local_ids], item.candidates, memory_id, True)
-            without, _ = score_continuations(model, [item.local_ids], item.candidates, None, False)
+            with_mem, backbone = model.score_continuations([item.local_ids], item.candidates, memory_id, True)
+            without, _ = model.score_continuations([item.local_ids], item.candidates, None, False)
         finally:
             model.delete_memory(memory_id)
         rows.append({"doc": item.doc, "heading": item.heading, "memory_tokens": len(item.memory_ids),
@@ -544,8 +500,8 @@ def run_icl(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path
         step = max(1, model.config.read.batch_segments * 4)
         for a in tqdm(range(0, len(prefixes), step), desc="icl", unit="batch", disable=not progress):
             block = prefixes[a:a + step]
-            with_mem, _ = score_continuations(model, block, choices, memory_id, True)
-            without, backbone = score_continuations(model, block, choices, None, False)
+            with_mem, _ = model.score_continuations(block, choices, memory_id, True)
+            without, backbone = model.score_continuations(block, choices, None, False)
             scores["longmem"] += with_mem.tolist()
             scores["sidenet"] += without.tolist()
             scores["backbone_w"] += backbone.tolist()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from .client import LongMemClient, LongMemError
+from .report import markdown_table
 
 TEXT = ("Long-term memory lets a language model read what it saw long ago. The frozen backbone encodes the "
         "past; the side network retrieves what it needs. ")
@@ -38,13 +39,10 @@ class LoadReport:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     def table(self) -> str:
-        lines = [f"{self.requests} requests in {self.seconds:.1f} s: {self.throughput:.1f} req/s; "
-                 f"errors: {dict(self.errors) or 0}",
-                 "| rpc | ok | p50 ms | p99 ms | mean ms |", "|---|--:|--:|--:|--:|"]
-        for rpc, values in sorted(self.latencies.items()):
-            lines.append(f"| {rpc} | {len(values)} | {1000 * self.percentile(rpc, 0.5):.0f} | "
-                         f"{1000 * self.percentile(rpc, 0.99):.0f} | {1000 * statistics.mean(values):.0f} |")
-        return "\n".join(lines)
+        rows = [[rpc, len(values), f"{1000 * self.percentile(rpc, 0.5):.0f}", f"{1000 * self.percentile(rpc, 0.99):.0f}",
+                 f"{1000 * statistics.mean(values):.0f}"] for rpc, values in sorted(self.latencies.items())]
+        return (f"{self.requests} requests in {self.seconds:.1f} s: {self.throughput:.1f} req/s; "
+                f"errors: {dict(self.errors) or 0}\n" + markdown_table(["rpc", "ok", "p50 ms", "p99 ms", "mean ms"], rows))
 
 
 def run_load(target: str, clients: int, seconds: float, max_requests: int, api_key: str | None = None,

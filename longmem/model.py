@@ -471,11 +471,20 @@ class LongMemRunner:
         """(sum of log-probabilities, token count) of each choice as the continuation of prefix."""
         if not choices:
             raise ValueError("choices must not be empty")
-        prefix_ids = self.token_ids(prefix, None)
         choice_ids = [self.token_ids(c, None) for c in choices]
-        results = self.score_batch([prefix_ids + c for c in choice_ids], [memory_id] * len(choices),
-                                   use_memory=use_memory, append=False)
-        return [(float(r.logprobs[-len(c):].sum()), len(c)) for c, r in zip(choice_ids, results)]
+        reader, _ = self.score_continuations([self.token_ids(prefix, None)], choice_ids, memory_id, use_memory)
+        return [(float(lp), len(c)) for lp, c in zip(reader[0], choice_ids)]
+
+    def score_continuations(self, prefixes: list[list[int]], choices: list[list[int]], memory_id: str | None = None,
+                            use_memory: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Sums of log-probabilities of every choice as the continuation of every prefix (token ids), in
+        one score_batch call: ([P, C] LongMem, [P, C] the backbone alone). The memory is not changed."""
+        texts = [p + c for p in prefixes for c in choices]
+        results = self.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False)
+        lengths = [len(c) for _ in prefixes for c in choices]
+        shape = (len(prefixes), len(choices))
+        return (np.reshape([r.logprobs[-n:].sum() for r, n in zip(results, lengths)], shape).astype(np.float64),
+                np.reshape([r.backbone_logprobs[-n:].sum() for r, n in zip(results, lengths)], shape).astype(np.float64))
 
     def generate(self, prompt: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,

@@ -39,6 +39,7 @@ def main() -> int:
     import ray
 
     from longmem.config import LongMemConfig
+    from longmem.report import markdown_table
     from services.bank import stop_bank
     from services.batch import run_batch
 
@@ -75,11 +76,10 @@ def main() -> int:
              f"{platform.machine()}, {os.cpu_count()} cores; first {args.docs} documents of `{args.corpus}` "
              f"({chars:,} characters); each model actor {config.batch.actor_num_cpus} CPU; "
              f"overrides: {args.overrides or 'none'}. Seconds include actor start-up (model load).", "",
-             "| mode | actors per pool | documents | tokens | seconds | tokens/s | vs 1 actor |",
-             "|---|--:|--:|--:|--:|--:|--:|"]
-    for mode, n, s in rows:
-        ratio = s.tokens_per_second / base[mode] if base.get(mode) else float("nan")
-        lines.append(f"| {mode} | {n} | {s.ok} | {s.tokens:,} | {s.seconds:.1f} | {s.tokens_per_second:,.0f} | {ratio:.2f}× |")
+             markdown_table(["mode", "actors per pool", "documents", "tokens", "seconds", "tokens/s", "vs 1 actor"],
+                            [[mode, n, s.ok, f"{s.tokens:,}", f"{s.seconds:.1f}", f"{s.tokens_per_second:,.0f}",
+                              f"{s.tokens_per_second / base[mode] if base.get(mode) else float('nan'):.2f}×"]
+                             for mode, n, s in rows])]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -44,6 +44,7 @@ from longmem import bench as core
 from longmem.config import BENCH_PARTS, LongMemConfig
 from longmem.memory import round_up
 from longmem.model import LongMem
+from longmem.report import markdown_table
 
 # ---- fixed parameters (the sizes of each part are config.bench's) --------------------------------
 SERVICE_WARMUP_TOKENS = 256  # an untimed append + score this long per path first (lazy inits, first calls)
@@ -287,13 +288,10 @@ def _time_calls(call: Callable, warmup: int, repeats: int) -> tuple[list[float],
 
 def search_dims(config: LongMemConfig) -> dict[str, int]:
     """The memory layer's geometry, read from the backbone's config.json (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from longmem.backbone import model_dims, resolve_backbone_path
+    from longmem.backbone import model_dims
 
     dims = model_dims(config.backbone)
-    heads = AutoConfig.from_pretrained(resolve_backbone_path(config.backbone)).num_attention_heads
-    return {"kv_heads": dims.num_kv_heads, "head_dim": dims.head_dim, "query_heads": heads}
+    return {"kv_heads": dims.num_kv_heads, "head_dim": dims.head_dim, "query_heads": dims.num_heads}
 
 
 def _shard_search_cpu(bank_handle) -> dict[str, tuple[float, int]]:
@@ -441,7 +439,7 @@ def _format_service(r: dict) -> str:
             f"{r['max_abs_logprob_diff']:.2e}, backbone {r['max_abs_backbone_logprob_diff']:.2e}")
     return "\n".join([
         title, "",
-        core._table(["path", "append tok/s", "score tok/s", "append s", "score s", "ppl (memory)",
+        markdown_table(["path", "append tok/s", "score tok/s", "append s", "score s", "ppl (memory)",
                      "ppl (backbone)", "startup s"], rows), "",
         threads, same])
 
@@ -468,7 +466,7 @@ def _format_search(r: dict) -> str:
              f"({r['shard_threads']['num_cpus']:g} CPU)")
     return "\n".join([
         title, "",
-        core._table(["memory tokens", "shards", "median ms", "min ms", f"vs {base} shard", "ideal ms",
+        markdown_table(["memory tokens", "shards", "median ms", "min ms", f"vs {base} shard", "ideal ms",
                      "measured / ideal", "vs in-process", "fill tok/s", "top-k match", "shard CPU ms",
                      "shard CPU / ideal"], rows), "",
         moved])
@@ -643,7 +641,7 @@ def _machine_table(machine: dict[str, Any]) -> str:
             return " / ".join(map(str, v))
         return str(v)
 
-    return core._table(["machine", ""], [[k, cell(v)] for k, v in machine.items()])
+    return markdown_table(["machine", ""], [[k, cell(v)] for k, v in machine.items()])
 
 
 def render(report: dict[str, Any]) -> str:
@@ -653,7 +651,7 @@ def render(report: dict[str, Any]) -> str:
     if results:
         rows = [[part, figure, value] for part, figure, value in headline(results)]
         parts += ["## Ratios (both sides measured in this run)\n\n"
-                  + core._table(["part", "figure", "value"], rows),
+                  + markdown_table(["part", "figure", "value"], rows),
                   format_table(results).rstrip()]
     walls = ", ".join(f"{p} {s:.0f} s" for p, s in report["wall_s"].items())
     parts.append(f"Wall time: {report['total_wall_s']:.0f} s ({walls}).")

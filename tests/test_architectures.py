@@ -59,6 +59,20 @@ def test_identity_start_gives_the_backbone(models, arch, fresh_memory):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_window_logprobs_are_the_models_own(models, arch):
+    """The backbone alone over windows (Backbone.window_logprobs: the base model, then the LM head in
+    blocks) gives the model's own next-token log-probs, and over W-token windows LongMem's baseline."""
+    model = models(arch, "zero")
+    ids = ids_of(model, TEXT, 2 * W + 9)
+    with torch.no_grad():
+        logits = model.backbone.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(model.backbone.window_logprobs(ids, len(ids)), want, atol=1e-4)
+    np.testing.assert_allclose(model.backbone.window_logprobs(ids, W), model.score(token_ids=ids).backbone_logprobs,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_blocks_compute_their_source_layer_with_the_backbones_masks_and_positions(models, arch):
     model = models(arch, "backbone")
     bb, side = model.backbone, model.sidenet
