@@ -41,7 +41,7 @@ from . import layers
 from .config import LongMemConfig
 from .data import essays_document
 from .memory import EXACT, ApproxSearch, Chunks, ChunkStore, Retrieved, round_up
-from .model import LongMem, pad_segments
+from .model import LongMem, batches, pad_segments, segments
 from .report import markdown_table
 
 # ---- fixed parameters (the sizes of each part are config.bench's) --------------------------------
@@ -185,8 +185,8 @@ def flops_per_token(shape: ModelShape, window: int, topk_tokens: int, search_chu
 def mean_scratch_chunks(num_tokens: int, window: int, sink_tokens: int, chunk_size: int) -> float:
     """Chunks a score call's scratch memory holds, on average over its segments: segment s searches
     the s segments before it, each stored without its sink tokens."""
-    segments = math.ceil(num_tokens / window)
-    return statistics.fmean(s * (window - sink_tokens) // chunk_size for s in range(segments))
+    n_segments = math.ceil(num_tokens / window)
+    return statistics.fmean(s * (window - sink_tokens) // chunk_size for s in range(n_segments))
 
 
 def roofline(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
@@ -227,12 +227,11 @@ def roofline(config: LongMemConfig, tokens: int, *, model: LongMem | None = None
         model.delete_memory(memory)
 
     batch = config.read.batch_segments
-    segments = [append_ids[s:s + w] for s in range(0, tokens, w)]
-    batches = [pad_segments(segments[i:i + batch], device) for i in range(0, len(segments), batch)]  # [B, W]
+    encoder_batches = [pad_segments(g, device) for g in batches(segments(append_ids[:tokens], w), batch)]  # [B, W]
     early, full = [], []
     for _ in range(early_exit_repeats):  # interleaved, so a busy spell of the machine hits both
-        early.append(_timed(lambda: [backbone.encode_memory(x) for x in batches], device)[0])
-        full.append(_timed(lambda: [backbone.encode(x) for x in batches], device)[0])
+        early.append(_timed(lambda: [backbone.encode_memory(x) for x in encoder_batches], device)[0])
+        full.append(_timed(lambda: [backbone.encode(x) for x in encoder_batches], device)[0])
     early_s, full_s = min(early), min(full)
 
     search_chunks = held / c + mean_scratch_chunks(tokens, w, config.memory.sink_tokens, c)
@@ -479,8 +478,8 @@ def memory_queries(model: LongMem, ids: list[int]) -> np.ndarray:
 
     w = model.config.read.segment_tokens
     with torch.no_grad():
-        for s in range(0, len(ids), w):
-            encoded = model.encoder.encode([ids[s:s + w]])
+        for seg in segments(ids, w):
+            encoded = model.encoder.encode([seg])
             model.reader.read_state(encoded, record)
     return np.concatenate(captured)
 

@@ -49,7 +49,7 @@ from .curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, RecallExample,
 from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, random_key,
                    sentiment_lexicon, split_heldout)
 from .memory import MemoryStats, round_up
-from .model import LongMem, memory_capacity, pad_segments, perplexity
+from .model import LongMem, batches, memory_capacity, pad_segments, perplexity, segments
 from .report import markdown_table
 
 PARTS = EVAL_PARTS
@@ -579,17 +579,15 @@ class FillerMemory:
         """Keys and values [len(ids) - phase, Hkv, d] (float32) of filler_ids[phase:], in W segments."""
         if phase not in self._encoded:
             t0 = time.perf_counter()
-            segments = [self.ids[s:s + self.w] for s in range(phase, len(self.ids), self.w)]
+            segs = segments(self.ids, self.w, phase)
             keys, values = [], []
             batch, backbone = self.model.config.read.batch_segments, self.model.backbone
-            for a in tqdm(range(0, len(segments), batch), desc="encoding filler", unit="batch",
-                          disable=not self.progress):
-                group = segments[a:a + batch]
+            for group in tqdm(batches(segs, batch), desc="encoding filler", unit="batch", disable=not self.progress):
                 k, v = backbone.encode_memory(pad_segments(group, backbone.device))
                 for b, seg in enumerate(group):
                     keys.append(k[b, :len(seg)].float().cpu().numpy())
                     values.append(v[b, :len(seg)].float().cpu().numpy())
-            self.segments_encoded += len(segments)
+            self.segments_encoded += len(segs)
             self._encoded[phase] = (np.concatenate(keys), np.concatenate(values))
             self.encode_seconds += time.perf_counter() - t0
         return self._encoded[phase]
@@ -601,10 +599,8 @@ class FillerMemory:
         total = len(intro_ids) + n
         head_len = min(total, math.ceil(len(intro_ids) / w) * w)  # the segments that hold intro tokens
         head = (intro_ids + self.ids[:head_len])[:head_len]
-        head_segments = [head[s:s + w] for s in range(0, head_len, w)]
-        batch = self.model.config.read.batch_segments
-        for a in range(0, len(head_segments), batch):
-            self.model.encoder.ingest(memory_id, head_segments[a:a + batch])
+        for group in batches(segments(head, w), self.model.config.read.batch_segments):
+            self.model.encoder.ingest(memory_id, group)
         phase = head_len - len(intro_ids)  # filler offset of the first segment of filler alone
         if head_len < total:
             keys, values = self.encoded(phase)
@@ -818,7 +814,7 @@ def run_recall(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: P
     sets = [("facts8", n, "words", False, ev.recall_facts) for n in ev.recall_lengths]
     sets += [("unseen_phrasing", n, kind, True, None) for n in ev.unseen_phrasing_lengths for kind in KINDS]
     filler = unseen_filler(model, config, data, [n for _, n, *_ in sets], rng, progress)
-    pool = [filler.ids[a:a + w] for a in range(0, len(filler.ids), w)]
+    pool = segments(filler.ids, w)
     # An evaluation document may span segments (FillerMemory ingests the ones holding facts), so facts
     # and questions are not held to W as in training.
     curriculum = Curriculum(pool, model.tokenize, model.decode, curriculum_config(config, sys.maxsize))

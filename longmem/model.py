@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from .backbone import Backbone, BackboneOutput
 from .checkpoint import load_weights, read_meta, resolve_checkpoint
 from .config import LongMemConfig
-from .memory import ChunkHits, MemoryBank, MemoryStats, hits_to_retrieved, round_up
-from .sidenet import FrozenInputs, SideNet
+from .memory import ChunkHits, MemoryBank, MemoryStats, Retrieved, hits_to_retrieved, round_up
+from .sidenet import FrozenInputs, Retriever, SideNet
 
 
 
@@ -109,6 +109,25 @@ class Reader(Protocol):
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]: ...
 
 
+def segments(ids: list[int], w: int, start: int = 0) -> list[list[int]]:
+    """ids[start:] cut into W-token segments, the unit everything reads and stores (the last may be short)."""
+    return [ids[s:s + w] for s in range(start, len(ids), w)]
+
+
+def batches(items: list, size: int) -> list[list]:
+    """items in consecutive groups of `size` (one encoder or reader call each)."""
+    return [items[a:a + size] for a in range(0, len(items), size)]
+
+
+def read_steps(docs: list[list[int]], w: int, batch: int) -> Iterator[tuple[list[int], list[list[int]], list[list[int]]]]:
+    """The segment loop of reading: documents read together, segment s of every one before segment s + 1
+    of any (a segment reads the memory its predecessors filled), `batch` rows per step. Yields (the
+    rows' document indices, their segments, each segment's next-token targets)."""
+    for s in range(max(math.ceil(len(d) / w) for d in docs)):
+        for rows in batches([i for i, d in enumerate(docs) if s * w < len(d)], batch):
+            yield (rows, [docs[i][s * w:(s + 1) * w] for i in rows], [docs[i][s * w + 1:(s + 1) * w + 1] for i in rows])
+
+
 def pad_segments(segments: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
     """Right-pads token id lists into a [B, T] batch (causal attention never sees the padding)."""
     width = max(map(len, segments))
@@ -124,6 +143,31 @@ def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput | FrozenInputs, 
     return bank.append(memory_id, out.mem_keys[row, :n].float().cpu().numpy(),
                        out.mem_values[row, :n].float().cpu().numpy(), np.asarray(ids, np.int32),
                        skip_first=sink_tokens)
+
+
+class Retrieval:
+    """The retrieval role: what the SideNet's memory block reads besides its local context.
+
+    query -> search -> attend: the memory block (sidenet.SideNet._memory_path) hands this its
+    pre-rotary queries [B, T, Hq, d]; row b's are searched in the memories `search[b]` (their hits
+    merged into one exact top-k of k_chunks chunks, Bank.search) and the retrieved keys/values come
+    back as the attention reads them (`Retrieved`, gathered on the queries' device); the block then
+    attends jointly to them and its local context. It runs where the reader runs and blocks on I/O:
+    in process the bank is a MemoryBank; in the service, RemoteBank asks the bank actor for the
+    memories' routes and searches their shard actors. `record` and `sources`, when given, receive
+    each row's hits and which of its memories each hit came from (sources: an in-process MemoryBank
+    only, see MemoryBank.search)."""
+
+    def __init__(self, bank: Bank, search: list[list[str]], k_chunks: int, record: list[ChunkHits] | None = None,
+                 sources: list[np.ndarray] | None = None):
+        self.bank, self.search, self.k_chunks, self.record, self.sources = bank, search, k_chunks, record, sources
+
+    def __call__(self, queries: torch.Tensor) -> Retrieved:  # [B, T, Hq, d]
+        rows = (self.bank.search(self.search, queries, self.k_chunks) if self.sources is None
+                else self.bank.search(self.search, queries, self.k_chunks, self.sources))
+        if self.record is not None:
+            self.record.extend(rows)
+        return hits_to_retrieved(rows, queries.dtype, queries.device)
 
 
 class LocalEncoder:
@@ -161,33 +205,23 @@ class LocalReader:
         self.backbone, self.sidenet, self.bank, self.config = backbone, sidenet, bank, config
         self.k_chunks = config.memory.topk_tokens // config.memory.chunk_size
 
-    def retriever(self, search: list[list[str]], record: list[ChunkHits] | None = None,
-                  sources: list[np.ndarray] | None = None):
-        """The SideNet's retrieval for rows searching `search[b]`; record and sources, when given,
-        receive each row's hits and which of its memories each hit came from (sources: an in-process
-        MemoryBank only, see MemoryBank.search)."""
-        if not any(search):
-            return None
-
-        def retrieve(queries: torch.Tensor):  # [B, T, Hq, d]
-            rows = (self.bank.search(search, queries, self.k_chunks) if sources is None
-                    else self.bank.search(search, queries, self.k_chunks, sources))
-            if record is not None:
-                record.extend(rows)
-            return hits_to_retrieved(rows, queries.dtype, queries.device)
-        return retrieve
+    def retrieval(self, search: list[list[str]], record: list[ChunkHits] | None = None,
+                  sources: list[np.ndarray] | None = None) -> Retrieval | None:
+        """The Retrieval for rows searching `search[b]` (None when no row searches anything)."""
+        return Retrieval(self.bank, search, self.k_chunks, record, sources) if any(search) else None
 
     def _positions(self, batch: int, length: int, offset: int = 0) -> torch.Tensor:
         return (offset + torch.arange(length, device=self.backbone.device)).expand(batch, length)
 
-    def read_state(self, out: BackboneOutput | FrozenInputs, retriever, cache=None, offset: int = 0) -> torch.Tensor:
+    def read_state(self, out: BackboneOutput | FrozenInputs, retrieval: Retriever | None, cache=None,
+                   offset: int = 0) -> torch.Tensor:
         """The SideNet's final normed state [B, T, D] for encoded segments (with grad when enabled);
         from FrozenInputs only the blocks from its `start` run."""
         b, t = out.hidden.shape[1:3]
         positions = self._positions(b, t, offset)
         if isinstance(out, FrozenInputs):
-            return self.sidenet(out.hidden, positions, retriever, cache, out.start, out.entry)
-        return self.sidenet(out.hidden, positions, retriever, cache)  # [B, T, D]
+            return self.sidenet(out.hidden, positions, retrieval, cache, out.start, out.entry)
+        return self.sidenet(out.hidden, positions, retrieval, cache)  # [B, T, D]
 
     def frozen_inputs(self, out: BackboneOutput, start: int) -> FrozenInputs:
         """What SideNet blocks start.. read for encoded segments (see SideNet.frozen_inputs)."""
@@ -212,7 +246,7 @@ class LocalReader:
               backbone: list[bool]) -> list[SegmentScores]:
         """Log-probabilities of each row's targets, LongMem's and, for the rows whose `backbone` is
         True, the backbone's alone (its LM head runs only if some row asks); no memory is changed."""
-        state = self.read_state(encoded, self.retriever(search))
+        state = self.read_state(encoded, self.retrieval(search))
         logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
         base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1) if any(backbone) else None
         scores = []
@@ -246,11 +280,10 @@ class LocalReader:
         new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
         with self._scratch(use_memory and len(ids) + max_new_tokens > w, len(ids) + max_new_tokens) as scratch:
             search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
-            retriever = self.retriever(search)
+            retrieval = self.retrieval(search)
             split = (len(ids) - 1) // w * w  # whole segments before the last are read, then cached
             if scratch is not None:
-                for s in range(0, split, w):
-                    seg = ids[s:s + w]
+                for seg in segments(ids[:split], w):
                     out, _ = self.backbone.encode(pad_segments([seg], self.backbone.device))
                     fill_memory(self.bank, scratch, out, 0, seg, sink)  # only its keys/values are needed
             segment, keys, values = [], [], []
@@ -259,7 +292,7 @@ class LocalReader:
             for _ in range(max_new_tokens):
                 x = torch.tensor([pending], device=self.backbone.device)
                 out, bb_cache = self.backbone.encode(x, past_key_values=bb_cache)
-                state = self.read_state(out, retriever, side_cache, offset=len(segment))
+                state = self.read_state(out, retrieval, side_cache, offset=len(segment))
                 segment += pending
                 keys.append(out.mem_keys)
                 values.append(out.mem_values)
@@ -279,7 +312,7 @@ class LocalReader:
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]:
         recorded: list[ChunkHits] = []
         out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
-        self.read_state(out, self.retriever([[memory_id]], recorded))
+        self.read_state(out, self.retrieval([[memory_id]], recorded))
         return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
 
 
@@ -287,11 +320,10 @@ def ingest_tokens(encoder: Encoder, memory_id: str, ids: list[int], config: Long
                   progress: bool = False) -> MemoryStats:
     """Appends a token stream to a memory in segments of W tokens, read.batch_segments per encoder call.
     Returns the memory's stats after the last call."""
-    w, batch = config.read.segment_tokens, config.read.batch_segments
-    segments = [ids[i:i + w] for i in range(0, len(ids), w)]
     stats = None
-    for start in tqdm(range(0, len(segments), batch), desc="appending", unit="batch", disable=not progress):
-        stats = encoder.ingest(memory_id, segments[start:start + batch])
+    for group in tqdm(batches(segments(ids, config.read.segment_tokens), config.read.batch_segments),
+                      desc="appending", unit="batch", disable=not progress):
+        stats = encoder.ingest(memory_id, group)
     return stats
 
 
@@ -402,20 +434,15 @@ class LongMemRunner:
 
     # ---- reading --------------------------------------------------------------------------------
     def _read(self, rows: list[_Row], progress: bool) -> list[ScoreResult]:
-        w, batch = self.config.read.segment_tokens, self.config.read.batch_segments
         collected: list[list[SegmentScores]] = [[] for _ in rows]
-        n_segments = max(math.ceil(len(r.ids) / w) for r in rows)
-        for s in tqdm(range(n_segments), desc="reading", unit="segment", disable=not progress):
-            active = [i for i, r in enumerate(rows) if s * w < len(r.ids)]
-            for start in range(0, len(active), batch):
-                group = [rows[i] for i in active[start:start + batch]]
-                segments = [r.ids[s * w:(s + 1) * w] for r in group]
-                targets = [r.ids[s * w + 1:(s + 1) * w + 1] for r in group]
-                encoded = self.encoder.encode(segments)
-                scores = self.reader.read(encoded, segments, [r.search for r in group],
-                                          [r.fill for r in group], targets, [r.backbone for r in group])
-                for i, sc in zip(active[start:start + batch], scores):
-                    collected[i].append(sc)
+        steps = read_steps([r.ids for r in rows], self.config.read.segment_tokens, self.config.read.batch_segments)
+        for active, segs, targets in tqdm(steps, desc="reading", unit="step", disable=not progress):
+            group = [rows[i] for i in active]
+            encoded = self.encoder.encode(segs)
+            scores = self.reader.read(encoded, segs, [r.search for r in group], [r.fill for r in group], targets,
+                                      [r.backbone for r in group])
+            for i, sc in zip(active, scores):
+                collected[i].append(sc)
         return [ScoreResult(r.ids, np.concatenate([c.logprobs for c in cs]),
                             np.concatenate([c.backbone_logprobs for c in cs])) for r, cs in zip(rows, collected)]
 

@@ -43,7 +43,7 @@ from .backbone import Backbone
 from .memory import Retrieved
 
 # (queries [B, T, Hq, d] pre-rotary) -> token-level memory for those queries
-Retriever = Callable[[torch.Tensor], Retrieved]
+Retriever = Callable[[torch.Tensor], Retrieved]  # queries [B, T, Hq, d] -> what they retrieve: model.Retrieval
 
 
 @dataclass

@@ -60,7 +60,7 @@ from .checkpoint import save_checkpoint
 from .config import LongMemConfig, TrainConfig
 from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
 from .data import Document, load_corpus, split_heldout
-from .model import LocalEncoder, LocalReader, build_sidenet, fill_memory, make_bank
+from .model import LocalEncoder, LocalReader, build_sidenet, fill_memory, make_bank, segments
 from .memory import ChunkHits, Retrieved, round_up
 from .sidenet import FrozenInputs, SideNet, memory_log_probs
 
@@ -110,7 +110,7 @@ def memory_tokens(step: int, tc: TrainConfig, rng: random.Random) -> int:
 
 def document_segments(ids: list[int], w: int) -> list[list[int]]:
     """The W-token segments a document is read in (its last token is only ever a target)."""
-    return [ids[s:min(s + w, len(ids) - 1)] for s in range(0, len(ids) - 1, w)]
+    return segments(ids[:-1], w)
 
 
 def lm_documents(docs: list[Document], tokenize, tc: TrainConfig, rng: random.Random) -> list[list[int]]:
@@ -320,7 +320,7 @@ class Trainer:
                 self.bank.reset(f"row-{b}")
             batch.append((segment, targets))
         inputs = self.frozen.encode([s for s, _ in batch])  # FrozenInputs [B, T, ...]
-        state = self.reader.read_state(inputs, self.reader.retriever([[f"row-{b}"] for b in range(len(batch))]))
+        state = self.reader.read_state(inputs, self.reader.retrieval([[f"row-{b}"] for b in range(len(batch))]))
         rows, cols, targets = [], [], []
         k = self.config.train.lm_loss_tokens
         for b, (row, (_, tgt)) in enumerate(zip(self.rows, batch)):
@@ -349,7 +349,7 @@ class Trainer:
             self.encoder.ingest(f"facts-{b}", [e.fact_segment])
         inputs: FrozenInputs = self.frozen.encode_fresh([e.reading for e in examples])
         hits, sources, seen = [], [], []
-        search = self.reader.retriever([[FILLER, f"facts-{b}"] for b in range(len(examples))], hits, sources)
+        search = self.reader.retrieval([[FILLER, f"facts-{b}"] for b in range(len(examples))], hits, sources)
 
         def retrieve(queries: torch.Tensor) -> Retrieved:  # keeps the memory block's queries
             seen.append((queries, search(queries)))

@@ -76,7 +76,7 @@ def passkey(sizes: list[int], trials: int, seed: int) -> list[dict]:
             try:
                 filler.fill(memory, intro_ids, n)
                 recorded, seen = [], []
-                search = reader.retriever([[memory]], recorded)
+                search = reader.retrieval([[memory]], recorded)
 
                 def retrieve(queries: torch.Tensor):  # keeps the memory block's queries
                     seen.append(queries)
