@@ -41,7 +41,8 @@ from . import layers
 from .config import LongMemConfig
 from .data import essays_document
 from .memory import EXACT, ApproxSearch, Chunks, ChunkStore, Retrieved, round_up
-from .model import LongMem, batches, pad_segments, segments
+from .model import LongMem
+from .roles import batches, pad_segments, segments
 from .report import markdown_table
 
 # ---- fixed parameters (the sizes of each part are config.bench's) --------------------------------

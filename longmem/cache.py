@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .backbone import BackboneOutput
-from .model import LocalReader, pad_segments
+from .reader import LocalReader
+from .roles import pad_segments
 from .sidenet import FrozenInputs
 
 FIELDS = ("entry", "hidden", "mem_keys", "mem_values")  # FrozenInputs tensors, batch dimension removed

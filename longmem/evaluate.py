@@ -49,7 +49,8 @@ from .curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, RecallExample,
 from .data import (Document, filler_text, load_corpus, passkey_prompt_parts, random_key,
                    sentiment_lexicon, split_heldout)
 from .memory import MemoryStats, round_up
-from .model import LongMem, batches, memory_capacity, pad_segments, perplexity, segments
+from .model import LongMem, perplexity
+from .roles import batches, memory_capacity, pad_segments, segments
 from .report import markdown_table
 
 PARTS = EVAL_PARTS

@@ -60,7 +60,10 @@ from .checkpoint import save_checkpoint
 from .config import LongMemConfig, TrainConfig
 from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
 from .data import Document, load_corpus, split_heldout
-from .model import LocalEncoder, LocalReader, build_sidenet, fill_memory, make_bank, segments
+from .encoder import LocalEncoder
+from .model import make_bank
+from .reader import LocalReader, build_sidenet
+from .roles import fill_memory, segments
 from .memory import ChunkHits, Retrieved, round_up
 from .sidenet import FrozenInputs, SideNet, memory_log_probs
 

@@ -56,7 +56,8 @@ def passkey(sizes: list[int], trials: int, seed: int) -> list[dict]:
     from longmem.evaluate import eval_data, unseen_filler
     from longmem.memory import round_up
     from longmem.memory import hits_to_retrieved
-    from longmem.model import LongMem, pad_segments
+    from longmem.model import LongMem
+    from longmem.roles import pad_segments
     from longmem.sidenet import memory_log_probs
 
     config = LongMemConfig.load(None, [])

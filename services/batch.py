@@ -37,7 +37,9 @@ from longmem.backbone import Backbone, model_dims
 from longmem.config import BatchConfig, CorpusConfig, LongMemConfig
 from longmem.data import NAMED_CORPORA, InvalidRecord, jsonl_documents, named_corpus, record_document
 from longmem.memory import MemoryExists, MemoryNotFound
-from longmem.model import LocalEncoder, LongMem, ingest_tokens, memory_capacity
+from longmem.encoder import LocalEncoder, ingest_tokens
+from longmem.model import LongMem
+from longmem.roles import memory_capacity
 
 from .auth import scope
 from .bank import RemoteBank, start_bank

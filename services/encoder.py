@@ -9,7 +9,7 @@ from ray import serve
 from longmem.backbone import Backbone
 from longmem.config import LongMemConfig
 from longmem.memory import MemoryStats
-from longmem.model import LocalEncoder
+from longmem.encoder import LocalEncoder
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from longmem.backbone import BackboneOutput
 from longmem.memory import ChunkHits, Chunks, MemoryStats
-from longmem.model import SegmentScores, Span
+from longmem.roles import SegmentScores, Span
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 from longmem.wire import from_tensor_proto, tensor_from_proto, to_tensor_proto

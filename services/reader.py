@@ -9,7 +9,8 @@ from ray import serve
 
 from longmem.backbone import Backbone, BackboneOutput
 from longmem.config import LongMemConfig
-from longmem.model import LocalReader, SegmentScores, Span, build_sidenet
+from longmem.reader import LocalReader, build_sidenet
+from longmem.roles import SegmentScores, Span
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from longmem.config import LongMemConfig
-from longmem.model import LongMem, build_sidenet
+from longmem.model import LongMem
+from longmem.reader import build_sidenet
 from longmem.sidenet import SideNet
 from longmem.train import Trainer, lr_factor, trainable_names
 

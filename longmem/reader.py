@@ -1,0 +1,218 @@
+"""The reader role in process: the SideNet with its retrieval, reading encoded segments against
+memories, generating and showing what a text retrieves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .backbone import Backbone, BackboneOutput
+from .checkpoint import load_weights, read_meta, resolve_checkpoint
+from .config import LongMemConfig
+from .memory import ChunkHits, Retrieved, hits_to_retrieved
+from .roles import Bank, SegmentScores, Span, create_scratch, fill_memory, pad_segments, segments
+from .sidenet import FrozenInputs, Retriever, SideNet
+
+
+class Retrieval:
+    """The retrieval role: what the SideNet's memory block reads besides its local context.
+
+    query -> search -> attend: the memory block (sidenet.SideNet._memory_path) hands this its
+    pre-rotary queries [B, T, Hq, d]; row b's are searched in the memories `search[b]` (their hits
+    merged into one exact top-k of k_chunks chunks, Bank.search) and the retrieved keys/values come
+    back as the attention reads them (`Retrieved`, gathered on the queries' device); the block then
+    attends jointly to them and its local context. It runs where the reader runs and blocks on I/O:
+    in process the bank is a MemoryBank; in the service, RemoteBank asks the bank actor for the
+    memories' routes and searches their shard actors. `record` and `sources`, when given, receive
+    each row's hits and which of its memories each hit came from (sources: an in-process MemoryBank
+    only, see MemoryBank.search)."""
+
+    def __init__(self, bank: Bank, search: list[list[str]], k_chunks: int, record: list[ChunkHits] | None = None,
+                 sources: list[np.ndarray] | None = None):
+        self.bank, self.search, self.k_chunks, self.record, self.sources = bank, search, k_chunks, record, sources
+
+    def __call__(self, queries: torch.Tensor) -> Retrieved:  # [B, T, Hq, d]
+        rows = (self.bank.search(self.search, queries, self.k_chunks) if self.sources is None
+                else self.bank.search(self.search, queries, self.k_chunks, self.sources))
+        if self.record is not None:
+            self.record.extend(rows)
+        return hits_to_retrieved(rows, queries.dtype, queries.device)
+
+
+class LocalReader:
+    """The reader role in process: the SideNet, with the backbone's LM head, positions and (for
+    generation) the backbone itself."""
+
+    def __init__(self, backbone: Backbone, sidenet: SideNet, bank: Bank, config: LongMemConfig):
+        self.backbone, self.sidenet, self.bank, self.config = backbone, sidenet, bank, config
+        self.k_chunks = config.memory.topk_tokens // config.memory.chunk_size
+
+    def retrieval(self, search: list[list[str]], record: list[ChunkHits] | None = None,
+                  sources: list[np.ndarray] | None = None) -> Retrieval | None:
+        """The Retrieval for rows searching `search[b]` (None when no row searches anything)."""
+        return Retrieval(self.bank, search, self.k_chunks, record, sources) if any(search) else None
+
+    def _positions(self, batch: int, length: int, offset: int = 0) -> torch.Tensor:
+        return (offset + torch.arange(length, device=self.backbone.device)).expand(batch, length)
+
+    def read_state(self, out: BackboneOutput | FrozenInputs, retrieval: Retriever | None, cache=None,
+                   offset: int = 0) -> torch.Tensor:
+        """The SideNet's final normed state [B, T, D] for encoded segments (with grad when enabled);
+        from FrozenInputs only the blocks from its `start` run."""
+        b, t = out.hidden.shape[1:3]
+        positions = self._positions(b, t, offset)
+        if isinstance(out, FrozenInputs):
+            return self.sidenet(out.hidden, positions, retrieval, cache, out.start, out.entry)
+        return self.sidenet(out.hidden, positions, retrieval, cache)  # [B, T, D]
+
+    def frozen_inputs(self, out: BackboneOutput, start: int) -> FrozenInputs:
+        """What SideNet blocks start.. read for encoded segments (see SideNet.frozen_inputs)."""
+        b, t = out.hidden.shape[1:3]
+        return self.sidenet.frozen_inputs(out.hidden, self._positions(b, t), out.mem_keys, out.mem_values, start)
+
+    def read(self, encoded: BackboneOutput, segments: list[list[int]], search: list[list[str]],
+             fill: list[str | None], targets: list[list[int]], backbone: list[bool]) -> list[SegmentScores]:
+        """Scores the targets of each row, then appends each row's segment to its `fill` memory."""
+        scores = self.score(encoded, search, targets, backbone)
+        self.fill(encoded, segments, fill)
+        return scores
+
+    def fill(self, encoded: BackboneOutput, segments: list[list[int]], fill: list[str | None]) -> None:
+        """Appends row b's segment to memory fill[b] (None: not kept)."""
+        for b, memory_id in enumerate(fill):
+            if memory_id is not None:
+                fill_memory(self.bank, memory_id, encoded, b, segments[b], self.config.memory.sink_tokens)
+
+    @torch.no_grad()
+    def score(self, encoded: BackboneOutput, search: list[list[str]], targets: list[list[int]],
+              backbone: list[bool]) -> list[SegmentScores]:
+        """Log-probabilities of each row's targets, LongMem's and, for the rows whose `backbone` is
+        True, the backbone's alone (its LM head runs only if some row asks); no memory is changed."""
+        state = self.read_state(encoded, self.retrieval(search))
+        logp = torch.log_softmax(self.backbone.lm_head(state).float(), dim=-1)  # [B, T, V]
+        base = torch.log_softmax(self.backbone.logits(encoded.last).float(), dim=-1) if any(backbone) else None
+        scores = []
+        for b, tgt in enumerate(targets):
+            t = torch.tensor(tgt, dtype=torch.long, device=logp.device)[:, None]
+            n = len(tgt)
+            scores.append(SegmentScores(logp[b, :n].gather(-1, t)[:, 0].cpu().numpy(),
+                                        base[b, :n].gather(-1, t)[:, 0].cpu().numpy() if backbone[b]
+                                        else np.zeros(0, np.float32)))
+        return scores
+
+    @contextmanager
+    def _scratch(self, needed: bool, num_tokens: int):
+        memory_id = create_scratch(self.bank, self.config, num_tokens) if needed else None
+        try:
+            yield memory_id
+        finally:
+            if memory_id:
+                self.bank.delete(memory_id)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
+                 top_k: int, seed: int, use_memory: bool) -> Iterator[int]:
+        """Yields new token ids. The memory is not modified: the prompt's earlier segments, and segments
+        completed while generating, go to a scratch memory searched together with it."""
+        from transformers import DynamicCache
+
+        w, sink = self.config.read.segment_tokens, self.config.memory.sink_tokens
+        generator = torch.Generator().manual_seed(seed)
+        eos = self.backbone.tokenizer.eos_token_id
+        new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
+        with self._scratch(use_memory and len(ids) + max_new_tokens > w, len(ids) + max_new_tokens) as scratch:
+            search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
+            retrieval = self.retrieval(search)
+            split = (len(ids) - 1) // w * w  # whole segments before the last are read, then cached
+            if scratch is not None:
+                for seg in segments(ids[:split], w):
+                    out, _ = self.backbone.encode(pad_segments([seg], self.backbone.device))
+                    fill_memory(self.bank, scratch, out, 0, seg, sink)  # only its keys/values are needed
+            segment, keys, values = [], [], []
+            bb_cache, side_cache = new_cache()
+            pending = ids[split:]
+            for _ in range(max_new_tokens):
+                x = torch.tensor([pending], device=self.backbone.device)
+                out, bb_cache = self.backbone.encode(x, past_key_values=bb_cache)
+                state = self.read_state(out, retrieval, side_cache, offset=len(segment))
+                segment += pending
+                keys.append(out.mem_keys)
+                values.append(out.mem_values)
+                token = sample(self.backbone.lm_head(state[0, -1]).float(), temperature, top_k, generator)
+                yield token
+                if token == eos:
+                    return
+                if len(segment) == w:
+                    if scratch is not None:
+                        full = BackboneOutput(None, torch.cat(keys, 1), torch.cat(values, 1), None)
+                        fill_memory(self.bank, scratch, full, 0, segment, sink)
+                    segment, keys, values = [], [], []
+                    bb_cache, side_cache = new_cache()
+                pending = [token]
+
+    @torch.no_grad()
+    def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]:
+        recorded: list[ChunkHits] = []
+        out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
+        self.read_state(out, self.retrieval([[memory_id]], recorded))
+        return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
+    """Greedy when temperature <= 0; else softmax(logits / temperature) over the top_k (0: all)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
+
+
+def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
+    """Aggregates chunk hits over query tokens and heads into ranked spans of source text;
+    retrieved chunks that follow each other in the stream merge into one span."""
+    valid = hits.seqs >= 0
+    seqs = hits.seqs[valid]
+    if not len(seqs):
+        return []
+    uniq, first, counts = np.unique(seqs, return_index=True, return_counts=True)
+    table_rows = hits.rows[valid][first]
+    positions, tokens = hits.table_positions[table_rows], hits.table_token_ids[table_rows]  # [U, c] each
+    best = np.full(len(uniq), -np.inf, np.float32)
+    np.maximum.at(best, np.searchsorted(uniq, seqs), hits.scores[valid])
+    spans: list[Span] = []
+    for i in np.argsort(positions[:, 0], kind="stable"):
+        start, end = int(positions[i, 0]), int(positions[i, -1]) + 1
+        if spans and spans[-1].end_position == start:
+            last = spans[-1]
+            last.end_position = end
+            last.token_ids += tokens[i].tolist()
+            last.hits += int(counts[i])
+            last.score = max(last.score, float(best[i]))
+        else:
+            spans.append(Span(start, end, tokens[i].tolist(), "", float(best[i]), int(counts[i])))
+    spans.sort(key=lambda s: (-s.hits, -s.score))
+    spans = spans[:max_spans]
+    for s in spans:
+        s.text = decode(s.token_ids)
+    return spans
+
+
+def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
+    """The SideNet for this backbone: a trained checkpoint when the config names one (its own
+    initialisation mode then applies to the parameters it did not train), else the configured init."""
+    path = resolve_checkpoint(config)
+    meta = read_meta(path) if path else {}
+    memory_read = meta.get("memory_read", "joint") if path else config.sidenet.memory_read
+    if memory_read != config.sidenet.memory_read:
+        raise ValueError(f"checkpoint {path} reads memory as {memory_read!r}, the config asks for "
+                         f"sidenet.memory_read={config.sidenet.memory_read!r}")
+    sidenet = SideNet(backbone, meta.get("init", config.sidenet.init), config.sidenet.gate_init,
+                      memory_read).to(backbone.device)
+    if path:
+        load_weights(sidenet, path, meta)
+    return sidenet.eval()

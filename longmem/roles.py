@@ -1,0 +1,119 @@
+"""The three roles LongMem's work is split into, and what passes between them.
+
+- `Encoder`: the frozen backbone; `encode` a batch of segments, `ingest` segments into a memory
+  (longmem/encoder.py in process, services/encoder.py as a Serve deployment);
+- `Reader`: the SideNet; `read` encoded segments against memories (then fill a memory), `generate`
+  with KV caches, `retrieve` what a text would read (longmem/reader.py; services/reader.py);
+- `Bank`: the memories (longmem/memory.py's MemoryBank in process; longmem/striped.py over shard
+  actors in services/bank.py).
+
+Also here, shared by every role: how a text is cut into W-token segments and read (`segments`,
+`batches`, `read_steps`), and how an encoded segment goes into a memory (`fill_memory`).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .backbone import BackboneOutput
+from .config import LongMemConfig
+from .memory import ChunkHits, MemoryStats, round_up
+from .sidenet import FrozenInputs
+
+
+def memory_capacity(config: LongMemConfig, num_tokens: int) -> int:
+    """A memory capacity holding num_tokens, in whole chunks, at most `memory.capacity_tokens`."""
+    return min(config.memory.capacity_tokens, round_up(num_tokens, config.memory.chunk_size))
+
+
+@dataclass
+class Span:
+    """A stretch of a memory's stream that a text retrieved."""
+
+    start_position: int
+    end_position: int  # exclusive
+    token_ids: list[int]
+    text: str
+    score: float  # best inner product of any query with one of its chunks
+    hits: int  # (query token, head) pairs that retrieved one of its chunks
+
+
+@dataclass
+class SegmentScores:
+    logprobs: np.ndarray  # [n] log-probabilities of the targets
+    backbone_logprobs: np.ndarray  # [n]; [0] when the row did not ask for the backbone alone
+
+
+class Bank(Protocol):
+    def create(self, memory_id: str, capacity_tokens: int | None = None,
+               num_shards: int | None = None) -> MemoryStats: ...
+    def stats(self, memory_id: str) -> MemoryStats: ...
+    def list(self) -> list[MemoryStats]: ...
+    def delete(self, memory_id: str) -> None: ...
+    def reset(self, memory_id: str) -> MemoryStats: ...
+    def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
+               skip_first: int = 0) -> MemoryStats: ...
+    def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]: ...
+
+
+class Encoder(Protocol):
+    def encode(self, segments: list[list[int]]) -> Any: ...  # BackboneOutput, or a handle to one
+    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats: ...
+
+
+class Reader(Protocol):
+    def read(self, encoded: Any, segments: list[list[int]], search: list[list[str]],
+             fill: list[str | None], targets: list[list[int]], backbone: list[bool]) -> list[SegmentScores]: ...
+    def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
+                 top_k: int, seed: int, use_memory: bool) -> Iterator[int]: ...
+    def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]: ...
+
+
+def segments(ids: list[int], w: int, start: int = 0) -> list[list[int]]:
+    """ids[start:] cut into W-token segments, the unit everything reads and stores (the last may be short)."""
+    return [ids[s:s + w] for s in range(start, len(ids), w)]
+
+
+def batches(items: list, size: int) -> list[list]:
+    """items in consecutive groups of `size` (one encoder or reader call each)."""
+    return [items[a:a + size] for a in range(0, len(items), size)]
+
+
+def read_steps(docs: list[list[int]], w: int, batch: int) -> Iterator[tuple[list[int], list[list[int]], list[list[int]]]]:
+    """The segment loop of reading: documents read together, segment s of every one before segment s + 1
+    of any (a segment reads the memory its predecessors filled), `batch` rows per step. Yields (the
+    rows' document indices, their segments, each segment's next-token targets)."""
+    for s in range(max(math.ceil(len(d) / w) for d in docs)):
+        for rows in batches([i for i, d in enumerate(docs) if s * w < len(d)], batch):
+            yield (rows, [docs[i][s * w:(s + 1) * w] for i in rows], [docs[i][s * w + 1:(s + 1) * w + 1] for i in rows])
+
+
+def pad_segments(segments: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Right-pads token id lists into a [B, T] batch (causal attention never sees the padding)."""
+    width = max(map(len, segments))
+    batch = torch.zeros(len(segments), width, dtype=torch.long)
+    for b, seg in enumerate(segments):
+        batch[b, :len(seg)] = torch.tensor(seg)
+    return batch.to(device)
+
+
+def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput | FrozenInputs, row: int, ids: list[int], sink_tokens: int) -> MemoryStats:
+    """Appends one encoded segment (row `row` of a batch, its first len(ids) tokens) to a memory."""
+    n = len(ids)
+    return bank.append(memory_id, out.mem_keys[row, :n].float().cpu().numpy(),
+                       out.mem_values[row, :n].float().cpu().numpy(), np.asarray(ids, np.int32),
+                       skip_first=sink_tokens)
+
+
+def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:
+    """A temporary memory for a call's own earlier segments, sized to hold all of them if it can."""
+    memory_id = f"scratch-{uuid.uuid4().hex}"
+    bank.create(memory_id, memory_capacity(config, num_tokens))
+    return memory_id
