@@ -126,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
     import shlex
 
-    from services.bench import BENCH_FILES, render, run_bench
+    from .bench.run import BENCH_FILES, render, run_bench
 
     config = load_config(args)
     if args.quick:  # the quick sizes first, so that --set still overrides them

@@ -323,7 +323,7 @@ BENCH_PARTS = ("roofline", "eviction", "memory", "long_context", "service", "sea
 
 @dataclass
 class BenchConfig:
-    """`longmem bench`: how big each part is (longmem/bench.py, services/bench.py). The defaults run in
+    """`longmem bench`: how big each part is (longmem/bench/, services/bench/). The defaults run in
     about 15 minutes on a 2-core CPU machine; `--quick` applies `quick` first, for a smoke run."""
 
     out_dir: str = "results/bench"

@@ -11,60 +11,60 @@ import numpy as np
 import pytest
 import torch
 
-from longmem import bench
+from longmem.bench import common, eviction, long_context, memory_cost, retrieval, roofline, run
 
-TINY_STORE = bench.StoreShape(chunk_size=4, kv_heads=2, head_dim=16)
-TINY_INDEX = bench.IndexOptions(pq_subquantizers=(4, 8), pq_bits=4)  # 16 centroids: few training points suffice
+TINY_STORE = eviction.StoreShape(chunk_size=4, kv_heads=2, head_dim=16)
+TINY_INDEX = memory_cost.IndexOptions(pq_subquantizers=(4, 8), pq_bits=4)  # 16 centroids: few training points suffice
 
 
 @pytest.fixture(scope="module")
 def roofline_result(llama_bb):
     before = {m.memory_id for m in llama_bb.list_memories()}
-    result = bench.roofline(llama_bb.config, 4 * 32, model=llama_bb, matmul_sizes=(64, 128), matmul_repeats=2)
+    result = roofline.run(llama_bb.config, 4 * 32, model=llama_bb, matmul_sizes=(64, 128), matmul_repeats=2)
     assert {m.memory_id for m in llama_bb.list_memories()} == before  # every memory it made is gone
     return result
 
 
 @pytest.fixture(scope="module")
 def eviction_result():
-    return bench.eviction((1024, 4096), shape=TINY_STORE, batch_chunks=16, repeats=2)
+    return eviction.run((1024, 4096), shape=TINY_STORE, batch_chunks=16, repeats=2)
 
 
 @pytest.fixture(scope="module")
 def memory_cost_result(llama_bb):
-    return bench.memory_cost(llama_bb.config, 512, model=llama_bb, options=TINY_INDEX)
+    return memory_cost.run(llama_bb.config, 512, model=llama_bb, options=TINY_INDEX)
 
 
 @pytest.fixture(scope="module")
 def long_context_result(llama_bb):
     """One fresh process only (each costs seconds): 600 tokens are past the tiny model's 512
     positions, so the backbone with full attention is skipped; test_read_context runs that path."""
-    return bench.long_context(llama_bb.config, (600,))
+    return long_context.run(llama_bb.config, (600,))
 
 
 def test_flop_count_matches_the_parameters(llama_bb):
     backbone = llama_bb.backbone
-    shape = bench.ModelShape.of(llama_bb)
+    shape = roofline.ModelShape.of(llama_bb)
     def weights(modules):
         return sum(p.numel() for module in modules for p in module.parameters() if p.dim() == 2)
 
     # Without attention over context, a forward pass costs 2 FLOPs per weight of each matrix it uses.
-    flops = bench.flops_per_token(shape, window=0, topk_tokens=0, search_chunks=0)
+    flops = roofline.flops_per_token(shape, window=0, topk_tokens=0, search_chunks=0)
     assert flops["full_encode"] == 2 * weights(backbone.layers)
     attn = backbone.layers[backbone.memory_layer].self_attn
     assert flops["ingest"] == 2 * weights([*backbone.layers[:backbone.memory_layer],
                                            attn.q_proj, attn.k_proj, attn.v_proj])
     assert flops["score_parts"]["backbone_lm_head"] == 2 * backbone.model.get_output_embeddings().weight.numel()
     # Attention and memory terms by hand: 4 heads of 16 dims, 64 retrieved tokens, 100 chunks searched.
-    assert bench.layer_flops(shape, 8) == {"projections": 2 * weights([backbone.layers[0]]),
+    assert roofline.layer_flops(shape, 8) == {"projections": 2 * weights([backbone.layers[0]]),
                                            "attention": 4 * 4 * 16 * 8}
-    parts = bench.flops_per_token(shape, 32, 64, 100)["score_parts"]
+    parts = roofline.flops_per_token(shape, 32, 64, 100)["score_parts"]
     assert parts["memory_attention"] == 4 * 4 * 16 * 64 and parts["memory_search"] == 2 * 4 * 16 * 100
 
 
 def test_mean_scratch_chunks():
     # 3 segments of 32 tokens, 1 sink each: segment s searches s * 31 tokens = s * 31 // 4 chunks.
-    assert bench.mean_scratch_chunks(96, 32, 1, 4) == pytest.approx((0 + 7 + 15) / 3)
+    assert roofline.mean_scratch_chunks(96, 32, 1, 4) == pytest.approx((0 + 7 + 15) / 3)
 
 
 def test_roofline(roofline_result, llama_bb):
@@ -95,14 +95,14 @@ def test_eviction(eviction_result):
         assert row["ring_s"] > 0 and row["official_index_s"] > 0
         assert row["official_s"] == pytest.approx(row["official_index_s"] + row["official_array_s"])
     with pytest.raises(ValueError, match="fewer than"):
-        bench.eviction((32,), shape=TINY_STORE, batch_chunks=16, repeats=1)
+        eviction.run((32,), shape=TINY_STORE, batch_chunks=16, repeats=1)
 
 
 def test_official_memory_evicts_the_oldest():
     rng = np.random.default_rng(0)
-    chunks = bench.random_chunks(6, TINY_STORE, rng)
-    official = bench.OfficialMemory(chunks, 1, 6)
-    new = bench.random_chunks(2, TINY_STORE, rng)
+    chunks = eviction.random_chunks(6, TINY_STORE, rng)
+    official = eviction.OfficialMemory(chunks, 1, 6)
+    new = eviction.random_chunks(2, TINY_STORE, rng)
     official.evict_and_add(new)
     for h in range(TINY_STORE.kv_heads):
         expected = np.concatenate([chunks.keys[2:, h], new.keys[:, h]])  # [6, c, d]
@@ -139,19 +139,19 @@ def test_memory_cost(memory_cost_result, llama_bb):
 
 def test_recall_at_k():
     exact = [np.array([[1, 2], [3, 4]])]
-    assert bench.recall_at_k([np.array([[2, 1], [4, 3]])], exact) == 1.0
-    assert bench.recall_at_k([np.array([[1, 9], [9, 9]])], exact) == 0.25
+    assert memory_cost.recall_at_k([np.array([[2, 1], [4, 3]])], exact) == 1.0
+    assert memory_cost.recall_at_k([np.array([[1, 9], [9, 9]])], exact) == 0.25
 
 
 def test_memory_queries_are_the_memory_blocks_pre_rotary_queries(llama_bb):
-    ids = bench.text_ids(llama_bb.tokenizer, 40)
-    queries = bench.memory_queries(llama_bb, ids)  # two segments: 32 + 8 tokens
+    ids = common.text_ids(llama_bb.tokenizer, 40)
+    queries = common.memory_queries(llama_bb, ids)  # two segments: 32 + 8 tokens
     side = llama_bb.sidenet
     block = side.blocks[side.memory_block]
     seen = []
     hook = block.layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out[0]))
     try:
-        bench.memory_queries(llama_bb, ids)
+        common.memory_queries(llama_bb, ids)
     finally:
         hook.remove()
     d = llama_bb.backbone.head_dim
@@ -181,8 +181,8 @@ def test_long_context(long_context_result, llama_bb):
 @pytest.mark.parametrize("method", ["longmem", "full_attention"])
 def test_read_context(llama_bb, method):
     """What long_context runs in a fresh process, run here (it loads its own model)."""
-    ids = bench.text_ids(llama_bb.tokenizer, 64)
-    m = bench._read_context(llama_bb.config.to_dict(), method, ids, torch.get_num_threads())
+    ids = common.text_ids(llama_bb.tokenizer, 64)
+    m = long_context._read_context(llama_bb.config.to_dict(), method, ids, torch.get_num_threads())
     check_context_read(m, 64)
 
 
@@ -194,49 +194,49 @@ def test_retrieval_is_exact_below_the_threshold_and_approximate_above(llama_bb, 
     config = LongMemConfig.from_dict({**llama_bb.config.to_dict(), "memory": {
         **llama_bb.config.to_dict()["memory"], "ann_min_tokens": 512, "ann_probe": 1, "ann_query_clusters": 2,
         "ann_hot_chunks": 8}})
-    r = bench.retrieval(config, (256, 1024), repeats=1, model=llama_bb, cache_dir=tmp_path)
+    r = retrieval.run(config, (256, 1024), repeats=1, model=llama_bb, cache_dir=tmp_path)
     json.dumps(r)
     small, big = r["rows"]
     assert (small["method"], big["method"]) == ("exact", "approximate")
     assert small["recall"] == 1.0 and small["ivf_lists"] == 0 and small["ivf_recall"] is None
     assert 0 <= big["ivf_recall"] <= big["recall"]  # the hot sets only add candidates
-    assert big["chunks"] == bench.held_chunks(config, 1024) == (1024 - 1024 // 32) // 4  # 32-token segments, 1 sink
+    assert big["chunks"] == retrieval.held_chunks(config, 1024) == (1024 - 1024 // 32) // 4  # 32-token segments, 1 sink
     assert 0 < big["recall"] < 1 and big["ivf_lists"] == big["chunks"] // 39  # lists capped by chunks held
     assert r["largest_over_smallest"] == big["search_s"] / small["search_s"]
     cached = list(tmp_path.glob("real-memory-*.npz"))
     assert len(cached) == 1
-    assert bench.retrieval(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]["recall"] == big["recall"]
-    text = bench.format_table({"retrieval": r})
+    assert retrieval.run(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]["recall"] == big["recall"]
+    text = run.format_table({"retrieval": r})
     assert text.startswith("## Retrieval") and "approximate" in text
     config.memory.search_device = "cpu"  # the GPU index's torch search, here on CPU: exact, checked against faiss
-    on_device = bench.retrieval(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]
+    on_device = retrieval.run(config, (1024,), repeats=1, model=llama_bb, cache_dir=tmp_path)["rows"][0]
     assert on_device["method"] == "exact (cpu)" and on_device["recall"] == 1.0 and on_device["ivf_recall"] is None
-    assert bench.plot({"retrieval": r}, tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run.plot({"retrieval": r}, tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_text_ids_are_a_prefix_of_the_essays(llama_bb):
-    assert bench.text_ids(llama_bb.tokenizer, 50) == bench.text_ids(llama_bb.tokenizer, 300)[:50]
+    assert common.text_ids(llama_bb.tokenizer, 50) == common.text_ids(llama_bb.tokenizer, 300)[:50]
 
 
 def test_format_table_and_plot(roofline_result, eviction_result, memory_cost_result, long_context_result, tmp_path):
     results = {"roofline": roofline_result, "eviction": eviction_result, "memory_cost": memory_cost_result,
                "long_context": long_context_result}
-    text = bench.format_table(results)
+    text = run.format_table(results)
     for title in ("## Roofline", "## Eviction", "## Memory cost", "## Long context"):
         assert text.count(title) == 1
     assert "HNSW-Flat" in text and "| 4k" in text
-    assert bench.format_table({"eviction": eviction_result}).startswith("## Eviction")
+    assert run.format_table({"eviction": eviction_result}).startswith("## Eviction")
     for name, part in (("all.png", results), ("one.png", {"memory_cost": memory_cost_result})):
-        path = bench.plot(part, tmp_path / name)
+        path = run.plot(part, tmp_path / name)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fresh_process_memory_is_its_own_not_its_parents(llama_bb):
     """A spawned child inherits its parent's ru_maxrss through exec; the peak must be the child's."""
     ballast = np.ones(2**30 // 8)  # 1 GiB resident in this (the parent) process
-    parent_peak = bench._memory_peak(torch.device("cpu"))
-    ids = bench.text_ids(llama_bb.tokenizer, 64)
-    m = bench._in_fresh_process(bench._read_context, llama_bb.config.to_dict(), "longmem", ids, 1)
+    parent_peak = long_context._memory_peak(torch.device("cpu"))
+    ids = common.text_ids(llama_bb.tokenizer, 64)
+    m = common.in_fresh_process(long_context._read_context, llama_bb.config.to_dict(), "longmem", ids, 1)
     del ballast
     check_context_read(m, 64)
     assert m["peak_bytes"] < parent_peak - 2**29

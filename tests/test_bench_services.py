@@ -11,7 +11,8 @@ import ray
 
 from conftest import tiny_config
 from longmem.cli import main
-from services import bench
+from longmem.bench import run
+from services.bench import common, search, service
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SERVICE_TOKENS = 96  # 3 windows of the tiny models' 32 tokens
@@ -23,7 +24,7 @@ REPORT_KEYS = {"headline", "command", "machine", "sizes", "results", "wall_s", "
 @pytest.fixture(scope="module")
 def service_result(llama_bb):
     before = {m.memory_id for m in llama_bb.list_memories()}
-    result = bench.service_overhead(llama_bb.config, SERVICE_TOKENS, model=llama_bb, warmup_tokens=32)
+    result = service.run(llama_bb.config, SERVICE_TOKENS, model=llama_bb, warmup_tokens=32)
     assert {m.memory_id for m in llama_bb.list_memories()} == before  # every memory it made is gone
     assert not ray.is_initialized()  # its Ray instance is shut down
     return result
@@ -31,7 +32,7 @@ def service_result(llama_bb):
 
 @pytest.fixture(scope="module")
 def search_result(tiny_llama_dir):
-    result = bench.search_scaling(tiny_config(tiny_llama_dir), SEARCH_SIZES, SEARCH_SHARDS, query_tokens=8,
+    result = search.run(tiny_config(tiny_llama_dir), SEARCH_SIZES, SEARCH_SHARDS, query_tokens=8,
                                   fill_tokens=200, repeats=2)
     assert not ray.is_initialized()
     return result
@@ -57,7 +58,7 @@ def test_service_overhead(service_result, llama_bb):
     assert local["startup_s"] is None and service["startup_s"] > 0  # the model was given; Serve deployed
     for name in ("encoder", "reader"):
         assert r["replica_threads"][name]["torch_threads"] >= 1
-    assert r["ray_cpus"] >= bench._service_cpus(llama_bb.config)
+    assert r["ray_cpus"] >= common.service_cpus(llama_bb.config)
 
 
 def test_search_scaling(search_result):
@@ -83,13 +84,13 @@ def test_search_scaling(search_result):
             assert x["max_shard_cpu_s"] == max(x["shard_cpu_s"])
             assert x["cpu_vs_ideal"] == pytest.approx(x["max_shard_cpu_s"] / (one["max_shard_cpu_s"] / x["shards"]))
         assert one["vs_ideal"] == one["vs_base"] == one["cpu_vs_ideal"] == 1.0
-    assert bench.headline_object({"search": r})["shard_cpu_scaling_error"] == max(
+    assert run.headline_object({"search": r})["shard_cpu_scaling_error"] == max(
         abs(x["cpu_vs_ideal"] - 1) for x in r["rows"][-1]["sharded"])
 
 
 def test_search_scaling_checks_sizes_before_starting_ray(tiny_llama_dir):
     with pytest.raises(ValueError, match="multiples of the chunk size"):
-        bench.search_scaling(tiny_config(tiny_llama_dir), (30,), (1,), repeats=1)
+        search.run(tiny_config(tiny_llama_dir), (30,), (1,), repeats=1)
     assert not ray.is_initialized()
 
 
@@ -97,12 +98,12 @@ def test_report_renders_every_part(service_result, search_result, tmp_path):
     report = {"command": "longmem bench", "machine": {"cpu_count": 2}, "sizes": {},
               "results": {"service": service_result, "search": search_result},
               "wall_s": {"service": 1.0, "search": 2.0}, "total_wall_s": 3.0}
-    bench.write_report(report, tmp_path)
+    run.write_report(report, tmp_path)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert list(written)[0] == "headline"  # the bars by name, first
     assert written["headline"] == {"service_score_ratio": service_result["ratio"]["score"],
                                    "service_append_ratio": service_result["ratio"]["append"],
-                                   "shard_cpu_scaling_error": bench.headline_object({"search": search_result})[
+                                   "shard_cpu_scaling_error": run.headline_object({"search": search_result})[
                                        "shard_cpu_scaling_error"]}
     del written["headline"]
     assert written == json.loads(json.dumps(report))
@@ -111,14 +112,14 @@ def test_report_renders_every_part(service_result, search_result, tmp_path):
     for title in ("## Ratios", "## Service overhead", "## Search scaling"):
         assert text.count(title) == 1
     assert "service / in-process" in text and "measured / ideal" in text
-    figures = [row[1] for row in bench.headline(report["results"])]
+    figures = [row[1] for row in run.headline(report["results"])]
     assert "append tokens/s, gRPC + Ray / in-process" in figures
     assert "1k tokens, 2 shards: measured / ideal" in figures
     assert "1k tokens, 2 shards: busiest shard's CPU / ideal" in figures
 
 
 def check_report(out, parts: set[str]) -> dict:
-    assert sorted(p.name for p in out.iterdir()) == sorted(bench.BENCH_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(run.BENCH_FILES)
     report = json.loads((out / "bench.json").read_text())
     assert set(report) == REPORT_KEYS
     assert set(report["results"]) == set(report["wall_s"]) == parts
