@@ -26,7 +26,7 @@ def load_config(args: argparse.Namespace) -> LongMemConfig:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .checkpoint import resolve_checkpoint
     from .data import essays_document
-    from .evaluate import answer_matches
+    from .evaluate.harness import answer_matches
     from .model import LongMem
 
     config = load_config(args)
@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate.run import evaluate
     from .model import LongMem
 
     config = load_config(args)

@@ -467,10 +467,10 @@ class Trainer:
 def plot_curves(history: Path, out: Path, window: int = 25) -> None:
     """The run's learning curves from its train_log.jsonl: the losses (moving averages over `window`
     steps) and the recall validation accuracies and mean gate at each validation step."""
-    from .evaluate import _figure
+    from .evaluate.common import figure
 
     records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    fig = _figure(11, 4)[0]
+    fig = figure(11, 4)[0]
     fig.clear()
     losses, accuracy = fig.subplots(1, 2)
     for key in ("lm_loss", "distill_loss", "recall_loss", "retrieval_loss"):

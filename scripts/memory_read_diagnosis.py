@@ -53,7 +53,8 @@ def curriculum(sizes: list[int], examples: int, batch: int, seed: int) -> list[d
 def passkey(sizes: list[int], trials: int, seed: int) -> list[dict]:
     from longmem.config import LongMemConfig
     from longmem.data import passkey_prompt_parts, random_key
-    from longmem.evaluate import eval_data, unseen_filler
+    from longmem.evaluate.common import eval_data
+    from longmem.evaluate.harness import unseen_filler
     from longmem.memory import round_up
     from longmem.memory import hits_to_retrieved
     from longmem.model import LongMem

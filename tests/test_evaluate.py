@@ -18,8 +18,12 @@ import torch
 from conftest import W
 from longmem.config import LongMemConfig
 from longmem.data import passkey_prompt_parts, sentiment_lexicon
-from longmem.evaluate import (PARTS, FillerMemory, chapter_items, evaluate, heldout_documents, icl_split,
-                              passkey_filler_ids, position_buckets, section_breaks)
+from longmem.evaluate.chapter import chapter_items, section_breaks
+from longmem.evaluate.common import heldout_documents
+from longmem.evaluate.harness import FillerMemory, passkey_filler_ids
+from longmem.evaluate.icl import icl_split
+from longmem.evaluate.ppl import position_buckets
+from longmem.evaluate.run import PARTS, evaluate
 
 TINY_EVAL = {
     "ppl_docs": 2, "ppl_doc_tokens": 5 * W, "position_buckets": 4, "full_window_tokens": 3 * W,
@@ -118,7 +122,7 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path, eval_confi
 
 
 def passkey_filler_text(model, eval_config) -> str:
-    from longmem.evaluate import eval_data
+    from longmem.evaluate.common import eval_data
 
     config = eval_config(model)
     return model.decode(passkey_filler_ids(model, eval_data(config).unseen_documents, TINY_EVAL["filler_tokens"],

@@ -170,7 +170,7 @@ def test_the_shipped_checkpoint_reads_as_recorded(smollm2, essay_ids):
     from pathlib import Path
 
     from longmem.checkpoint import SHIPPED
-    from longmem.evaluate import checkpoint_digest
+    from longmem.evaluate.run import checkpoint_digest
 
     ref = json.loads((Path(__file__).parent / "data" / REFERENCE).read_text())
     assert checkpoint_digest(SHIPPED) == ref["checkpoint_sha256"], \
@@ -188,7 +188,7 @@ if __name__ == "__main__":  # records the reference of the shipped checkpoint
     from longmem.checkpoint import SHIPPED
     from longmem.config import BackboneConfig
     from longmem.data import essays_document
-    from longmem.evaluate import checkpoint_digest
+    from longmem.evaluate.run import checkpoint_digest
 
     path = Path(__file__).parent / "data" / REFERENCE
     ref = json.loads(path.read_text())

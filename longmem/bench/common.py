@@ -102,7 +102,7 @@ def real_memory(model: LongMem, num_tokens: int, query_tokens: int, cache_dir: s
     import json
 
     from ..checkpoint import resolve_checkpoint
-    from ..evaluate import checkpoint_digest
+    from ..evaluate.run import checkpoint_digest
 
     c = model.config
     checkpoint = resolve_checkpoint(c)
