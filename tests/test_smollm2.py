@@ -197,3 +197,19 @@ if __name__ == "__main__":  # records the reference of the shipped checkpoint
     ref["checkpoint_sha256"] = checkpoint_digest(SHIPPED)
     ref["logprobs"], ref["greedy"] = read_reference(backbone, ids, ref)
     path.write_text(json.dumps(ref) + "\n")
+
+
+def test_lm_eval_reports_the_greedy_continuation_greedy(smollm2):
+    """lm-eval's is_greedy on real text: the model's own greedy continuation is, another one is not."""
+    from lm_eval.api.instance import Instance
+
+    from longmem.lm_eval_model import LongMemLM
+
+    zero, _ = smollm2
+    lm = LongMemLM(zero)
+    context = "The capital of France is"
+    continuation = zero.decode(list(zero.generate(context, max_new_tokens=3)))
+    assert zero.tokenize(context + continuation)[len(zero.tokenize(context)):] == zero.tokenize(continuation)
+    asks = [Instance("loglikelihood", {}, (context, c), 0) for c in (continuation, continuation + " zebra")]
+    (_, greedy), (_, other) = lm.loglikelihood(asks)
+    assert greedy and not other
