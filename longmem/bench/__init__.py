@@ -7,6 +7,7 @@
 - `retrieval`: approximate against exact retrieval from memories of real text;
 - the service parts, `service` and `search`, are services/bench/ (they need Ray).
 
-Each part module has `run` (the measurement), `table` (its Markdown) and `plot` (its subplots,
+Each part module has `run` (the measurement, its sizes from config.bench), `Result` (the typed shape
+of what `run` returns: JSON-ready TypedDicts), `table` (its Markdown) and `plot` (its subplots,
 `PANELS` of them); `run.py` runs any of them and writes the report; `common.py` is what they share.
 """

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import TypedDict
 
 import faiss
 import numpy as np
@@ -24,6 +24,25 @@ EVICTION_REPEATS = 5  # timed steps per size after one warm-up step; the median 
 # SmolLM2-135M's memory layer: 3 kv heads of 64 dims; chunks of 4 tokens (config defaults)
 STORE_CHUNK_SIZE, STORE_KV_HEADS, STORE_HEAD_DIM = 4, 3, 64
 PANELS = 1  # subplots of this part in bench.png
+
+
+class Row(TypedDict):
+    tokens: int
+    chunks: int
+    ring_s: float  # one batch evicted and added by the ring buffer
+    official_s: float  # the same by remove_ids + shifting the arrays
+    official_index_s: float
+    official_array_s: float
+    ratio: float  # official_s / ring_s
+    ring_evicts_exactly: bool
+    official_holds: int
+
+
+class Result(TypedDict):
+    batch_chunks: int
+    repeats: int
+    shape: dict[str, int]
+    rows: list[Row]
 
 
 @dataclass
@@ -88,7 +107,7 @@ class OfficialMemory:
 
 def run(sizes: Sequence[int], *, shape: StoreShape | None = None,
              batch_chunks: int = EVICTION_BATCH_CHUNKS, repeats: int = EVICTION_REPEATS,
-             seed: int = SEED) -> dict[str, Any]:
+             seed: int = SEED) -> Result:
     """Time to evict the oldest `batch_chunks` chunks and add as many new ones, once memory is full.
 
     For each size (tokens; size / chunk_size chunks) both memories are filled with random chunks,
@@ -136,7 +155,7 @@ def run(sizes: Sequence[int], *, shape: StoreShape | None = None,
     return {"batch_chunks": batch_chunks, "repeats": repeats, "shape": asdict(shape), "rows": rows}
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     rows = [[tokens_label(x["tokens"]), f"{x['chunks']:,}", f"{1e3 * x['ring_s']:.3f}", f"{1e3 * x['official_s']:.2f}",
              f"{1e3 * x['official_index_s']:.2f}", f"{x['ratio']:,.0f}x", "yes" if x["ring_evicts_exactly"] else "NO"]
             for x in r["rows"]]
@@ -146,7 +165,7 @@ def table(r: dict) -> str:
                 "ratio", "ring exact"], rows)])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     ax = axes[0]
     tokens = [x["tokens"] for x in r["rows"]]
     ax.loglog(tokens, [1e3 * x["ring_s"] for x in r["rows"]], "o-", label="ring buffer (in place)")

@@ -7,7 +7,7 @@ import gc
 import resource
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -19,6 +19,30 @@ from .common import in_fresh_process, text_ids, timed, tokens_label
 CONTEXT_WARMUP_TOKENS = 16  # an untimed read this long before each long-context measurement
 KIB = 1024  # Linux reports VmHWM and ru_maxrss in KiB
 PANELS = 2  # subplots of this part in bench.png
+
+
+class Read(TypedDict):
+    """One read of n tokens, in a fresh process."""
+    device: str
+    seconds: float
+    baseline_bytes: int
+    peak_bytes: int
+    s_per_token: float
+    bytes_per_token: float
+
+
+class Row(TypedDict):
+    tokens: int
+    longmem: Read
+    full_attention: Read | None  # None past the backbone's position limit
+
+
+class Result(TypedDict):
+    window: int
+    max_positions: int
+    torch_threads: int
+    memory: str  # what "peak" measures
+    rows: list[Row]
 
 
 def _memory_mark(device: torch.device) -> int:
@@ -46,7 +70,7 @@ def _memory_peak(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
 
 
-def _read_context(config: dict, method: str, ids: list[int], threads: int) -> dict[str, Any]:
+def _read_context(config: dict, method: str, ids: list[int], threads: int) -> Read:
     """Runs in a fresh process: loads the model, reads `ids` with `method` ("longmem" or
     "full_attention") after a short warm-up, and reports time and peak memory above the loaded model."""
     torch.set_num_threads(threads)
@@ -62,7 +86,7 @@ def _read_context(config: dict, method: str, ids: list[int], threads: int) -> di
             "s_per_token": seconds / len(ids), "bytes_per_token": (peak - baseline) / len(ids)}
 
 
-def run(config: LongMemConfig, lengths: Sequence[int]) -> dict[str, Any]:
+def run(config: LongMemConfig, lengths: Sequence[int]) -> Result:
     """Time and peak memory per token of reading the first n tokens of the essays, for each n:
     LongMem (score with no memory id: W-token windows, earlier windows in a scratch memory) and the
     backbone with full attention over all n tokens (one forward pass; only up to its position
@@ -89,7 +113,7 @@ def run(config: LongMemConfig, lengths: Sequence[int]) -> dict[str, Any]:
             "memory": "CUDA max_memory_allocated" if cuda else "peak RSS above the loaded model", "rows": rows}
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     def cells(m: dict | None) -> list[str]:
         if m is None:
             return ["-"] * 3
@@ -105,7 +129,7 @@ def table(r: dict) -> str:
                rows)])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     for ax, key, scale, label in ((axes[0], "s_per_token", 1e3, "ms per token"),
                                   (axes[1], "bytes_per_token", 1 / KIB, "peak KiB per token")):
         for method, name in (("longmem", "LongMem"), ("full_attention", "full attention")):

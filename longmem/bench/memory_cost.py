@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import faiss
 import numpy as np
@@ -30,6 +30,37 @@ HNSW_NEIGHBORS = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 64
 PANELS = 1  # subplots of this part in bench.png
+
+
+class Row(TypedDict):
+    """One storage option on the same keys, values and queries."""
+    name: str
+    kv: str
+    in_place_eviction: bool
+    kv_bytes_per_token: float
+    index_bytes_per_token: float
+    bytes_per_token: float
+    build_s: float
+    search_s: float
+    search_us_per_query: float
+    recall: float  # recall@K against exact float32 search
+    key_rel_error: float
+    value_rel_error: float
+
+
+class Result(TypedDict):
+    tokens: int
+    stored_tokens: int
+    chunks: int
+    chunk_size: int
+    kv_heads: int
+    head_dim: int
+    query_tokens: int
+    query_heads: int
+    k_chunks: int
+    faiss_threads: int
+    options: dict[str, Any]  # IndexOptions
+    rows: list[Row]
 
 
 @dataclass
@@ -142,7 +173,7 @@ def _relative_error(stored: list[StoredVectors], originals: list[np.ndarray]) ->
 
 
 def run(config: LongMemConfig, tokens: int, query_tokens: int | None = None, *,
-                model: LongMem | None = None, options: IndexOptions | None = None) -> dict[str, Any]:
+                model: LongMem | None = None, options: IndexOptions | None = None) -> Result:
     """Bytes per cached token, build time, search latency and recall@K of each storage option.
 
     Keys/values: the first `tokens` tokens of the essays appended to a memory (the real ingest path,
@@ -208,7 +239,7 @@ def run(config: LongMemConfig, tokens: int, query_tokens: int | None = None, *,
             "rows": rows}
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     rows = [[x["name"], x["kv"], f"{x['kv_bytes_per_token']:,.1f}", f"{x['index_bytes_per_token']:,.1f}",
              f"{x['bytes_per_token']:,.1f}", f"{x['build_s']:.2f}", f"{1e3 * x['search_s']:.1f}",
              f"{x['recall']:.3f}", f"{x['key_rel_error']:.3f}", "yes" if x["in_place_eviction"] else "no"]
@@ -222,7 +253,7 @@ def table(r: dict) -> str:
                 f"recall@{r['k_chunks']}", "key rel. error", "in-place eviction"], rows)])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     from matplotlib.ticker import NullFormatter
 
     ax = axes[0]

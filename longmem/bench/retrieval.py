@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -23,6 +23,30 @@ from .eviction import EVICTION_BATCH_CHUNKS
 from .memory_cost import recall_at_k
 
 PANELS = 1  # subplots of this part in bench.png
+
+
+class Row(TypedDict):
+    tokens: int
+    chunks: int
+    method: str  # "exact" or "approximate", as configured for this size
+    search_s: float
+    exact_search_s: float
+    fill_s: float
+    recall: float  # recall@K against exact search
+    ivf_recall: float | None  # the IVF lists alone, without the query-chosen hot sets
+    ivf_lists: int
+
+
+class Result(TypedDict):
+    query_tokens: int
+    query_heads: int
+    k_chunks: int
+    chunk_size: int
+    approx: dict[str, Any]  # ApproxSearch
+    repeats: int
+    text: str
+    rows: list[Row]
+    largest_over_smallest: float  # search time, largest memory / smallest
 
 
 def held_chunks(config: LongMemConfig, tokens: int) -> int:
@@ -49,7 +73,7 @@ def _store_of(arrays: dict[str, np.ndarray], chunks: int, approx: ApproxSearch,
 
 
 def run(config: LongMemConfig, sizes: Sequence[int], repeats: int, *,
-              model: LongMem | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+              model: LongMem | None = None, cache_dir: str | Path | None = None) -> Result:
     """Retrieval of one segment's queries from memories of N tokens of real text, as configured (exact
     below memory.ann_min_tokens, ApproxSearch above) and exactly.
 
@@ -100,7 +124,7 @@ def run(config: LongMemConfig, sizes: Sequence[int], repeats: int, *,
             "largest_over_smallest": rows[-1]["search_s"] / rows[0]["search_s"]}
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     rows = [[tokens_label(x["tokens"]), f"{x['chunks']:,}", x["method"], f"{x['ivf_lists']:,}", f"{x['fill_s']:.1f}",
              f"{1e3 * x['search_s']:,.0f}", f"{1e3 * x['exact_search_s']:,.0f}", f"{x['recall']:.3f}",
              "" if x["ivf_recall"] is None else f"{x['ivf_recall']:.3f}"]
@@ -115,7 +139,7 @@ def table(r: dict) -> str:
                                           "IVF lists alone"], rows)])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     ax = axes[0]
     tokens = [x["tokens"] for x in r["rows"]]
     ax.plot(tokens, [1e3 * x["search_s"] for x in r["rows"]], marker="o", label="as configured")

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import faiss
 import numpy as np
@@ -26,6 +26,40 @@ from .common import SEED, si, text_ids, timed
 MATMUL_REPEATS = 5  # timed runs per size; the fastest counts (the machine may be shared)
 EARLY_EXIT_REPEATS = 2  # timed encode_memory / encode passes over the same tokens; the fastest counts
 PANELS = 1  # subplots of this part in bench.png
+
+
+class PathRate(TypedDict):
+    """One path (ingest or score) against its FLOP bound."""
+    seconds: float
+    bound_tokens_per_s: float
+    tokens_per_s: float
+    fraction: float  # tokens_per_s / bound_tokens_per_s
+
+
+class EarlyExit(TypedDict):
+    encode_memory_s: float
+    encode_s: float
+    speedup: float  # encode_s / encode_memory_s
+    flop_ratio: float  # what the FLOP counts predict
+
+
+class Result(TypedDict):
+    device: str
+    dtype: str
+    torch_threads: int
+    faiss_threads: int
+    peak_flops: float  # the fastest square matmul, FLOP/s
+    matmul_flops: dict[str, float]  # size -> FLOP/s
+    tokens: int
+    window: int
+    memory_tokens_held: int
+    search_chunks: float
+    sidenet_blocks_run: int
+    sidenet_blocks: int
+    flops_per_token: dict[str, Any]
+    ingest: PathRate
+    score: PathRate
+    early_exit: EarlyExit
 
 
 def peak_matmul_flops(sizes: Sequence[int], repeats: int, device: torch.device,
@@ -112,7 +146,7 @@ def mean_scratch_chunks(num_tokens: int, window: int, sink_tokens: int, chunk_si
 
 def run(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
              matmul_sizes: Sequence[int] | None = None, matmul_repeats: int = MATMUL_REPEATS,
-             early_exit_repeats: int = EARLY_EXIT_REPEATS) -> dict[str, Any]:
+             early_exit_repeats: int = EARLY_EXIT_REPEATS) -> Result:
     """Measured ingest and score tokens/s of the in-process core against the bounds peak FLOP/s gives.
 
     The first `tokens` tokens of the essays are appended to a fresh memory (LongMem.append, which runs
@@ -178,7 +212,7 @@ def run(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
     }
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     f = r["flops_per_token"]
     rows = [[name, si(f[name], "FLOP"), f"{r[name]['bound_tokens_per_s']:,.0f}", f"{r[name]['tokens_per_s']:,.0f}",
              f"{r[name]['fraction']:.1%}"] for name in ("ingest", "score")]
@@ -197,7 +231,7 @@ def table(r: dict) -> str:
     ])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     ax = axes[0]
     names = ["ingest", "score"]
     x = np.arange(len(names))

@@ -12,7 +12,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -33,6 +33,54 @@ SEARCH_QUERY_TOKENS = 64  # query tokens per search (x the model's query heads)
 SEARCH_FILL_TOKENS = 64 * 1024  # tokens per bank append while filling a memory
 SEARCH_WARMUP = 1  # untimed searches first
 PANELS = 2  # subplots of this part in bench.png
+
+
+class InProcess(TypedDict):
+    median_s: float
+    min_s: float
+    fill_tokens_per_s: float
+
+
+class Sharded(TypedDict):
+    shards: int
+    median_s: float
+    min_s: float
+    fill_tokens_per_s: float
+    topk_match: float  # against the in-process search
+    shard_cpu_s: list[float]  # each shard's process CPU per search
+    max_shard_cpu_s: float
+    ideal_s: float  # lat(N, smallest S) x smallest S / S
+    vs_ideal: float
+    vs_base: float
+    vs_in_process: float
+    cpu_ideal_s: float
+    cpu_vs_ideal: float
+
+
+class Row(TypedDict):
+    tokens: int
+    in_process: InProcess
+    sharded: list[Sharded]
+
+
+class Result(TypedDict):
+    chunk_size: int
+    kv_heads: int
+    head_dim: int
+    query_heads: int
+    query_tokens: int
+    k_chunks: int
+    fill_tokens: int
+    repeats: int
+    warmup: int
+    shard_actors: int
+    shard_budget_bytes: int
+    ray_cpus: float
+    shard_threads: dict[str, Any]
+    base_shards: int
+    hits_array_bytes: int
+    hits_proto_bytes: int
+    rows: list[Row]
 
 
 def _random_kv(seed: int, tokens: int, kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,7 +134,7 @@ def _cpu_per_search(before: dict[str, tuple[float, int]], after: dict[str, tuple
 
 def run(config: LongMemConfig, sizes: Sequence[int], shards: Sequence[int], repeats: int, *,
                    query_tokens: int = SEARCH_QUERY_TOKENS, fill_tokens: int = SEARCH_FILL_TOKENS,
-                   warmup: int = SEARCH_WARMUP, seed: int = SEED) -> dict[str, Any]:
+                   warmup: int = SEARCH_WARMUP, seed: int = SEED) -> Result:
     """Latency of one exact search of a memory of N tokens striped over S shards, as a reader searches:
     the bank actor's route, then the shard actors directly and the merge here (approximate search of large stores is the retrieval part's question, on real text).
 
@@ -194,7 +242,7 @@ def run(config: LongMemConfig, sizes: Sequence[int], shards: Sequence[int], repe
             "rows": rows}
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     rows = []
     base = r["base_shards"]
     for row in r["rows"]:
@@ -222,7 +270,7 @@ def table(r: dict) -> str:
         moved])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     tokens = [row["tokens"] for row in r["rows"]]
     ax = axes[0]
     ax.plot(tokens, [1e3 * row["in_process"]["median_s"] for row in r["rows"]], "o--", label="in-process")

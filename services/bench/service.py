@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -31,6 +31,38 @@ SERVICE_WARMUP_TOKENS = 256  # an untimed append + score this long per path firs
 PANELS = 1  # subplots of this part in bench.png
 
 
+class PathRate(TypedDict):
+    """Append then score through one path."""
+    startup_s: float | None
+    append_s: float
+    score_s: float
+    append_tokens_per_s: float
+    score_tokens_per_s: float
+    perplexity: float
+    backbone_perplexity: float
+
+
+class Result(TypedDict):
+    tokens: int
+    warmup_tokens: int
+    backbone: str
+    device: str
+    window: int
+    chunk_size: int
+    topk_tokens: int
+    shard_actors: int
+    memory_shards: int
+    ray_cpus: float
+    in_process_torch_threads: int
+    replica_threads: dict[str, Any]
+    scored_tokens: int
+    max_abs_logprob_diff: float
+    max_abs_backbone_logprob_diff: float
+    ratio: dict[str, float]  # append, score: service / in process
+    in_process: PathRate
+    service: PathRate
+
+
 def _path(startup_s: float | None, tokens: int, append_s: float, score_s: float, logprobs,
           backbone_logprobs, perplexity: float, backbone_perplexity: float) -> dict[str, Any]:
     return {"startup_s": startup_s, "append_s": append_s, "score_s": score_s,
@@ -48,7 +80,7 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
                      warmup_tokens: int = SERVICE_WARMUP_TOKENS,
-                     ready_timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
+                     ready_timeout_s: float = READY_TIMEOUT_S) -> Result:
     """Append and Score tokens/s through the gRPC API against the in-process core, and how far apart
     their log-probabilities are.
 
@@ -153,7 +185,7 @@ def run(config: LongMemConfig, tokens: int, *, model: LongMem | None = None,
     return out
 
 
-def table(r: dict) -> str:
+def table(r: Result) -> str:
     rows = []
     for name, key in (("in-process core", "in_process"), ("service (gRPC + Ray)", "service")):
         p = r[key]
@@ -178,7 +210,7 @@ def table(r: dict) -> str:
         threads, same])
 
 
-def plot(axes, r: dict) -> None:
+def plot(axes, r: Result) -> None:
     ax = axes[0]
     ops = ["append", "score"]
     x = np.arange(len(ops))
