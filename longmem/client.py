@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,11 @@ DEFAULT_TARGET = "localhost:9000"
 # that a piece stays far below gRPC's default 4 MiB message limit (4 bytes a character at worst),
 # large enough that the per-request overhead is negligible next to encoding the piece.
 DEFAULT_PIECE_CHARS = 100_000
+# An append that answers UNAVAILABLE (a service restarting) is sent again, with the same request id, for
+# up to this long, waiting FIRST_BACKOFF_S, then twice as long each time (at most MAX_BACKOFF_S).
+APPEND_RETRY_S = 120.0
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
 
 # Status codes after which wait_ready stops waiting: the application answered and refuses the
 # caller, which more waiting will not change.
@@ -244,8 +250,20 @@ class LongMemClient:
     def reset_memory(self, memory_id: str) -> pb.MemoryInfo:
         return self._call("ResetMemory", pb.ResetMemoryRequest(memory_id=memory_id))
 
+    def _append(self, request: pb.AppendRequest, retry_s: float) -> pb.AppendResponse:
+        deadline, delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
+        while True:
+            try:
+                return self._call("Append", request)
+            except LongMemError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
+
     def append(self, memory_id: str, text: str | None = None, token_ids: Sequence[int] | None = None,
-               progress: bool = False, piece_chars: int = DEFAULT_PIECE_CHARS) -> pb.AppendResponse:
+               progress: bool = False, piece_chars: int = DEFAULT_PIECE_CHARS, request_id: str | None = None,
+               retry_s: float = APPEND_RETRY_S) -> pb.AppendResponse:
         """Appends text or token ids (exactly one) to a memory.
 
         With progress=True, a text is sent in pieces of about `piece_chars` characters, cut only at
@@ -254,19 +272,26 @@ class LongMemClient:
         response (the memory's final state) with tokens_appended summed over all pieces. Unlike a
         single request, this is not atomic: if a piece fails, the pieces before it stay appended.
         Without progress the text goes in one request.
+
+        Every request carries a request id (`request_id`, else a random one; each piece its own) and is
+        sent again while it answers UNAVAILABLE, for up to `retry_s` seconds with backoff: the server
+        applies an id at most once, so a retried append never doubles the text.
         """
         _exactly_one(text, token_ids)
+        request_id = request_id or uuid.uuid4().hex
         if token_ids is not None:
-            return self._call("Append", pb.AppendRequest(memory_id=memory_id, token_ids=token_ids))
+            return self._append(pb.AppendRequest(memory_id=memory_id, token_ids=token_ids, request_id=request_id),
+                                retry_s)
         if not progress:
-            return self._call("Append", pb.AppendRequest(memory_id=memory_id, text=text))
+            return self._append(pb.AppendRequest(memory_id=memory_id, text=text, request_id=request_id), retry_s)
         from tqdm.auto import tqdm
 
         result = pb.AppendResponse()
         total = 0
         with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"append {memory_id}") as bar:
-            for piece in split_text(text, piece_chars) or [text]:
-                response = self._call("Append", pb.AppendRequest(memory_id=memory_id, text=piece))
+            for i, piece in enumerate(split_text(text, piece_chars) or [text]):
+                response = self._append(pb.AppendRequest(memory_id=memory_id, text=piece,
+                                                         request_id=f"{request_id}-{i}"), retry_s)
                 total += response.tokens_appended
                 result = response
                 bar.update(len(piece))

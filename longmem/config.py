@@ -59,6 +59,9 @@ class MemoryConfig:
     # unseen corpora by -0.0011% / -0.0025% (essays / jargon) vs float32 (results/eval_fp16).
     # "float32" stores them as the backbone computes them. Chunk search keys (faiss) are float32 either way.
     dtype: str = "float16"
+    # Request ids of the most recent appends kept per memory (and in its journal): an append retried
+    # with the same id within this many later appends is applied once.
+    request_id_window: int = 4096
     # Approximate search of large stores (longmem/memory.py, ApproxSearch): a store (one shard's part
     # of a memory) searches exactly until it holds ann_min_tokens, then IVF lists + query-chosen hot sets.
     ann_min_tokens: int = 262_144  # 0: always exact
@@ -417,6 +420,8 @@ class LongMemConfig:
             raise ValueError("memory.topk_tokens must be a positive multiple of memory.chunk_size")
         if m.capacity_tokens <= 0 or m.capacity_tokens % m.chunk_size:
             raise ValueError("memory.capacity_tokens must be a positive multiple of memory.chunk_size")
+        if m.request_id_window < 0:
+            raise ValueError("memory.request_id_window must not be negative")
         if not 0 <= m.sink_tokens < self.read.segment_tokens:
             raise ValueError("memory.sink_tokens must be in [0, read.segment_tokens)")
         if m.ann_min_tokens < 0 or (m.ann_min_tokens and min(m.ann_lists_per_sqrt, m.ann_probe, m.ann_query_clusters,

@@ -35,6 +35,7 @@ exactly what a single store would.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -632,21 +633,51 @@ class MemoryStats:
     num_shards: int = 1
 
 
+class RequestWindow:
+    """The request ids of a memory's most recent appends (at most `size`; 0 keeps none). An append whose
+    id is here was applied already and is skipped, so a client that retries an append it heard no
+    answer to (with the same id) changes the memory once."""
+
+    def __init__(self, size: int, ids=()):
+        self.size = size
+        self.ids: OrderedDict[str, None] = OrderedDict.fromkeys(list(ids)[-size:] if size else [])
+
+    def __contains__(self, request_id: str | None) -> bool:
+        return request_id is not None and request_id in self.ids
+
+    def add(self, request_id: str | None) -> None:
+        if request_id is None or not self.size:
+            return
+        self.ids[request_id] = None
+        while len(self.ids) > self.size:
+            self.ids.popitem(last=False)
+
+    def state(self) -> list[str]:
+        return list(self.ids)
+
+
 class Memory:
-    """One document's or session's memory: a chunker and one ring-buffer store, FIFO of exact capacity."""
+    """One document's or session's memory: a chunker and one ring-buffer store, FIFO of exact capacity,
+    and the ids of its recent appends (`RequestWindow`)."""
 
     def __init__(self, memory_id: str, capacity_tokens: int, chunk_size: int, num_kv_heads: int,
-                 head_dim: int, dtype=np.float32, approx: ApproxSearch = EXACT):
+                 head_dim: int, dtype=np.float32, approx: ApproxSearch = EXACT, request_window: int = 0):
         if capacity_tokens <= 0 or capacity_tokens % chunk_size:
             raise ValueError(f"capacity_tokens must be a positive multiple of the chunk size {chunk_size}")
         self.memory_id = memory_id
         self.capacity_tokens = capacity_tokens
         self.chunker = Chunker(chunk_size, num_kv_heads, head_dim, dtype)
         self.store = ChunkStore(capacity_tokens // chunk_size, chunk_size, num_kv_heads, head_dim, dtype, approx)
+        self.applied = RequestWindow(request_window)
 
-    def append(self, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray, skip_first: int = 0) -> int:
+    def append(self, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray, skip_first: int = 0,
+               request_id: str | None = None) -> int:
+        """Returns the chunks completed (0 for a request id applied before: nothing changes)."""
+        if request_id in self.applied:
+            return 0
         chunks = self.chunker.push(keys, values, token_ids, skip_first)
         self.store.add(chunks)
+        self.applied.add(request_id)
         return len(chunks)
 
     def search(self, queries: np.ndarray, k_chunks: int) -> ChunkHits:
@@ -670,7 +701,8 @@ class MemoryBank:
     memories striped across Ray shard actors."""
 
     def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, default_capacity: int,
-                 dtype=np.float32, approx: ApproxSearch = EXACT):
+                 dtype=np.float32, approx: ApproxSearch = EXACT, request_window: int = 0):
+        self.request_window = request_window
         self.chunk_size = chunk_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -685,7 +717,7 @@ class MemoryBank:
         if num_shards not in (None, 0, 1):
             raise ValueError("the in-process bank holds every memory in one shard")
         memory = Memory(memory_id, capacity_tokens or self.default_capacity, self.chunk_size,
-                        self.num_kv_heads, self.head_dim, self.dtype, self.approx)
+                        self.num_kv_heads, self.head_dim, self.dtype, self.approx, self.request_window)
         self.memories[memory_id] = memory
         return memory.stats()
 
@@ -711,9 +743,9 @@ class MemoryBank:
         return memory.stats()
 
     def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
-               skip_first: int = 0) -> MemoryStats:
+               skip_first: int = 0, request_id: str | None = None) -> MemoryStats:
         memory = self.get(memory_id)
-        memory.append(keys, values, token_ids, skip_first)
+        memory.append(keys, values, token_ids, skip_first, request_id)
         return memory.stats()
 
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int,

@@ -169,11 +169,13 @@ class LongMemRunner:
                                 backbone_logprobs)[0]
 
     def append(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
-               progress: bool = False) -> int:
-        """Encodes a text with the frozen backbone and appends it to a memory. Returns its token count."""
+               progress: bool = False, request_id: str | None = None) -> int:
+        """Encodes a text with the frozen backbone and appends it to a memory. Returns its token count.
+        With a request id the append is applied at most once: a call retried with the same id (after
+        a failure) appends only what the first one did not."""
         ids = self.token_ids(text, token_ids)
         self.bank.stats(memory_id)
-        ingest_tokens(self.encoder, memory_id, ids, self.config, progress)
+        ingest_tokens(self.encoder, memory_id, ids, self.config, progress, request_id)
         return len(ids)
 
     def score_choices(self, prefix: str, choices: list[str], memory_id: str | None = None,
@@ -218,7 +220,7 @@ class LongMemRunner:
 def make_bank(config: LongMemConfig, backbone: Backbone) -> MemoryBank:
     mem = config.memory
     return MemoryBank(mem.chunk_size, backbone.num_kv_heads, backbone.head_dim, mem.capacity_tokens,
-                      np.dtype(mem.dtype), mem.approx_search())
+                      np.dtype(mem.dtype), mem.approx_search(), mem.request_id_window)
 
 
 class LongMem(LongMemRunner):

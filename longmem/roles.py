@@ -59,13 +59,13 @@ class Bank(Protocol):
     def delete(self, memory_id: str) -> None: ...
     def reset(self, memory_id: str) -> MemoryStats: ...
     def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
-               skip_first: int = 0) -> MemoryStats: ...
+               skip_first: int = 0, request_id: str | None = None) -> MemoryStats: ...
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]: ...
 
 
 class Encoder(Protocol):
     def encode(self, segments: list[list[int]]) -> Any: ...  # BackboneOutput, or a handle to one
-    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats: ...
+    def ingest(self, memory_id: str, segments: list[list[int]], request_ids: list[str] | None = None) -> MemoryStats: ...
 
 
 class Reader(Protocol):
@@ -104,12 +104,20 @@ def pad_segments(segments: list[list[int]], device: torch.device | str = "cpu") 
     return batch.to(device)
 
 
-def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput | FrozenInputs, row: int, ids: list[int], sink_tokens: int) -> MemoryStats:
-    """Appends one encoded segment (row `row` of a batch, its first len(ids) tokens) to a memory."""
+def fill_memory(bank: Bank, memory_id: str, out: BackboneOutput | FrozenInputs, row: int, ids: list[int],
+                sink_tokens: int, request_id: str | None = None) -> MemoryStats:
+    """Appends one encoded segment (row `row` of a batch, its first len(ids) tokens) to a memory; with a
+    request id, at most once."""
     n = len(ids)
     return bank.append(memory_id, out.mem_keys[row, :n].float().cpu().numpy(),
                        out.mem_values[row, :n].float().cpu().numpy(), np.asarray(ids, np.int32),
-                       skip_first=sink_tokens)
+                       skip_first=sink_tokens, request_id=request_id)
+
+
+def append_ids(request_id: str | None, first: int, count: int) -> list[str] | None:
+    """The request ids of segments first.. of an append with this request id: one per segment, since
+    each segment is one append to the bank (None without a request id)."""
+    return None if request_id is None else [f"{request_id}:{first + i}" for i in range(count)]
 
 
 def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:

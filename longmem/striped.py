@@ -42,7 +42,7 @@ import numpy as np
 
 from .durable import Journal
 from .memory import (CapacityExceeded, ChunkHits, Chunker, Chunks, MemoryExists, MemoryNotFound, MemoryStats,
-                     ShardUnavailable, merge_hits)
+                     RequestWindow, ShardUnavailable, merge_hits)
 from .storage import Storage, StorageLock, pack_arrays, unpack_arrays
 
 log = logging.getLogger("longmem.striped")
@@ -109,6 +109,7 @@ class Placement:
     capacity_tokens: int
     shards: list[str]  # stripe order: chunk seq goes to shards[seq % len(shards)]
     chunker: Chunker
+    applied: RequestWindow  # the request ids of its recent appends (logged with them, and snapshotted)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # What is committed but not yet on every shard (see `StripedBank._carry`):
     stale: list[str] = field(default_factory=list)  # earlier incarnations' stores to delete
@@ -145,8 +146,10 @@ class StripedBank:
 
     def __init__(self, shards: dict[str, ShardClient], chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype="float32", storage: Storage | None = None,
-                 snapshot_every: int = 256, lock: StorageLock | None = None, lock_refresh_s: float = 5.0):
+                 snapshot_every: int = 256, lock: StorageLock | None = None, lock_refresh_s: float = 5.0,
+                 request_window: int = 0):
         self.shards = shards
+        self.request_window = request_window
         self.chunk_size, self.num_kv_heads, self.head_dim = chunk_size, num_kv_heads, head_dim
         self.default_capacity, self.default_shards = default_capacity, default_shards
         self.dtype = np.dtype(dtype)
@@ -221,7 +224,7 @@ class StripedBank:
         op, memory_id = meta["op"], meta["memory"]
         if op == "create":
             self.memories[memory_id] = Placement(memory_id, meta["store"], meta["capacity"], meta["shards"],
-                                                 self._chunker())
+                                                 self._chunker(), RequestWindow(self.request_window))
         elif op == "delete":
             self.memories.pop(memory_id)
         elif op == "reset":
@@ -232,6 +235,7 @@ class StripedBank:
             p = self.memories[memory_id]
             chunks = p.chunker.push(arrays["keys"], arrays["values"], arrays["token_ids"], meta["skip_first"])
             p.unsent = chunks if p.unsent is None else Chunks.cat([p.unsent, chunks])
+            p.applied.add(meta.get("request"))
         else:
             raise ValueError(f"unknown log record {op!r}")
 
@@ -241,7 +245,8 @@ class StripedBank:
             if self.journal.open():
                 arrays, meta = unpack_arrays(self.journal.read(SNAPSHOT_FILE))
                 for i, (memory_id, m) in enumerate(meta["memories"].items()):
-                    p = Placement(memory_id, m["store"], m["capacity_tokens"], m["shards"], self._chunker())
+                    p = Placement(memory_id, m["store"], m["capacity_tokens"], m["shards"], self._chunker(),
+                                  RequestWindow(self.request_window, m.get("applied", ())))
                     p.chunker.load_state({k: arrays[f"{i}.{k}"] for k in ("keys", "values", "ids", "positions")},
                                          m["chunker"])
                     self.memories[memory_id] = p
@@ -304,7 +309,7 @@ class StripedBank:
         for i, (memory_id, p) in enumerate(self.memories.items()):
             pending, counters = p.chunker.state()
             meta[memory_id] = {"store": p.store_id, "capacity_tokens": p.capacity_tokens, "shards": p.shards,
-                               "chunker": counters}
+                               "chunker": counters, "applied": p.applied.state()}
             arrays.update({f"{i}.{k}": v for k, v in pending.items()})
         self.journal.snapshot({SNAPSHOT_FILE: pack_arrays(arrays, {"memories": meta})})
 
@@ -326,7 +331,8 @@ class StripedBank:
             names = list(self.shards)
             free = await gather_all(self.shards[n].free_bytes() for n in names)
             chosen = [n for _, n in sorted(zip(free, names), reverse=True)[:s]]
-            p = Placement(memory_id, new_store_id(memory_id), capacity, chosen, self._chunker())
+            p = Placement(memory_id, new_store_id(memory_id), capacity, chosen, self._chunker(),
+                          RequestWindow(self.request_window))
             try:
                 await gather_all(self.shards[n].create(p.store_id, p.per_store) for n in chosen)
                 self._log({"op": "create", "memory": memory_id, "store": p.store_id, "capacity": capacity,
@@ -384,24 +390,29 @@ class StripedBank:
         return p.stats()
 
     async def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
-                     skip_first: int = 0) -> MemoryStats:
-        """keys, values: [T, Hkv, d]; token_ids: [T]."""
+                     skip_first: int = 0, request_id: str | None = None) -> MemoryStats:
+        """keys, values: [T, Hkv, d]; token_ids: [T]. An append whose request id the memory's window
+        holds was applied before (its log record carries the id): it changes nothing, and answers as
+        soon as what it appended is on the shards."""
         async with self._changing(memory_id) as p:
             await self._carry(p)  # an earlier change first; nothing new is logged while that fails
+            if request_id in p.applied:
+                return p.stats()
             before = p.chunker.state()
             chunks = p.chunker.push(keys, values, token_ids, skip_first)  # checks shapes before any change
             try:
-                self._log({"op": "append", "memory": memory_id, "skip_first": int(skip_first)},
+                self._log({"op": "append", "memory": memory_id, "skip_first": int(skip_first), "request": request_id},
                           {"keys": keys, "values": values, "token_ids": np.asarray(token_ids, np.int32)})
             except BaseException:
                 p.chunker.load_state(*before)
                 raise
             p.unsent = chunks
+            p.applied.add(request_id)
             try:
                 await self._carry(p)
             except ShardUnavailable as e:
                 raise ShardUnavailable(f"{e} (this append is recorded and reaches the shard when it is back: "
-                                       "GetMemory's tokens_appended counts it; do not resend it)") from None
+                                       "resend it with the same request id and it is applied once)") from None
         return p.stats()
 
     async def routes(self, memory_ids: list[list[str]]) -> list[list[Route]]:

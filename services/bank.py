@@ -13,6 +13,7 @@ and values go from the shards to the reader, never through the bank.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -29,11 +30,10 @@ from longmem.v1 import longmem_pb2 as pb
 from longmem.wire import from_tensor_proto, to_tensor_proto
 
 from .messages import chunks_to_proto, hits_from_proto, stats_from_proto, stats_to_proto
-from .remote import result
+from .remote import UNAVAILABLE_ERRORS, known_cause, result
 from .shard import ShardActor
 
 BANK_NAME = "bank"
-RAY_UNAVAILABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def unavailable(error: BaseException) -> ShardUnavailable:
@@ -42,7 +42,8 @@ def unavailable(error: BaseException) -> ShardUnavailable:
 
 class RayShard:
     """The core's ShardClient over one shard actor. Changes are retried while the shard restarts
-    (re-sending is idempotent)."""
+    (re-sending is idempotent); a shard's own error (no capacity, ...) comes back as itself, without
+    the Ray traceback around it."""
 
     def __init__(self, handle, retry_seconds: float):
         self.handle, self.retry_seconds = handle, retry_seconds
@@ -53,11 +54,16 @@ class RayShard:
         while True:
             try:
                 return await call()
-            except RAY_UNAVAILABLE as e:
+            except UNAVAILABLE_ERRORS as e:
                 if time.monotonic() + delay > deadline:
                     raise unavailable(e) from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
+            except ray.exceptions.RayTaskError as e:
+                cause = known_cause(e)
+                if cause is None:
+                    raise
+                raise cause from None
 
     async def create(self, store_id: str, capacity_chunks: int) -> None:
         request = ipb.ShardCreateRequest(store_id=store_id, capacity_chunks=capacity_chunks)
@@ -85,7 +91,7 @@ class Bank:
     def __init__(self, shard_names: list[str], namespace: str, chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype: str, storage_root: str | None,
                  snapshot_every: int, retry_seconds: float, server_id: str,
-                 lock_stale_seconds: float, lock_refresh_seconds: float):
+                 lock_stale_seconds: float, lock_refresh_seconds: float, request_window: int):
         """Every setting from the config (start_bank passes them all)."""
         self.handles = {n: ray.get_actor(n, namespace=namespace) for n in shard_names}
         lock = (StorageLock(Storage(storage_root), {"server": server_id}, lock_stale_seconds)
@@ -93,7 +99,7 @@ class Bank:
         self.core = StripedBank({n: RayShard(h, retry_seconds) for n, h in self.handles.items()}, chunk_size,
                                 num_kv_heads, head_dim, default_capacity, default_shards, dtype,
                                 Storage(f"{storage_root}/bank") if storage_root else None, snapshot_every,
-                                lock, lock_refresh_seconds)
+                                lock, lock_refresh_seconds, request_window)
 
     async def ready(self) -> None:
         await self.core.ready()
@@ -120,12 +126,17 @@ class Bank:
     async def append(self, req: ipb.BankAppendRequest) -> pb.MemoryInfo:
         return stats_to_proto(await self.core.append(req.memory_id, from_tensor_proto(req.keys),
                                                      from_tensor_proto(req.values),
-                                                     from_tensor_proto(req.token_ids), req.skip_first))
+                                                     from_tensor_proto(req.token_ids), req.skip_first,
+                                                     req.request_id or None))
 
     async def routes(self, req: ipb.RouteRequest) -> ipb.RouteResponse:
         rows = await self.core.routes([list(row.memory_ids) for row in req.rows])
         return ipb.RouteResponse(rows=[ipb.RouteList(routes=[ipb.Route(store_id=r.store_id, shards=r.shards)
                                                              for r in row]) for row in rows])
+
+    def pid(self) -> int:
+        """The actor's process id (operators and fault tests use it)."""
+        return os.getpid()
 
     async def shard_stats(self) -> list[ipb.ShardStats]:
         return list(await asyncio.gather(*(h.stats.remote() for h in self.handles.values())))
@@ -161,10 +172,10 @@ class RemoteBank:
         return stats_from_proto(result(self.handle.reset.remote(memory_id)))
 
     def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
-               skip_first: int = 0) -> MemoryStats:
+               skip_first: int = 0, request_id: str | None = None) -> MemoryStats:
         req = ipb.BankAppendRequest(memory_id=memory_id, keys=to_tensor_proto(keys), values=to_tensor_proto(values),
                                     token_ids=to_tensor_proto(np.asarray(token_ids, np.int32)),
-                                    skip_first=skip_first)
+                                    skip_first=skip_first, request_id=request_id or "")
         return stats_from_proto(result(self.handle.append.remote(req)))
 
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
@@ -187,7 +198,7 @@ class RemoteBank:
             store_id=store_id, queries=to_tensor_proto(queries), k_chunks=k_chunks)) for name, store_id, queries in calls]
         try:
             return [hits_from_proto(result(ref)) for ref in refs]
-        except RAY_UNAVAILABLE as e:
+        except UNAVAILABLE_ERRORS as e:
             raise unavailable(e) from None
 
     def _shard(self, name: str):
@@ -222,7 +233,7 @@ def start_bank(config: LongMemConfig, num_kv_heads: int, head_dim: int):
         names, ns, config.memory.chunk_size, num_kv_heads, head_dim, config.memory.capacity_tokens,
         serve_cfg.default_memory_shards, config.memory.dtype, root, serve_cfg.snapshot_every,
         serve_cfg.shard_retry_seconds, uuid.uuid4().hex,
-        serve_cfg.lock_stale_seconds, serve_cfg.lock_refresh_seconds)
+        serve_cfg.lock_stale_seconds, serve_cfg.lock_refresh_seconds, config.memory.request_id_window)
     result(bank.ready.remote())
     return bank
 

@@ -33,7 +33,8 @@ class EncoderDeployment:
         return raise_if_error(await self._encode_batch(segments_from_proto(req.segments)))
 
     async def ingest(self, req: ipb.IngestRequest) -> pb.MemoryInfo:
-        return raise_if_error(await self._ingest_batch(req.memory_id, segments_from_proto(req.segments)))
+        return raise_if_error(await self._ingest_batch(req.memory_id, segments_from_proto(req.segments),
+                                                       list(req.append_ids) or None))
 
     @serve.batch
     async def _encode_batch(self, requests: list[list[list[int]]]) -> list[ipb.Encoded]:
@@ -42,14 +43,16 @@ class EncoderDeployment:
                 for start, segs in zip(row_starts(requests), requests)]
 
     @serve.batch
-    async def _ingest_batch(self, memory_ids: list[str], requests: list[list[list[int]]]) -> list:
+    async def _ingest_batch(self, memory_ids: list[str], requests: list[list[list[int]]],
+                            request_ids: list[list[str] | None]) -> list:
         """One pass up to the memory layer for every request's segments; then each request's memory
         gets its own rows, an error (e.g. a memory deleted meanwhile) failing only that request."""
         out = await asyncio.to_thread(self.encoder.encode_memory, [seg for segs in requests for seg in segs])
         results = []
-        for memory_id, start, segs in zip(memory_ids, row_starts(requests), requests):
+        for memory_id, start, segs, ids in zip(memory_ids, row_starts(requests), requests, request_ids):
             try:
-                results.append(stats_to_proto(await asyncio.to_thread(self.encoder.fill, memory_id, out, segs, start)))
+                results.append(stats_to_proto(await asyncio.to_thread(self.encoder.fill, memory_id, out, segs, start,
+                                                                      ids)))
             except Exception as e:
                 results.append(e)
         return results
@@ -65,6 +68,6 @@ class RemoteEncoder:
     def encode(self, segments: list[list[int]]):
         return self.handle.encode.remote(ipb.EncodeRequest(segments=segments_to_proto(segments)))
 
-    def ingest(self, memory_id: str, segments: list[list[int]]) -> MemoryStats:
-        req = ipb.IngestRequest(memory_id=memory_id, segments=segments_to_proto(segments))
+    def ingest(self, memory_id: str, segments: list[list[int]], request_ids: list[str] | None = None) -> MemoryStats:
+        req = ipb.IngestRequest(memory_id=memory_id, segments=segments_to_proto(segments), append_ids=request_ids or [])
         return stats_from_proto(result(self.handle.ingest.remote(req)))

@@ -29,11 +29,12 @@ from .encoder import RemoteEncoder
 from .messages import spans_to_proto, stats_to_proto
 from .metrics import metrics
 from .reader import RemoteReader
-from .remote import STATUS
+from .remote import STATUS, infrastructure_status
 
 log = logging.getLogger("longmem.gateway")
 
 MEMORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_REQUEST_ID_CHARS = 128
 
 
 def status_of(error: BaseException) -> grpc.StatusCode | None:
@@ -51,15 +52,21 @@ def public_message(error: BaseException, tenant: str | None) -> str:
 
 def report(grpc_context: RayServegRPCContext, error: BaseException, tenant: str | None, method: str,
            errors) -> bool:
-    """Sets the status for a user error and returns True; returns False for a real bug (logged).
-    Either way the error is counted by method and status code."""
-    code = status_of(error)
+    """Sets the status for a user error or an infrastructure failure (UNAVAILABLE or DEADLINE_EXCEEDED,
+    with a retry hint) and returns True; returns False for a real bug (logged). Either way the error
+    is counted by method and status code."""
+    code, details = status_of(error), None
+    if code is not None:
+        details = public_message(error, tenant)
+    elif (infrastructure := infrastructure_status(error)) is not None:
+        code, details = infrastructure
+        log.warning("%s: %s (%r)", method, details, error)
     errors.inc(tags={"method": method, "code": (code or grpc.StatusCode.INTERNAL).name})
     if code is None:
         log.exception("%s failed", method)
         return False
     grpc_context.set_code(code)
-    grpc_context.set_details(public_message(error, tenant))
+    grpc_context.set_details(details)
     return True
 
 
@@ -171,7 +178,10 @@ class Gateway:
     @unary(pb.AppendResponse)
     def Append(self, request: pb.AppendRequest, tenant: str) -> pb.AppendResponse:
         memory_id = self._memory(tenant, request.memory_id)
-        n = self.runner.append(memory_id, token_ids=self._ids(request.text, request.token_ids))
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+        n = self.runner.append(memory_id, token_ids=self._ids(request.text, request.token_ids),
+                               request_id=request.request_id or None)
         self.metrics.tokens_appended.inc(n, tags={"source": "grpc"})
         return pb.AppendResponse(memory=self._info(tenant, memory_id), tokens_appended=n)
 

@@ -592,3 +592,18 @@ def test_search_device_settings_are_checked():
     assert on_cpu.torch_device() == torch.device("cpu") and not on_cpu.enabled()
     auto = LongMemConfig().memory.approx_search()  # the GPU where there is one, else faiss with the IVF beside it
     assert (auto.torch_device() is None) == (not torch.cuda.is_available()) and auto.enabled() != torch.cuda.is_available()
+
+
+def test_an_append_with_a_request_id_applies_once_within_the_window():
+    rng = np.random.default_rng(3)
+    bank = MemoryBank(C, HKV, D, default_capacity=64, request_window=2)
+    bank.create("m")
+    a, b, c = (tuple(rng.standard_normal((2, 5, HKV, D)).astype(np.float32)) + (np.arange(5, dtype=np.int32),)
+               for _ in range(3))
+    assert bank.append("m", *a, request_id="a").tokens_appended == 5
+    assert bank.append("m", *a, request_id="a").tokens_appended == 5  # the same id: nothing more
+    assert bank.append("m", *b).tokens_appended == 10  # no id: always applied
+    assert bank.append("m", *b).tokens_appended == 15
+    bank.append("m", *b, request_id="b")
+    bank.append("m", *c, request_id="c")  # "a" leaves the window of 2
+    assert bank.append("m", *a, request_id="a").tokens_appended == 30

@@ -226,7 +226,11 @@ def test_the_readme_client_examples_run_against_the_service(service, tmp_path):
     ("CreateMemory", pb.CreateMemoryRequest(num_shards=99), grpc.StatusCode.INVALID_ARGUMENT, "num_shards"),
     ("CreateMemory", pb.CreateMemoryRequest(capacity_tokens=10**7, num_shards=1),
      grpc.StatusCode.RESOURCE_EXHAUSTED, "fit"),
+    ("CreateMemory", pb.CreateMemoryRequest(capacity_tokens=4096, num_shards=1), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "bytes free"),
     ("Append", pb.AppendRequest(memory_id="missing", text="hello"), grpc.StatusCode.NOT_FOUND, "missing"),
+    ("Append", pb.AppendRequest(memory_id="missing", text="hello", request_id="r" * 129), grpc.StatusCode.INVALID_ARGUMENT,
+     "request_id"),
     ("Score", pb.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "text"),
     ("Score", pb.ScoreRequest(token_ids=[1, 10**6]), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
     ("Score", pb.ScoreRequest(text="a b", token_ids=[1, 2]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
@@ -239,6 +243,7 @@ def test_bad_requests_get_clear_status_codes(service, call, request_msg, code, f
         getattr(stub, call)(request_msg)
     assert err.value.code() == code
     assert field in err.value.details()
+    assert "Traceback" not in err.value.details() and "ray::" not in err.value.details()  # the message alone
 
 
 def test_generate_errors_reach_the_stream(service):
@@ -337,6 +342,71 @@ def test_kill_9_a_shard_under_load_loses_no_acknowledged_append(service):
         assert after == before
     finally:
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="crash"))
+
+
+def test_kill_9_of_the_bank_under_load_answers_unavailable_and_retried_appends_land_once(service):
+    """The bank actor killed while clients append (the Python client: a request id per append, retried
+    on UNAVAILABLE) and search: callers hear only OK or UNAVAILABLE with a retry hint (never INTERNAL,
+    never a traceback), every append succeeds, and the memory holds each exactly once."""
+    import signal
+    import threading
+    import time
+
+    from longmem.client import LongMemClient
+
+    config, stub, _, _ = service
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="bank-crash", capacity_tokens=1024, num_shards=NODES))
+    acked, failed, lock = [], [], threading.Lock()
+
+    def worker(w: int) -> None:
+        with LongMemClient(f"127.0.0.1:{config.serve.grpc_port}", timeout=120) as client:
+            for i in range(6):
+                ids = [(w * 37 + i * 11 + j) % 250 + 1 for j in range(40)]
+                try:
+                    client.append("bank-crash", token_ids=ids)
+                    with lock:
+                        acked.append(len(ids))
+                except Exception as e:
+                    with lock:
+                        failed.append(e)
+
+    try:
+        pool = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+        for t in pool:
+            t.start()
+        while len(acked) < 2:
+            time.sleep(0.05)
+        os.kill(ray.get(ray.get_actor("bank", namespace="longmem").pid.remote()), signal.SIGKILL)
+        during = []
+        for _ in range(3):
+            try:
+                stub.Retrieve(pb.RetrieveRequest(memory_id="bank-crash", text="during the outage"), timeout=60)
+            except grpc.RpcError as e:
+                during.append((e.code(), e.details()))
+        for t in pool:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in pool)
+        for code, details in during:
+            assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details and "Traceback" not in details
+        assert not failed and sum(acked) == 12 * 40
+        info = stub.GetMemory(pb.GetMemoryRequest(memory_id="bank-crash"))
+        assert info.tokens_appended == 12 * 40  # each append exactly once
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="bank-crash"))
+
+
+def test_an_append_resent_with_its_request_id_is_applied_once(service):
+    _, stub, _, _ = service
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="resent", capacity_tokens=1024, num_shards=NODES))
+    try:
+        ids = list(range(1, 150))  # several segments
+        first = stub.Append(pb.AppendRequest(memory_id="resent", token_ids=ids, request_id="req-1"))
+        again = stub.Append(pb.AppendRequest(memory_id="resent", token_ids=ids, request_id="req-1"))
+        other = stub.Append(pb.AppendRequest(memory_id="resent", token_ids=ids, request_id="req-2"))
+        assert first.memory.tokens_appended == again.memory.tokens_appended == len(ids)
+        assert other.memory.tokens_appended == 2 * len(ids)
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="resent"))
 
 
 def test_removing_a_node_under_load_moves_its_shard_with_its_memory(service):

@@ -91,9 +91,10 @@ def search(bank: StripedBank, shards: dict[str, LocalShard], memory_ids: list[li
     return search_routes(stores, run(bank.routes(memory_ids)), queries, k, C, np.float32)
 
 
-def make_bank(root, shards, snapshot_every: int) -> StripedBank:
+def make_bank(root, shards, snapshot_every: int, request_window: int = 8) -> StripedBank:
     return StripedBank(shards, C, HKV, D, default_capacity=16, default_shards=1,
-                       storage=Storage(str(root / "bank")), snapshot_every=snapshot_every)
+                       storage=Storage(str(root / "bank")), snapshot_every=snapshot_every,
+                       request_window=request_window)
 
 
 def live_chunks(store: ChunkStore) -> dict[int, tuple]:
@@ -410,3 +411,37 @@ def test_one_live_server_per_storage_and_a_stale_lock_is_taken_over(tmp_path):
         holder.refresh()  # the old holder learns it lost the lock
     other.release()
     assert other.current() is None
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 100])
+def test_a_retried_append_is_applied_once_across_a_crash_after_its_log_write(tmp_path, snapshot_every):
+    """The bank dies after logging an append, before any shard has it and before it answers; the
+    client resends it with the same request id to the restarted bank: the memory holds it once. Its
+    id survives a snapshot too; an id that left the window is an append like any other."""
+    rng = np.random.default_rng(5)
+    shards = {n: LocalShard(tmp_path / n, 10**6, 100) for n in SHARDS}
+    bank = make_bank(tmp_path, shards, snapshot_every, request_window=2)
+    run(bank.create("m", 16, 3))
+    ref = Memory("m", 16, C, HKV, D)
+    first, second = tokens(rng, 6), tokens(rng, 5)
+    run(bank.append("m", *first, request_id="r1"))
+    ref.append(*first)
+    for shard in shards.values():
+        shard.bank_dies_at = 0  # the next shard call: after the log write
+    with pytest.raises(Crash):
+        run(bank.append("m", *second, request_id="r2"))
+    for shard in shards.values():
+        shard.bank_dies_at = None
+    bank = make_bank(tmp_path, shards, snapshot_every, request_window=2)
+    run(bank.append("m", *second, request_id="r2"))  # the retry: applied already, now carried to the shards
+    run(bank.append("m", *first, request_id="r1"))  # a late duplicate of the first
+    ref.append(*second)
+    assert_agrees(bank, shards, {"m": ref})
+    third = tokens(rng, 3)
+    run(bank.append("m", *third, request_id="r3"))  # r1 leaves the window of 2
+    ref.append(*third)
+    run(bank.append("m", *first, request_id="r1"))
+    ref.append(*first)
+    bank = make_bank(tmp_path, shards, snapshot_every, request_window=2)
+    run(bank.ready())
+    assert_agrees(bank, shards, {"m": ref})

@@ -7,7 +7,7 @@ import gc
 import resource
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import torch
 

@@ -38,12 +38,14 @@ class Encoded(_message.Message):
     def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mem_keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mem_values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., last: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("memory_id", "segments")
+    __slots__ = ("memory_id", "segments", "append_ids")
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    APPEND_IDS_FIELD_NUMBER: _ClassVar[int]
     memory_id: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, memory_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    append_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, memory_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., append_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
     __slots__ = ("segments", "search", "fill", "targets", "backbone")
@@ -134,18 +136,20 @@ class Hits(_message.Message):
     def __init__(self, scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seqs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BankAppendRequest(_message.Message):
-    __slots__ = ("memory_id", "keys", "values", "token_ids", "skip_first")
+    __slots__ = ("memory_id", "keys", "values", "token_ids", "skip_first", "request_id")
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SKIP_FIRST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     memory_id: str
     keys: _tensor_pb2.Tensor
     values: _tensor_pb2.Tensor
     token_ids: _tensor_pb2.Tensor
     skip_first: int
-    def __init__(self, memory_id: _Optional[str] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., skip_first: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, memory_id: _Optional[str] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., skip_first: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("rows",)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18longmem/v1/longmem.proto\x12\nlongmem.v1\"\xaa\x01\n\nMemoryInfo\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x02 \x01(\x03\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x13\n\x0btokens_held\x18\x04 \x01(\x03\x12\x16\n\x0etokens_evicted\x18\x05 \x01(\x03\x12\x17\n\x0ftokens_appended\x18\x06 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x07 \x01(\x03\"U\n\x13\x43reateMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x02 \x01(\x03\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\"%\n\x10GetMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\"\x15\n\x13ListMemoriesRequest\"@\n\x14ListMemoriesResponse\x12(\n\x08memories\x18\x01 \x03(\x0b\x32\x16.longmem.v1.MemoryInfo\"(\n\x13\x44\x65leteMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\":\n\x14\x44\x65leteMemoryResponse\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"\'\n\x12ResetMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\"C\n\rAppendRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"Q\n\x0e\x41ppendResponse\x12&\n\x06memory\x18\x01 \x01(\x0b\x32\x16.longmem.v1.MemoryInfo\x12\x17\n\x0ftokens_appended\x18\x02 \x01(\x03\"\x9a\x01\n\x0cScoreRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x17\n\nuse_memory\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06\x61ppend\x18\x05 \x01(\x08\x12\x1e\n\x16skip_backbone_logprobs\x18\x06 \x01(\x08\x42\r\n\x0b_use_memory\"\x9b\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x19\n\x11num_scored_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x62\x61\x63kbone_logprobs\x18\x05 \x03(\x02\x12\x1b\n\x13\x62\x61\x63kbone_perplexity\x18\x06 \x01(\x01\"q\n\x13ScoreChoicesRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x03 \x03(\t\x12\x17\n\nuse_memory\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\r\n\x0b_use_memory\"X\n\x0b\x43hoiceScore\x12\x0e\n\x06\x63hoice\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cmean_logprob\x18\x04 \x01(\x01\"T\n\x14ScoreChoicesResponse\x12(\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x17.longmem.v1.ChoiceScore\x12\x12\n\nbest_index\x18\x02 \x01(\x05\"\xb4\x01\n\x0fGenerateRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nuse_memory\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_use_memory\"J\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"E\n\x0fRetrieveRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\tmax_spans\x18\x03 \x01(\x05\"h\n\rRetrievedSpan\x12\x16\n\x0estart_position\x18\x01 \x01(\x03\x12\x14\n\x0c\x65nd_position\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x0c\n\x04hits\x18\x05 \x01(\x05\"<\n\x10RetrieveResponse\x12(\n\x05spans\x18\x01 \x03(\x0b\x32\x19.longmem.v1.RetrievedSpan2\xe4\x05\n\x07LongMem\x12G\n\x0c\x43reateMemory\x12\x1f.longmem.v1.CreateMemoryRequest\x1a\x16.longmem.v1.MemoryInfo\x12\x41\n\tGetMemory\x12\x1c.longmem.v1.GetMemoryRequest\x1a\x16.longmem.v1.MemoryInfo\x12Q\n\x0cListMemories\x12\x1f.longmem.v1.ListMemoriesRequest\x1a .longmem.v1.ListMemoriesResponse\x12Q\n\x0c\x44\x65leteMemory\x12\x1f.longmem.v1.DeleteMemoryRequest\x1a .longmem.v1.DeleteMemoryResponse\x12\x45\n\x0bResetMemory\x12\x1e.longmem.v1.ResetMemoryRequest\x1a\x16.longmem.v1.MemoryInfo\x12?\n\x06\x41ppend\x12\x19.longmem.v1.AppendRequest\x1a\x1a.longmem.v1.AppendResponse\x12<\n\x05Score\x12\x18.longmem.v1.ScoreRequest\x1a\x19.longmem.v1.ScoreResponse\x12Q\n\x0cScoreChoices\x12\x1f.longmem.v1.ScoreChoicesRequest\x1a .longmem.v1.ScoreChoicesResponse\x12G\n\x08Generate\x12\x1b.longmem.v1.GenerateRequest\x1a\x1c.longmem.v1.GenerateResponse0\x01\x12\x45\n\x08Retrieve\x12\x1b.longmem.v1.RetrieveRequest\x1a\x1c.longmem.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18longmem/v1/longmem.proto\x12\nlongmem.v1\"\xaa\x01\n\nMemoryInfo\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x02 \x01(\x03\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x13\n\x0btokens_held\x18\x04 \x01(\x03\x12\x16\n\x0etokens_evicted\x18\x05 \x01(\x03\x12\x17\n\x0ftokens_appended\x18\x06 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x07 \x01(\x03\"U\n\x13\x43reateMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x02 \x01(\x03\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\"%\n\x10GetMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\"\x15\n\x13ListMemoriesRequest\"@\n\x14ListMemoriesResponse\x12(\n\x08memories\x18\x01 \x03(\x0b\x32\x16.longmem.v1.MemoryInfo\"(\n\x13\x44\x65leteMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\":\n\x14\x44\x65leteMemoryResponse\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"\'\n\x12ResetMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\"W\n\rAppendRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Q\n\x0e\x41ppendResponse\x12&\n\x06memory\x18\x01 \x01(\x0b\x32\x16.longmem.v1.MemoryInfo\x12\x17\n\x0ftokens_appended\x18\x02 \x01(\x03\"\x9a\x01\n\x0cScoreRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x17\n\nuse_memory\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06\x61ppend\x18\x05 \x01(\x08\x12\x1e\n\x16skip_backbone_logprobs\x18\x06 \x01(\x08\x42\r\n\x0b_use_memory\"\x9b\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x19\n\x11num_scored_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x62\x61\x63kbone_logprobs\x18\x05 \x03(\x02\x12\x1b\n\x13\x62\x61\x63kbone_perplexity\x18\x06 \x01(\x01\"q\n\x13ScoreChoicesRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x03 \x03(\t\x12\x17\n\nuse_memory\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\r\n\x0b_use_memory\"X\n\x0b\x43hoiceScore\x12\x0e\n\x06\x63hoice\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cmean_logprob\x18\x04 \x01(\x01\"T\n\x14ScoreChoicesResponse\x12(\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x17.longmem.v1.ChoiceScore\x12\x12\n\nbest_index\x18\x02 \x01(\x05\"\xb4\x01\n\x0fGenerateRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nuse_memory\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_use_memory\"J\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"E\n\x0fRetrieveRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\tmax_spans\x18\x03 \x01(\x05\"h\n\rRetrievedSpan\x12\x16\n\x0estart_position\x18\x01 \x01(\x03\x12\x14\n\x0c\x65nd_position\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x0c\n\x04hits\x18\x05 \x01(\x05\"<\n\x10RetrieveResponse\x12(\n\x05spans\x18\x01 \x03(\x0b\x32\x19.longmem.v1.RetrievedSpan2\xe4\x05\n\x07LongMem\x12G\n\x0c\x43reateMemory\x12\x1f.longmem.v1.CreateMemoryRequest\x1a\x16.longmem.v1.MemoryInfo\x12\x41\n\tGetMemory\x12\x1c.longmem.v1.GetMemoryRequest\x1a\x16.longmem.v1.MemoryInfo\x12Q\n\x0cListMemories\x12\x1f.longmem.v1.ListMemoriesRequest\x1a .longmem.v1.ListMemoriesResponse\x12Q\n\x0c\x44\x65leteMemory\x12\x1f.longmem.v1.DeleteMemoryRequest\x1a .longmem.v1.DeleteMemoryResponse\x12\x45\n\x0bResetMemory\x12\x1e.longmem.v1.ResetMemoryRequest\x1a\x16.longmem.v1.MemoryInfo\x12?\n\x06\x41ppend\x12\x19.longmem.v1.AppendRequest\x1a\x1a.longmem.v1.AppendResponse\x12<\n\x05Score\x12\x18.longmem.v1.ScoreRequest\x1a\x19.longmem.v1.ScoreResponse\x12Q\n\x0cScoreChoices\x12\x1f.longmem.v1.ScoreChoicesRequest\x1a .longmem.v1.ScoreChoicesResponse\x12G\n\x08Generate\x12\x1b.longmem.v1.GenerateRequest\x1a\x1c.longmem.v1.GenerateResponse0\x01\x12\x45\n\x08Retrieve\x12\x1b.longmem.v1.RetrieveRequest\x1a\x1c.longmem.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESETMEMORYREQUEST']._serialized_start=530
   _globals['_RESETMEMORYREQUEST']._serialized_end=569
   _globals['_APPENDREQUEST']._serialized_start=571
-  _globals['_APPENDREQUEST']._serialized_end=638
-  _globals['_APPENDRESPONSE']._serialized_start=640
-  _globals['_APPENDRESPONSE']._serialized_end=721
-  _globals['_SCOREREQUEST']._serialized_start=724
-  _globals['_SCOREREQUEST']._serialized_end=878
-  _globals['_SCORERESPONSE']._serialized_start=881
-  _globals['_SCORERESPONSE']._serialized_end=1036
-  _globals['_SCORECHOICESREQUEST']._serialized_start=1038
-  _globals['_SCORECHOICESREQUEST']._serialized_end=1151
-  _globals['_CHOICESCORE']._serialized_start=1153
-  _globals['_CHOICESCORE']._serialized_end=1241
-  _globals['_SCORECHOICESRESPONSE']._serialized_start=1243
-  _globals['_SCORECHOICESRESPONSE']._serialized_end=1327
-  _globals['_GENERATEREQUEST']._serialized_start=1330
-  _globals['_GENERATEREQUEST']._serialized_end=1510
-  _globals['_GENERATERESPONSE']._serialized_start=1512
-  _globals['_GENERATERESPONSE']._serialized_end=1586
-  _globals['_RETRIEVEREQUEST']._serialized_start=1588
-  _globals['_RETRIEVEREQUEST']._serialized_end=1657
-  _globals['_RETRIEVEDSPAN']._serialized_start=1659
-  _globals['_RETRIEVEDSPAN']._serialized_end=1763
-  _globals['_RETRIEVERESPONSE']._serialized_start=1765
-  _globals['_RETRIEVERESPONSE']._serialized_end=1825
-  _globals['_LONGMEM']._serialized_start=1828
-  _globals['_LONGMEM']._serialized_end=2568
+  _globals['_APPENDREQUEST']._serialized_end=658
+  _globals['_APPENDRESPONSE']._serialized_start=660
+  _globals['_APPENDRESPONSE']._serialized_end=741
+  _globals['_SCOREREQUEST']._serialized_start=744
+  _globals['_SCOREREQUEST']._serialized_end=898
+  _globals['_SCORERESPONSE']._serialized_start=901
+  _globals['_SCORERESPONSE']._serialized_end=1056
+  _globals['_SCORECHOICESREQUEST']._serialized_start=1058
+  _globals['_SCORECHOICESREQUEST']._serialized_end=1171
+  _globals['_CHOICESCORE']._serialized_start=1173
+  _globals['_CHOICESCORE']._serialized_end=1261
+  _globals['_SCORECHOICESRESPONSE']._serialized_start=1263
+  _globals['_SCORECHOICESRESPONSE']._serialized_end=1347
+  _globals['_GENERATEREQUEST']._serialized_start=1350
+  _globals['_GENERATEREQUEST']._serialized_end=1530
+  _globals['_GENERATERESPONSE']._serialized_start=1532
+  _globals['_GENERATERESPONSE']._serialized_end=1606
+  _globals['_RETRIEVEREQUEST']._serialized_start=1608
+  _globals['_RETRIEVEREQUEST']._serialized_end=1677
+  _globals['_RETRIEVEDSPAN']._serialized_start=1679
+  _globals['_RETRIEVEDSPAN']._serialized_end=1783
+  _globals['_RETRIEVERESPONSE']._serialized_start=1785
+  _globals['_RETRIEVERESPONSE']._serialized_end=1845
+  _globals['_LONGMEM']._serialized_start=1848
+  _globals['_LONGMEM']._serialized_end=2588
 # @@protoc_insertion_point(module_scope)

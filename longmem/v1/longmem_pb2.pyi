@@ -71,14 +71,16 @@ class ResetMemoryRequest(_message.Message):
     def __init__(self, memory_id: _Optional[str] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("memory_id", "text", "token_ids")
+    __slots__ = ("memory_id", "text", "token_ids", "request_id")
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     memory_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, memory_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, memory_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("memory", "tokens_appended")
