@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import grpc
 import pytest
@@ -138,7 +139,11 @@ requests = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Random and malformed requests per run: the suite's count; LONGMEM_FUZZ_EXAMPLES=1000 for a long run.
+FUZZ_EXAMPLES = int(os.environ.get("LONGMEM_FUZZ_EXAMPLES", "60"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests)
 def test_fuzzed_requests_never_get_internal_errors(endpoint, request):
     alice = auth(ALICE_KEY)

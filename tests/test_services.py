@@ -257,6 +257,37 @@ def test_generate_errors_reach_the_stream(service):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_generate_stream_whose_reader_dies_ends_unavailable(service):
+    """The reader replica killed (kill -9) while it streams: the stream ends with UNAVAILABLE and a
+    retry hint, not with a hang or a truncated OK; Serve replaces the replica and a retry streams again."""
+    import signal
+    import time
+
+    _, stub, _, _ = service
+    reader = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "ReaderDeployment" in a["name"])
+    pid = ray.get(ray.get_actor(reader["name"], namespace=reader["namespace"]).__ray_call__.remote(
+        lambda self: os.getpid()))
+    stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=500), timeout=120)
+    chunks = []
+    with pytest.raises(grpc.RpcError) as err:
+        for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                os.kill(pid, signal.SIGKILL)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in err.value.details()
+    assert 3 <= len(chunks) < 500 and not any(c.finish_reason for c in chunks)
+    deadline = time.time() + 120
+    while True:  # the controller starts a new reader replica
+        try:
+            done = list(stub.Generate(pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=5), timeout=60))
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.time() < deadline
+            time.sleep(1)
+    assert done[-1].finish_reason in ("length", "eos")
+
+
 def test_unknown_memory_in_bank_raises_not_found(service):
     _, _, bank, _ = service
     with pytest.raises(MemoryNotFound):
