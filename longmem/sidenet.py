@@ -42,8 +42,8 @@ from . import layers
 from .backbone import Backbone
 from .memory import Retrieved
 
-# (queries [B, T, Hq, d] pre-rotary) -> token-level memory for those queries
-Retriever = Callable[[torch.Tensor], Retrieved]  # queries [B, T, Hq, d] -> what they retrieve: model.Retrieval
+# (queries [B, T, Hq, d] pre-rotary) -> token-level memory for those queries (longmem.reader.Retrieval)
+Retriever = Callable[[torch.Tensor], Retrieved]
 
 
 @dataclass
