@@ -29,8 +29,8 @@ SCALE_UP_DEADLINE_S = 120
 SCALE_DOWN_DEADLINE_S = 60
 METRICS_DEADLINE_S = 30
 MODEL_DEPLOYMENTS = ("EncoderDeployment", "ReaderDeployment")
-# A very low target: the tiny model is fast (an encode takes ~20 ms of a ~1.5 s score), so the encoder
-# averages well under 0.1 ongoing requests even under load; any sustained load must scale both up.
+# A very low target: the tiny model is fast (an encode takes ~20 ms of a ~1.5 s score), so a replica
+# averages well under one ongoing request even under load; any sustained load must scale both up.
 AUTOSCALING = {"min_replicas": 1, "max_replicas": MAX_REPLICAS, "target_ongoing_requests": 0.01,
                "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 1.5,
                "metrics_interval_s": 0.5}
@@ -89,18 +89,23 @@ def test_model_deployments_scale_up_to_max_under_load_and_back_down(service):
     and both are back at their minimum after it."""
     stub, _ = service
     assert running_replicas() == {name: 1 for name in MODEL_DEPLOYMENTS}
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="autoscaled"))
     stop = threading.Event()
     done, failures = [], []
 
-    def client():
+    def client(appends: bool):
+        """Appends keep the encoder busy (encode and store); scores the reader."""
         while not stop.is_set():
             try:
-                stub.Score(pb.ScoreRequest(text=TEXT * 3), timeout=60)
+                if appends:
+                    stub.Append(pb.AppendRequest(memory_id="autoscaled", text=TEXT * 3), timeout=60)
+                else:
+                    stub.Score(pb.ScoreRequest(text=TEXT * 3), timeout=60)
                 done.append(1)
             except grpc.RpcError as e:
                 failures.append(e.code())
 
-    threads = [threading.Thread(target=client) for _ in range(LOAD_CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(LOAD_CLIENTS)]
     for t in threads:
         t.start()
     peak = {name: 1 for name in MODEL_DEPLOYMENTS}
@@ -121,6 +126,7 @@ def test_model_deployments_scale_up_to_max_under_load_and_back_down(service):
     back = wait_for(lambda: (lambda r: r if max(r.values()) == 1 else None)(running_replicas()),
                     SCALE_DOWN_DEADLINE_S)
     assert back == {name: 1 for name in MODEL_DEPLOYMENTS}, running_replicas()
+    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="autoscaled"))
 
 
 def scrape(port: int) -> str:
