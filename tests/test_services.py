@@ -29,6 +29,7 @@ from services.bank import RemoteBank, stop_bank
 from tiny import free_port, save_tiny
 
 NODES = 3
+TEXT_SHORT = "The quick brown fox jumps over the lazy dog. Memory lets a model read far back."
 CLUSTER: dict[str, Cluster] = {}  # the module's cluster, for the test that removes a node
 SHARD_BUDGET = 150_000  # bytes: ~215 chunks (~860 tokens) of the tiny model per shard (float16 memory)
 
@@ -424,6 +425,64 @@ def test_kill_9_of_the_bank_under_load_answers_unavailable_and_retried_appends_l
         assert info.tokens_appended == 12 * 40  # each append exactly once
     finally:
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="bank-crash"))
+
+
+def test_kill_9_of_the_encoder_under_load_answers_unavailable_and_retried_appends_land_once(service):
+    """The encoder replica killed while Python clients append and a raw client scores: appends all
+    succeed and land exactly once; scores answer OK or UNAVAILABLE with a retry hint, never INTERNAL."""
+    import signal
+    import threading
+    import time
+
+    from longmem.client import LongMemClient
+
+    config, stub, _, _ = service
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="encoder-crash", capacity_tokens=1024, num_shards=NODES))
+    acked, failed, scored, lock = [], [], [], threading.Lock()
+    stop = threading.Event()
+
+    def appender(w: int) -> None:
+        with LongMemClient(f"127.0.0.1:{config.serve.grpc_port}", timeout=120) as client:
+            for i in range(5):
+                try:
+                    client.append("encoder-crash", token_ids=[(w * 31 + i * 7 + j) % 250 + 1 for j in range(40)])
+                    with lock:
+                        acked.append(40)
+                except Exception as e:
+                    with lock:
+                        failed.append(e)
+
+    def scorer() -> None:
+        while not stop.is_set():
+            try:
+                stub.Score(pb.ScoreRequest(text=TEXT_SHORT), timeout=60)
+                scored.append(None)
+            except grpc.RpcError as e:
+                scored.append((e.code(), e.details()))
+
+    encoder = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "EncoderDeployment" in a["name"])
+    pid = ray.get(ray.get_actor(encoder["name"], namespace=encoder["namespace"]).__ray_call__.remote(
+        lambda self: os.getpid()))
+    try:
+        pool = [threading.Thread(target=appender, args=(w,)) for w in range(2)] + [threading.Thread(target=scorer)]
+        for t in pool:
+            t.start()
+        while len(acked) < 2:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        for t in pool[:2]:
+            t.join(timeout=300)
+        stop.set()
+        pool[2].join(timeout=120)
+        assert not any(t.is_alive() for t in pool)
+        assert not failed and sum(acked) == 10 * 40
+        for outcome in scored:
+            if outcome is not None:
+                code, details = outcome
+                assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details and "Traceback" not in details
+        assert stub.GetMemory(pb.GetMemoryRequest(memory_id="encoder-crash")).tokens_appended == 10 * 40
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="encoder-crash"))
 
 
 def test_an_append_resent_with_its_request_id_is_applied_once(service):
