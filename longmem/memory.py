@@ -69,7 +69,6 @@ class ShardUnavailable(RuntimeError):
     """A memory shard is down or restarting; the call may be retried."""
 
 
-
 def round_up(n: int, multiple: int) -> int:
     """n rounded up to a positive multiple of `multiple` (e.g. a capacity in whole chunks holding n tokens)."""
     return max(multiple, math.ceil(n / multiple) * multiple)

@@ -167,6 +167,9 @@ class StripedBank:
     def _chunker(self) -> Chunker:
         return Chunker(self.chunk_size, self.num_kv_heads, self.head_dim, self.dtype)
 
+    def _window(self, ids=()) -> RequestWindow:
+        return RequestWindow(self.request_window, ids)
+
     def _get(self, memory_id: str) -> Placement:
         try:
             return self.memories[memory_id]
@@ -224,7 +227,7 @@ class StripedBank:
         op, memory_id = meta["op"], meta["memory"]
         if op == "create":
             self.memories[memory_id] = Placement(memory_id, meta["store"], meta["capacity"], meta["shards"],
-                                                 self._chunker(), RequestWindow(self.request_window))
+                                                 self._chunker(), self._window())
         elif op == "delete":
             self.memories.pop(memory_id)
         elif op == "reset":
@@ -246,7 +249,7 @@ class StripedBank:
                 arrays, meta = unpack_arrays(self.journal.read(SNAPSHOT_FILE))
                 for i, (memory_id, m) in enumerate(meta["memories"].items()):
                     p = Placement(memory_id, m["store"], m["capacity_tokens"], m["shards"], self._chunker(),
-                                  RequestWindow(self.request_window, m.get("applied", ())))
+                                  self._window(m.get("applied", ())))
                     p.chunker.load_state({k: arrays[f"{i}.{k}"] for k in ("keys", "values", "ids", "positions")},
                                          m["chunker"])
                     self.memories[memory_id] = p
@@ -331,8 +334,7 @@ class StripedBank:
             names = list(self.shards)
             free = await gather_all(self.shards[n].free_bytes() for n in names)
             chosen = [n for _, n in sorted(zip(free, names), reverse=True)[:s]]
-            p = Placement(memory_id, new_store_id(memory_id), capacity, chosen, self._chunker(),
-                          RequestWindow(self.request_window))
+            p = Placement(memory_id, new_store_id(memory_id), capacity, chosen, self._chunker(), self._window())
             try:
                 await gather_all(self.shards[n].create(p.store_id, p.per_store) for n in chosen)
                 self._log({"op": "create", "memory": memory_id, "store": p.store_id, "capacity": capacity,

@@ -29,7 +29,8 @@ class ReaderDeployment:
         cfg = LongMemConfig.from_dict(config)
         set_replica_threads(cfg.serve.replica_torch_threads)
         backbone = Backbone(cfg.backbone)  # its LM head, positions, and the KV-cached path of generation
-        self.reader = LocalReader(backbone, build_sidenet(backbone, cfg), RemoteBank(cfg, metrics(tuple(cfg.serve.latency_buckets_s))), cfg)
+        bank = RemoteBank(cfg, metrics(tuple(cfg.serve.latency_buckets_s)))  # times each search: component "reader"
+        self.reader = LocalReader(backbone, build_sidenet(backbone, cfg), bank, cfg)
         configure_batching(cfg, self._read_batch)
 
     async def read(self, encoded: ipb.Encoded, req: ipb.ReadRequest) -> ipb.ReadResponse:

@@ -265,10 +265,7 @@ def test_a_generate_stream_whose_reader_dies_ends_unavailable(service):
     import time
 
     _, stub, _, _ = service
-    reader = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if "ReaderDeployment" in a["name"])
-    pid = ray.get(ray.get_actor(reader["name"], namespace=reader["namespace"]).__ray_call__.remote(
-        lambda self: os.getpid()))
+    pid = _replica_pid("ReaderDeployment")
     stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=500), timeout=120)
     chunks = []
     with pytest.raises(grpc.RpcError) as err:
@@ -276,7 +273,7 @@ def test_a_generate_stream_whose_reader_dies_ends_unavailable(service):
             chunks.append(chunk)
             if len(chunks) == 3:
                 os.kill(pid, signal.SIGKILL)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in err.value.details()
+    assert _retryable(err.value.code(), err.value.details())
     assert 3 <= len(chunks) < 500 and not any(c.finish_reason for c in chunks)
     deadline = time.time() + 120
     while True:  # the controller starts a new reader replica
@@ -331,6 +328,42 @@ def _append_load(stub, memory_id: str, threads: int, appends: int, size: int):
     return pool, acked, errors
 
 
+def _client_append_load(port: int, memory_id: str, threads: int, appends: int, size: int):
+    """The same load through the Python client (a request id per append, resent on UNAVAILABLE);
+    returns (threads, acknowledged token counts, exceptions)."""
+    import threading
+
+    from longmem.client import LongMemClient
+
+    acked, failed, lock = [], [], threading.Lock()
+
+    def worker(w: int) -> None:
+        with LongMemClient(f"127.0.0.1:{port}", timeout=120) as client:
+            for i in range(appends):
+                try:
+                    client.append(memory_id, token_ids=[(w * 37 + i * 11 + j) % 250 + 1 for j in range(size)])
+                    with lock:
+                        acked.append(size)
+                except Exception as e:
+                    with lock:
+                        failed.append(e)
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    return pool, acked, failed
+
+
+def _replica_pid(deployment: str) -> int:
+    """The process id of a Serve deployment's (first) replica actor."""
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if deployment in a["name"])
+    return ray.get(ray.get_actor(replica["name"], namespace=replica["namespace"]).__ray_call__.remote(
+        lambda self: os.getpid()))
+
+
+def _retryable(code, details: str) -> bool:
+    """UNAVAILABLE with a retry hint and no traceback: what an outage must answer."""
+    return code == grpc.StatusCode.UNAVAILABLE and "retry" in details and "Traceback" not in details
+
+
 def test_kill_9_a_shard_under_load_loses_no_acknowledged_append(service):
     import signal
     import time
@@ -381,29 +414,12 @@ def test_kill_9_of_the_bank_under_load_answers_unavailable_and_retried_appends_l
     on UNAVAILABLE) and search: callers hear only OK or UNAVAILABLE with a retry hint (never INTERNAL,
     never a traceback), every append succeeds, and the memory holds each exactly once."""
     import signal
-    import threading
     import time
-
-    from longmem.client import LongMemClient
 
     config, stub, _, _ = service
     stub.CreateMemory(pb.CreateMemoryRequest(memory_id="bank-crash", capacity_tokens=1024, num_shards=NODES))
-    acked, failed, lock = [], [], threading.Lock()
-
-    def worker(w: int) -> None:
-        with LongMemClient(f"127.0.0.1:{config.serve.grpc_port}", timeout=120) as client:
-            for i in range(6):
-                ids = [(w * 37 + i * 11 + j) % 250 + 1 for j in range(40)]
-                try:
-                    client.append("bank-crash", token_ids=ids)
-                    with lock:
-                        acked.append(len(ids))
-                except Exception as e:
-                    with lock:
-                        failed.append(e)
-
     try:
-        pool = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+        pool, acked, failed = _client_append_load(config.serve.grpc_port, "bank-crash", threads=2, appends=6, size=40)
         for t in pool:
             t.start()
         while len(acked) < 2:
@@ -418,8 +434,7 @@ def test_kill_9_of_the_bank_under_load_answers_unavailable_and_retried_appends_l
         for t in pool:
             t.join(timeout=300)
         assert not any(t.is_alive() for t in pool)
-        for code, details in during:
-            assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details and "Traceback" not in details
+        assert all(_retryable(code, details) for code, details in during), during
         assert not failed and sum(acked) == 12 * 40
         info = stub.GetMemory(pb.GetMemoryRequest(memory_id="bank-crash"))
         assert info.tokens_appended == 12 * 40  # each append exactly once
@@ -434,23 +449,9 @@ def test_kill_9_of_the_encoder_under_load_answers_unavailable_and_retried_append
     import threading
     import time
 
-    from longmem.client import LongMemClient
-
     config, stub, _, _ = service
     stub.CreateMemory(pb.CreateMemoryRequest(memory_id="encoder-crash", capacity_tokens=1024, num_shards=NODES))
-    acked, failed, scored, lock = [], [], [], threading.Lock()
-    stop = threading.Event()
-
-    def appender(w: int) -> None:
-        with LongMemClient(f"127.0.0.1:{config.serve.grpc_port}", timeout=120) as client:
-            for i in range(5):
-                try:
-                    client.append("encoder-crash", token_ids=[(w * 31 + i * 7 + j) % 250 + 1 for j in range(40)])
-                    with lock:
-                        acked.append(40)
-                except Exception as e:
-                    with lock:
-                        failed.append(e)
+    scored, stop = [], threading.Event()
 
     def scorer() -> None:
         while not stop.is_set():
@@ -460,26 +461,23 @@ def test_kill_9_of_the_encoder_under_load_answers_unavailable_and_retried_append
             except grpc.RpcError as e:
                 scored.append((e.code(), e.details()))
 
-    encoder = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "EncoderDeployment" in a["name"])
-    pid = ray.get(ray.get_actor(encoder["name"], namespace=encoder["namespace"]).__ray_call__.remote(
-        lambda self: os.getpid()))
+    pid = _replica_pid("EncoderDeployment")
     try:
-        pool = [threading.Thread(target=appender, args=(w,)) for w in range(2)] + [threading.Thread(target=scorer)]
+        appenders, acked, failed = _client_append_load(config.serve.grpc_port, "encoder-crash", threads=2,
+                                                       appends=5, size=40)
+        pool = appenders + [threading.Thread(target=scorer)]
         for t in pool:
             t.start()
         while len(acked) < 2:
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
-        for t in pool[:2]:
+        for t in appenders:
             t.join(timeout=300)
         stop.set()
-        pool[2].join(timeout=120)
+        pool[-1].join(timeout=120)
         assert not any(t.is_alive() for t in pool)
         assert not failed and sum(acked) == 10 * 40
-        for outcome in scored:
-            if outcome is not None:
-                code, details = outcome
-                assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details and "Traceback" not in details
+        assert all(_retryable(*outcome) for outcome in scored if outcome is not None)
         assert stub.GetMemory(pb.GetMemoryRequest(memory_id="encoder-crash")).tokens_appended == 10 * 40
     finally:
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="encoder-crash"))
