@@ -102,6 +102,29 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if not report.errors else 1
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from services.chaos import simulated_cluster, soak
+
+    config = load_config(args)
+    minutes = config.soak.minutes if args.minutes is None else args.minutes
+    out = Path(args.out or config.soak.out_dir)
+    with tempfile.TemporaryDirectory(prefix="longmem-soak-") as scratch:
+        if not config.serve.storage_uri:  # never the storage of a server of yours
+            config.serve.storage_uri = scratch
+        with simulated_cluster(config) as sim:
+            report = soak(sim, minutes, config.soak.seed, progress=lambda line: print(line, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    (out / "soak.txt").write_text(report.summary())
+    print(report.summary(), end="")
+    print(f"wrote {out}/soak.json, {out}/soak.txt")
+    return 0 if report.ok else 1
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import ray
 
@@ -246,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--seconds", type=float, default=60.0)
     load.add_argument("--max-requests", type=int, default=100_000)
     load.set_defaults(func=cmd_loadtest)
+    soak = sub.add_parser("soak", help="the services on a simulated cluster on this machine under loopback load "
+                                       "while shards, the bank, replicas and nodes are killed at random; checks "
+                                       "every acknowledged append against a fault-free replay, then fuzzes the API")
+    add_config_args(soak)
+    soak.add_argument("--minutes", type=float, default=None, help="default: soak.minutes")
+    soak.add_argument("--out", default=None, help="where soak.json and soak.txt go (default: soak.out_dir)")
+    soak.set_defaults(func=cmd_soak)
     add_client_commands(sub)
     return parser
 

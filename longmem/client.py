@@ -21,6 +21,7 @@ import os
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,9 +35,10 @@ DEFAULT_TARGET = "localhost:9000"
 # that a piece stays far below gRPC's default 4 MiB message limit (4 bytes a character at worst),
 # large enough that the per-request overhead is negligible next to encoding the piece.
 DEFAULT_PIECE_CHARS = 100_000
-# An append that answers UNAVAILABLE (a service restarting) is sent again, with the same request id, for
-# up to this long, waiting FIRST_BACKOFF_S, then twice as long each time (at most MAX_BACKOFF_S).
-APPEND_RETRY_S = 120.0
+# A call that is safe to repeat (an append, with its request id; a read) and answers UNAVAILABLE (a
+# service restarting) is sent again for up to RETRY_S seconds (the client's `retry_s`), waiting
+# FIRST_BACKOFF_S, then twice as long each time (at most MAX_BACKOFF_S).
+RETRY_S = 120.0
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 8.0
 
@@ -162,13 +164,20 @@ class LongMemClient:
     timeout: deadline in seconds of every call (for generate: of the whole stream); None: none.
     application: sent as `application: <name>` metadata, which Ray Serve routes on when it serves
         several applications.
+    retry_s: how long a call that is safe to repeat (append, get_memory, list_memories, score
+        without append, score_choices, retrieve) is resent while it answers UNAVAILABLE; 0: never.
+        create/delete/reset_memory, score with append=True and generate are never resent.
+
+    `retried` counts the answers that were resent, by status code name.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None,
                  tls_root_cert: str | os.PathLike | bytes | bool | None = None,
-                 timeout: float | None = None, application: str | None = None):
+                 timeout: float | None = None, application: str | None = None, retry_s: float = RETRY_S):
         self.target = target
         self.timeout = timeout
+        self.retry_s = retry_s
+        self.retried: Counter[str] = Counter()
         metadata = []
         if api_key:
             metadata.append(("authorization", f"Bearer {api_key}"))
@@ -200,12 +209,20 @@ class LongMemClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, method: str, request, timeout: float | None = None):
-        try:
-            return getattr(self._stub, method)(
-                request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise LongMemError.from_rpc_error(e) from e
+    def _call(self, method: str, request, timeout: float | None = None, retry: bool = False):
+        """One call; with retry, resent while it answers UNAVAILABLE (for up to retry_s, with backoff)."""
+        deadline, delay = time.monotonic() + (self.retry_s if retry else 0.0), FIRST_BACKOFF_S
+        while True:
+            try:
+                return getattr(self._stub, method)(
+                    request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                error = LongMemError.from_rpc_error(e)
+                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise error from e
+                self.retried[error.code.name] += 1
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
 
     def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.25) -> None:
         """Polls ListMemories until it succeeds; raises TimeoutError after `timeout_s` seconds.
@@ -239,10 +256,10 @@ class LongMemClient:
             memory_id=memory_id, capacity_tokens=capacity_tokens, num_shards=num_shards))
 
     def get_memory(self, memory_id: str) -> pb.MemoryInfo:
-        return self._call("GetMemory", pb.GetMemoryRequest(memory_id=memory_id))
+        return self._call("GetMemory", pb.GetMemoryRequest(memory_id=memory_id), retry=True)
 
     def list_memories(self) -> pb.ListMemoriesResponse:
-        return self._call("ListMemories", pb.ListMemoriesRequest())
+        return self._call("ListMemories", pb.ListMemoriesRequest(), retry=True)
 
     def delete_memory(self, memory_id: str) -> pb.DeleteMemoryResponse:
         return self._call("DeleteMemory", pb.DeleteMemoryRequest(memory_id=memory_id))
@@ -250,20 +267,9 @@ class LongMemClient:
     def reset_memory(self, memory_id: str) -> pb.MemoryInfo:
         return self._call("ResetMemory", pb.ResetMemoryRequest(memory_id=memory_id))
 
-    def _append(self, request: pb.AppendRequest, retry_s: float) -> pb.AppendResponse:
-        deadline, delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
-        while True:
-            try:
-                return self._call("Append", request)
-            except LongMemError as e:
-                if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(2 * delay, MAX_BACKOFF_S)
-
     def append(self, memory_id: str, text: str | None = None, token_ids: Sequence[int] | None = None,
-               progress: bool = False, piece_chars: int = DEFAULT_PIECE_CHARS, request_id: str | None = None,
-               retry_s: float = APPEND_RETRY_S) -> pb.AppendResponse:
+               progress: bool = False, piece_chars: int = DEFAULT_PIECE_CHARS,
+               request_id: str | None = None) -> pb.AppendResponse:
         """Appends text or token ids (exactly one) to a memory.
 
         With progress=True, a text is sent in pieces of about `piece_chars` characters, cut only at
@@ -274,24 +280,25 @@ class LongMemClient:
         Without progress the text goes in one request.
 
         Every request carries a request id (`request_id`, else a random one; each piece its own) and is
-        sent again while it answers UNAVAILABLE, for up to `retry_s` seconds with backoff: the server
-        applies an id at most once, so a retried append never doubles the text.
+        sent again while it answers UNAVAILABLE (see `retry_s`): the server applies an id at most once,
+        so a retried append never doubles the text.
         """
         _exactly_one(text, token_ids)
         request_id = request_id or uuid.uuid4().hex
         if token_ids is not None:
-            return self._append(pb.AppendRequest(memory_id=memory_id, token_ids=token_ids, request_id=request_id),
-                                retry_s)
+            return self._call("Append", pb.AppendRequest(memory_id=memory_id, token_ids=token_ids,
+                                                         request_id=request_id), retry=True)
         if not progress:
-            return self._append(pb.AppendRequest(memory_id=memory_id, text=text, request_id=request_id), retry_s)
+            return self._call("Append", pb.AppendRequest(memory_id=memory_id, text=text, request_id=request_id),
+                              retry=True)
         from tqdm.auto import tqdm
 
         result = pb.AppendResponse()
         total = 0
         with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"append {memory_id}") as bar:
             for i, piece in enumerate(split_text(text, piece_chars) or [text]):
-                response = self._append(pb.AppendRequest(memory_id=memory_id, text=piece,
-                                                         request_id=f"{request_id}-{i}"), retry_s)
+                response = self._call("Append", pb.AppendRequest(memory_id=memory_id, text=piece,
+                                                                  request_id=f"{request_id}-{i}"), retry=True)
                 total += response.tokens_appended
                 result = response
                 bar.update(len(piece))
@@ -315,7 +322,7 @@ class LongMemClient:
             request.token_ids.extend(token_ids)
         if use_memory is not None:
             request.use_memory = use_memory
-        return self._call("Score", request)
+        return self._call("Score", request, retry=not append)
 
     def score_choices(self, prefix: str, choices: Sequence[str], memory_id: str = "",
                       use_memory: bool | None = None) -> pb.ScoreChoicesResponse:
@@ -325,7 +332,7 @@ class LongMemClient:
         request = pb.ScoreChoicesRequest(memory_id=memory_id, prefix=prefix, choices=list(choices))
         if use_memory is not None:
             request.use_memory = use_memory
-        return self._call("ScoreChoices", request)
+        return self._call("ScoreChoices", request, retry=True)
 
     def generate(self, prompt: str, memory_id: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                  top_k: int = 0, seed: int | None = None, use_memory: bool | None = None) -> GenerateStream:
@@ -353,7 +360,8 @@ class LongMemClient:
 
     def retrieve(self, memory_id: str, text: str, max_spans: int = 0) -> pb.RetrieveResponse:
         """The memory spans `text` retrieves, highest score first (max_spans=0: server default)."""
-        return self._call("Retrieve", pb.RetrieveRequest(memory_id=memory_id, text=text, max_spans=max_spans))
+        return self._call("Retrieve", pb.RetrieveRequest(memory_id=memory_id, text=text, max_spans=max_spans),
+                          retry=True)
 
 
 __all__ = ["DEFAULT_PIECE_CHARS", "DEFAULT_TARGET", "GenerateStream", "LongMemClient", "LongMemError", "split_text"]

@@ -350,6 +350,38 @@ class BenchConfig:
         "search_shards": [1, 2], "search_repeats": 3, "retrieval_sizes": [8192, 16_384], "retrieval_repeats": 1})
 
 
+FAULTS = ("shard", "bank", "encoder", "reader", "gateway", "node")  # `longmem soak`'s faults (services/chaos.py)
+SOAK_RPCS = ("Append", "Score", "Generate", "Retrieve")  # the calls of its workload
+
+
+@dataclass
+class SoakConfig:
+    """`longmem soak`: the services on a simulated cluster on this machine (a head node and
+    serve.num_shards memory nodes) under bounded loopback load from `clients` threads, each with its
+    own memory, while random faults are injected one at a time; then every memory is checked against a
+    fault-free replay of its acknowledged appends, and `fuzz_messages` random and malformed requests
+    are sent. Its memories are kept in serve.storage_uri, or, when that is empty, in a temporary
+    directory removed afterwards (never the storage of a server of yours)."""
+
+    minutes: float = 10.0
+    out_dir: str = "results/soak"
+    head_cpus: int = 4  # CPUs the head node offers to Ray (encoder, reader, gateway, bank)
+    node_cpus: int = 1  # CPUs of each memory node
+    clients: int = 4
+    mix: list[float] = field(default_factory=lambda: [0.35, 0.25, 0.15, 0.25])  # shares of SOAK_RPCS
+    append_tokens: list[int] = field(default_factory=lambda: [16, 96])  # [min, max] tokens per append
+    capacity_tokens: int = 2048  # each client's memory, striped over every shard
+    generate_tokens: int = 4
+    faults: list[str] = field(default_factory=lambda: list(FAULTS))
+    fault_interval_s: list[float] = field(default_factory=lambda: [20.0, 40.0])  # [min, max] between faults
+    request_timeout_s: float = 120.0  # deadline of each call
+    retry_s: float = 180.0  # how long a client keeps resending a request that answers UNAVAILABLE
+    queries: list[str] = field(default_factory=lambda: [
+        "what the memory holds", "the quick brown fox", "numbers and names"])  # retrieval checks
+    fuzz_messages: int = 1000
+    seed: int = 0
+
+
 @dataclass
 class LongMemConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -363,6 +395,7 @@ class LongMemConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    soak: SoakConfig = field(default_factory=SoakConfig)
     seed: int = 0
 
     @classmethod
@@ -455,6 +488,14 @@ class LongMemConfig:
             pool = getattr(b, name)
             if len(pool) != 2 or not 1 <= pool[0] <= pool[1]:
                 raise ValueError(f"batch.{name} must be [min, max] with 1 <= min <= max")
+        k = self.soak
+        if not set(k.faults) <= set(FAULTS) or len(k.mix) != len(SOAK_RPCS) or min(k.mix) < 0 or not sum(k.mix):
+            raise ValueError(f"soak.faults must be among {FAULTS}; soak.mix {len(SOAK_RPCS)} shares of "
+                             f"{SOAK_RPCS}, not all 0")
+        for name in ("append_tokens", "fault_interval_s"):
+            pair = getattr(k, name)
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise ValueError(f"soak.{name} must be [min, max] with 0 < min <= max")
         if self.serve.replica_max_ongoing_requests < self.serve.batch_max_requests:
             raise ValueError("serve.replica_max_ongoing_requests must be >= serve.batch_max_requests")
         return self

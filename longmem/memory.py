@@ -710,7 +710,9 @@ class MemoryBank:
         self.approx = approx
         self.memories: dict[str, Memory] = {}
 
-    def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None) -> MemoryStats:
+    def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None,
+               temporary: bool = False) -> MemoryStats:
+        """temporary: the caller's working memory; here it lives and dies with the caller's process."""
         if memory_id in self.memories:
             raise MemoryExists(f"memory '{memory_id}' already exists")
         if num_shards not in (None, 0, 1):

@@ -53,7 +53,7 @@ class SegmentScores:
 
 class Bank(Protocol):
     def create(self, memory_id: str, capacity_tokens: int | None = None,
-               num_shards: int | None = None) -> MemoryStats: ...
+               num_shards: int | None = None, temporary: bool = False) -> MemoryStats: ...
     def stats(self, memory_id: str) -> MemoryStats: ...
     def list(self) -> list[MemoryStats]: ...
     def delete(self, memory_id: str) -> None: ...
@@ -121,7 +121,8 @@ def append_ids(request_id: str | None, first: int, count: int) -> list[str] | No
 
 
 def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:
-    """A temporary memory for a call's own earlier segments, sized to hold all of them if it can."""
+    """A temporary memory for a call's own earlier segments, sized to hold all of them if it can. The
+    caller deletes it; a remote bank also deletes it should the caller's process die first."""
     memory_id = f"scratch-{uuid.uuid4().hex}"
-    bank.create(memory_id, memory_capacity(config, num_tokens))
+    bank.create(memory_id, memory_capacity(config, num_tokens), temporary=True)
     return memory_id

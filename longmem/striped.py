@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -110,6 +111,7 @@ class Placement:
     shards: list[str]  # stripe order: chunk seq goes to shards[seq % len(shards)]
     chunker: Chunker
     applied: RequestWindow  # the request ids of its recent appends (logged with them, and snapshotted)
+    owner: str | None = None  # a temporary memory's owner: deleted by `reap` once the owner is gone
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # What is committed but not yet on every shard (see `StripedBank._carry`):
     stale: list[str] = field(default_factory=list)  # earlier incarnations' stores to delete
@@ -147,9 +149,11 @@ class StripedBank:
     def __init__(self, shards: dict[str, ShardClient], chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype="float32", storage: Storage | None = None,
                  snapshot_every: int = 256, lock: StorageLock | None = None, lock_refresh_s: float = 5.0,
-                 request_window: int = 0):
+                 request_window: int = 0, owner_alive: Callable[[str], Awaitable[bool]] | None = None):
+        """owner_alive(owner): whether the owner of a temporary memory may still use it (see `reap`)."""
         self.shards = shards
         self.request_window = request_window
+        self.owner_alive = owner_alive
         self.chunk_size, self.num_kv_heads, self.head_dim = chunk_size, num_kv_heads, head_dim
         self.default_capacity, self.default_shards = default_capacity, default_shards
         self.dtype = np.dtype(dtype)
@@ -227,7 +231,7 @@ class StripedBank:
         op, memory_id = meta["op"], meta["memory"]
         if op == "create":
             self.memories[memory_id] = Placement(memory_id, meta["store"], meta["capacity"], meta["shards"],
-                                                 self._chunker(), self._window())
+                                                 self._chunker(), self._window(), meta.get("owner"))
         elif op == "delete":
             self.memories.pop(memory_id)
         elif op == "reset":
@@ -249,7 +253,7 @@ class StripedBank:
                 arrays, meta = unpack_arrays(self.journal.read(SNAPSHOT_FILE))
                 for i, (memory_id, m) in enumerate(meta["memories"].items()):
                     p = Placement(memory_id, m["store"], m["capacity_tokens"], m["shards"], self._chunker(),
-                                  self._window(m.get("applied", ())))
+                                  self._window(m.get("applied", ())), m.get("owner"))
                     p.chunker.load_state({k: arrays[f"{i}.{k}"] for k in ("keys", "values", "ids", "positions")},
                                          m["chunker"])
                     self.memories[memory_id] = p
@@ -312,12 +316,23 @@ class StripedBank:
         for i, (memory_id, p) in enumerate(self.memories.items()):
             pending, counters = p.chunker.state()
             meta[memory_id] = {"store": p.store_id, "capacity_tokens": p.capacity_tokens, "shards": p.shards,
-                               "chunker": counters, "applied": p.applied.state()}
+                               "chunker": counters, "applied": p.applied.state(), "owner": p.owner}
             arrays.update({f"{i}.{k}": v for k, v in pending.items()})
         self.journal.snapshot({SNAPSHOT_FILE: pack_arrays(arrays, {"memories": meta})})
 
     # ---- API ------------------------------------------------------------------------------------
-    async def create(self, memory_id: str, capacity_tokens: int = 0, num_shards: int = 0) -> MemoryStats:
+    async def create(self, memory_id: str, capacity_tokens: int = 0, num_shards: int = 0,
+                     owner: str | None = None) -> MemoryStats:
+        """owner: makes the memory temporary, owned by that process. When the shards are full, the
+        temporary memories of owners that are gone are deleted (`reap`) and the create tried once more."""
+        try:
+            return await self._create(memory_id, capacity_tokens, num_shards, owner)
+        except CapacityExceeded:
+            if not await self.reap():
+                raise
+        return await self._create(memory_id, capacity_tokens, num_shards, owner)
+
+    async def _create(self, memory_id: str, capacity_tokens: int, num_shards: int, owner: str | None) -> MemoryStats:
         await self.ready()
         capacity = capacity_tokens or self.default_capacity
         s = num_shards or self.default_shards
@@ -334,11 +349,11 @@ class StripedBank:
             names = list(self.shards)
             free = await gather_all(self.shards[n].free_bytes() for n in names)
             chosen = [n for _, n in sorted(zip(free, names), reverse=True)[:s]]
-            p = Placement(memory_id, new_store_id(memory_id), capacity, chosen, self._chunker(), self._window())
+            p = Placement(memory_id, new_store_id(memory_id), capacity, chosen, self._chunker(), self._window(), owner)
             try:
                 await gather_all(self.shards[n].create(p.store_id, p.per_store) for n in chosen)
                 self._log({"op": "create", "memory": memory_id, "store": p.store_id, "capacity": capacity,
-                           "shards": chosen})
+                           "shards": chosen, "owner": owner})
             except BaseException as e:
                 self.garbage.update((n, p.store_id) for n in chosen)
                 await self._collect()
@@ -351,6 +366,20 @@ class StripedBank:
             self.in_flight -= 1
         self._snapshot_if_due()
         return p.stats()
+
+    async def reap(self) -> list[str]:
+        """Deletes the temporary memories whose owner is gone (`owner_alive(owner)` is False: a process
+        that died before deleting its working memory); returns their ids."""
+        await self.ready()
+        if self.owner_alive is None:
+            return []
+        owners = {p.owner for p in self.memories.values() if p.owner is not None}
+        gone = {owner for owner in owners if not await self.owner_alive(owner)}
+        orphans = [m for m, p in self.memories.items() if p.owner in gone]
+        for memory_id in orphans:
+            with contextlib.suppress(MemoryNotFound):
+                await self.delete(memory_id)
+        return orphans
 
     async def stats(self, memory_id: str) -> MemoryStats:
         await self.ready()

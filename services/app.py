@@ -21,7 +21,7 @@ from .encoder import EncoderDeployment
 from .gateway import Gateway
 from .reader import ReaderDeployment
 
-SERVICER = "longmem.v1.longmem_pb2_grpc.add_LongMemServicer_to_server"
+SERVICER = "services.proxy.add_servicer"  # registers longmem.v1.LongMem inside the proxy
 APP_NAME = "longmem"
 
 

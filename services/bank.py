@@ -13,6 +13,7 @@ and values go from the shards to the reader, never through the bank.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -30,8 +31,11 @@ from longmem.v1 import longmem_pb2 as pb
 from longmem.wire import from_tensor_proto, to_tensor_proto
 
 from .messages import chunks_to_proto, hits_from_proto, stats_from_proto, stats_to_proto
-from .remote import UNAVAILABLE_ERRORS, known_cause, result
+from .outages import UNAVAILABLE_ERRORS
+from .remote import known_cause, result
 from .shard import ShardActor
+
+log = logging.getLogger("longmem.bank")
 
 BANK_NAME = "bank"
 
@@ -99,7 +103,7 @@ class Bank:
         self.core = StripedBank({n: RayShard(h, retry_seconds) for n, h in self.handles.items()}, chunk_size,
                                 num_kv_heads, head_dim, default_capacity, default_shards, dtype,
                                 Storage(f"{storage_root}/bank") if storage_root else None, snapshot_every,
-                                lock, lock_refresh_seconds, request_window)
+                                lock, lock_refresh_seconds, request_window, actor_alive)
 
     async def ready(self) -> None:
         await self.core.ready()
@@ -108,8 +112,11 @@ class Bank:
         """Releases the storage for the next server (a killed bank's lock is taken over later anyway)."""
         self.core.close()
 
-    async def create(self, memory_id: str, capacity_tokens: int = 0, num_shards: int = 0) -> pb.MemoryInfo:
-        return stats_to_proto(await self.core.create(memory_id, capacity_tokens, num_shards))
+    async def create(self, memory_id: str, capacity_tokens: int = 0, num_shards: int = 0,
+                     owner: str | None = None) -> pb.MemoryInfo:
+        """owner: the Ray actor id of a temporary memory's owner; once that actor is dead (a replica
+        killed mid-request) the memory is deleted when its space is needed."""
+        return stats_to_proto(await self.core.create(memory_id, capacity_tokens, num_shards, owner))
 
     async def stats(self, memory_id: str) -> pb.MemoryInfo:
         return stats_to_proto(await self.core.stats(memory_id))
@@ -142,6 +149,19 @@ class Bank:
         return list(await asyncio.gather(*(h.stats.remote() for h in self.handles.values())))
 
 
+async def actor_alive(actor_id: str) -> bool:
+    """Whether a Ray actor may still run, from the cluster's state API: False once it is dead or the
+    cluster no longer knows it; True when the state API cannot be asked (nothing is deleted then)."""
+    from ray.util.state import get_actor
+
+    try:
+        state = await asyncio.to_thread(get_actor, actor_id)
+    except Exception as e:
+        log.warning("cannot ask the state API whether actor %s lives: %r", actor_id, e)
+        return True
+    return state is not None and state.state != "DEAD"
+
+
 BankActor = ray.remote(Bank)
 
 
@@ -156,8 +176,12 @@ class RemoteBank:
         self.metrics = search_metrics
         self.shards: dict[str, ray.actor.ActorHandle] = {}
 
-    def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None) -> MemoryStats:
-        return stats_from_proto(result(self.handle.create.remote(memory_id, capacity_tokens or 0, num_shards or 0)))
+    def create(self, memory_id: str, capacity_tokens: int | None = None, num_shards: int | None = None,
+               temporary: bool = False) -> MemoryStats:
+        """temporary: owned by the calling actor, and deleted by the bank if that actor dies first."""
+        owner = ray.get_runtime_context().get_actor_id() if temporary else None
+        return stats_from_proto(result(self.handle.create.remote(memory_id, capacity_tokens or 0, num_shards or 0,
+                                                                 owner)))
 
     def stats(self, memory_id: str) -> MemoryStats:
         return stats_from_proto(result(self.handle.stats.remote(memory_id)))

@@ -29,7 +29,9 @@ from .encoder import RemoteEncoder
 from .messages import spans_to_proto, stats_to_proto
 from .metrics import metrics
 from .reader import RemoteReader
-from .remote import STATUS, infrastructure_status
+from .outages import infrastructure_status
+from .proxy import Undecodable
+from .remote import STATUS
 
 log = logging.getLogger("longmem.gateway")
 
@@ -80,6 +82,8 @@ def unary(response_type):
             with self.metrics.timed(self.metrics.request_seconds, {"method": method.__name__}):
                 try:
                     tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
+                    if isinstance(request, Undecodable):
+                        raise request.invalid()
                     return method(self, request, tenant)
                 except Exception as e:
                     if not report(grpc_context, e, tenant, method.__name__, self.metrics.errors):
@@ -230,6 +234,8 @@ class Gateway:
         start = time.perf_counter()
         try:
             tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
+            if isinstance(request, Undecodable):
+                raise request.invalid()
             memory_id = self._optional_memory(tenant, request.memory_id)
             ids = self._ids(request.prompt, None, field="prompt")
             limit = self.config.serve.max_new_tokens_limit

@@ -1,12 +1,11 @@
-"""Helpers shared by the Serve adapters: unwrapping errors that crossed a Ray or Serve boundary, and
-telling the caller's errors (STATUS) and the infrastructure's (an actor or node that died or is
-restarting: UNAVAILABLE; a timeout: DEADLINE_EXCEEDED) from real bugs."""
+"""Helpers shared by the Serve adapters: unwrapping errors that crossed a Ray or Serve boundary into
+the caller's errors (STATUS), batching and threads of replicas. The infrastructure's errors are
+told apart in services/outages.py."""
 
 from __future__ import annotations
 
 import grpc
 import ray
-import ray.serve.exceptions
 import torch
 
 from longmem.config import LongMemConfig
@@ -14,6 +13,7 @@ from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, Shard
 from longmem.storage import StorageLocked
 
 from .auth import Unauthenticated
+from .outages import causes
 
 # The errors a caller is told about, each with its gRPC status: the gateway answers with these codes,
 # and a remote call re-raises them as themselves (`result`). Anything else is a bug: INTERNAL.
@@ -22,44 +22,12 @@ STATUS = ((Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (MemoryNotFound, g
           (ShardUnavailable, grpc.StatusCode.UNAVAILABLE), (StorageLocked, grpc.StatusCode.FAILED_PRECONDITION),
           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 KNOWN_ERRORS = tuple(kind for kind, _ in STATUS)
-# The infrastructure failing under a request: a retry later can succeed. (Not every Ray error: a
-# RayTaskError is the code's own exception, carried across a boundary.)
-UNAVAILABLE_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                      ray.exceptions.ActorUnschedulableError, ray.exceptions.NodeDiedError,
-                      ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.WorkerCrashedError,
-                      ray.exceptions.LocalRayletDiedError, ray.exceptions.TaskUnschedulableError,
-                      ray.exceptions.OutOfMemoryError, ray.serve.exceptions.DeploymentUnavailableError,
-                      ray.serve.exceptions.ReplicaUnavailableError, ray.serve.exceptions.BackPressureError)
-TIMEOUT_ERRORS = (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectFetchTimedOutError)
-
-
-def causes(error: BaseException | None):
-    """error, then what caused it, as far as the chain goes (Ray's `cause` and Python's __cause__)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = getattr(error, "cause", None) or error.__cause__
 
 
 def known_cause(error: BaseException) -> BaseException | None:
     """The known error (STATUS) behind a Ray/Serve error, if any."""
     return next((e for e in causes(error)
                  if isinstance(e, KNOWN_ERRORS) and not isinstance(e, ray.exceptions.RayError)), None)
-
-
-def infrastructure_status(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """(UNAVAILABLE or DEADLINE_EXCEEDED, a message with a retry hint) when an infrastructure failure
-    is behind `error` (an actor or node that died or is restarting, a lost object, a full queue, a
-    timeout); None for anything else. The message names the failure, never its traceback."""
-    for e in causes(error):
-        if isinstance(e, TIMEOUT_ERRORS):
-            return grpc.StatusCode.DEADLINE_EXCEEDED, (f"a LongMem service did not answer in time "
-                                                       f"({type(e).__name__}); retry")
-        if isinstance(e, UNAVAILABLE_ERRORS):
-            return grpc.StatusCode.UNAVAILABLE, (f"a LongMem service is unavailable ({type(e).__name__}); "
-                                                 "retry in a few seconds")
-    return None
 
 
 def result(call):

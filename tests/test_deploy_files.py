@@ -17,7 +17,7 @@ from ray.serve.schema import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRPC_PORT = 9000
-SERVICER_FUNCTION = "longmem.v1.longmem_pb2_grpc.add_LongMemServicer_to_server"
+SERVICER_FUNCTION = "services.proxy.add_servicer"
 
 
 def load_yaml(relative_path: str):

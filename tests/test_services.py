@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import grpc
 import numpy as np
@@ -15,22 +16,20 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
-from ray.cluster_utils import Cluster
 
-from longmem.config import LongMemConfig
+from longmem.config import FAULTS, SOAK_RPCS, LongMemConfig
 from longmem.data import essays_document
 from longmem.memory import CapacityExceeded, Chunker, ChunkStore, MemoryNotFound
 from longmem.model import LongMem
 from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pbg
-from services.app import APP_NAME, build, grpc_options
-from services.bank import RemoteBank, stop_bank
+from services.bank import RemoteBank
+from services.chaos import ALLOWED, Workload, check_memories, replica_pids, simulated_cluster
+from services.chaos import FAULTS as CHAOS
 from tiny import free_port, save_tiny
 
 NODES = 3
 TEXT_SHORT = "The quick brown fox jumps over the lazy dog. Memory lets a model read far back."
-CLUSTER: dict[str, Cluster] = {}  # the module's cluster, for the test that removes a node
 SHARD_BUDGET = 150_000  # bytes: ~215 chunks (~860 tokens) of the tiny model per shard (float16 memory)
 
 
@@ -38,36 +37,29 @@ SHARD_BUDGET = 150_000  # bytes: ~215 chunks (~860 tokens) of the tiny model per
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     path = save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
-    port = free_port()
     config = LongMemConfig.from_dict({
         "backbone": {"name_or_path": str(path)},
         "read": {"segment_tokens": 64},
         "memory": {"capacity_tokens": 256, "topk_tokens": 8, "chunk_size": 4},
-        "serve": {"num_shards": NODES, "shard_budget_bytes": SHARD_BUDGET, "grpc_port": port,
-                  "storage_uri": str(tmp_path_factory.mktemp("storage")), "shard_retry_seconds": 60},
+        "serve": {"num_shards": NODES, "shard_budget_bytes": SHARD_BUDGET, "grpc_port": free_port(),
+                  "http_port": free_port(), "storage_uri": str(tmp_path_factory.mktemp("storage")),
+                  "shard_retry_seconds": 60},
+        "soak": {"head_cpus": 4, "node_cpus": 1, "clients": 2, "capacity_tokens": 256, "append_tokens": [16, 48],
+                 "request_timeout_s": 60, "retry_s": 120},
     }).validate()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
-    CLUSTER["cluster"] = cluster
-    nodes = [cluster.add_node(num_cpus=1, resources={"memory_node": 1}) for _ in range(NODES)]
-    ray.init(address=cluster.address, namespace=config.serve.namespace)
-    serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
-    serve.run(build(config), name=APP_NAME, route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield config, pbg.LongMemStub(channel), RemoteBank(config), nodes
-    finally:
-        channel.close()
-        serve.shutdown()
-        stop_bank(config)
-        ray.shutdown()
-        cluster.shutdown()
+    with simulated_cluster(config) as sim:
+        channel = grpc.insecure_channel(sim.target)
+        try:
+            yield config, pbg.LongMemStub(channel), RemoteBank(config), sim
+        finally:
+            channel.close()
 
 
 def test_shards_spread_over_memory_nodes(service):
-    _, _, bank, nodes = service
+    _, _, bank, sim = service
     stats = ray.get(bank.handle.shard_stats.remote())
     assert len(stats) == NODES
-    assert {s.node_id for s in stats} == {n.node_id for n in nodes}
+    assert {s.node_id for s in stats} == {n.node_id for n in sim.memory_nodes}
 
 
 def test_memory_larger_than_one_node_is_striped(service):
@@ -265,7 +257,7 @@ def test_a_generate_stream_whose_reader_dies_ends_unavailable(service):
     import time
 
     _, stub, _, _ = service
-    pid = _replica_pid("ReaderDeployment")
+    (pid,) = replica_pids("ReaderDeployment")
     stream = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=500), timeout=120)
     chunks = []
     with pytest.raises(grpc.RpcError) as err:
@@ -328,37 +320,6 @@ def _append_load(stub, memory_id: str, threads: int, appends: int, size: int):
     return pool, acked, errors
 
 
-def _client_append_load(port: int, memory_id: str, threads: int, appends: int, size: int):
-    """The same load through the Python client (a request id per append, resent on UNAVAILABLE);
-    returns (threads, acknowledged token counts, exceptions)."""
-    import threading
-
-    from longmem.client import LongMemClient
-
-    acked, failed, lock = [], [], threading.Lock()
-
-    def worker(w: int) -> None:
-        with LongMemClient(f"127.0.0.1:{port}", timeout=120) as client:
-            for i in range(appends):
-                try:
-                    client.append(memory_id, token_ids=[(w * 37 + i * 11 + j) % 250 + 1 for j in range(size)])
-                    with lock:
-                        acked.append(size)
-                except Exception as e:
-                    with lock:
-                        failed.append(e)
-
-    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
-    return pool, acked, failed
-
-
-def _replica_pid(deployment: str) -> int:
-    """The process id of a Serve deployment's (first) replica actor."""
-    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if deployment in a["name"])
-    return ray.get(ray.get_actor(replica["name"], namespace=replica["namespace"]).__ray_call__.remote(
-        lambda self: os.getpid()))
-
-
 def _retryable(code, details: str) -> bool:
     """UNAVAILABLE with a retry hint and no traceback: what an outage must answer."""
     return code == grpc.StatusCode.UNAVAILABLE and "retry" in details and "Traceback" not in details
@@ -409,80 +370,6 @@ def test_kill_9_a_shard_under_load_loses_no_acknowledged_append(service):
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="crash"))
 
 
-def test_kill_9_of_the_bank_under_load_answers_unavailable_and_retried_appends_land_once(service):
-    """The bank actor killed while clients append (the Python client: a request id per append, retried
-    on UNAVAILABLE) and search: callers hear only OK or UNAVAILABLE with a retry hint (never INTERNAL,
-    never a traceback), every append succeeds, and the memory holds each exactly once."""
-    import signal
-    import time
-
-    config, stub, _, _ = service
-    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="bank-crash", capacity_tokens=1024, num_shards=NODES))
-    try:
-        pool, acked, failed = _client_append_load(config.serve.grpc_port, "bank-crash", threads=2, appends=6, size=40)
-        for t in pool:
-            t.start()
-        while len(acked) < 2:
-            time.sleep(0.05)
-        os.kill(ray.get(ray.get_actor("bank", namespace="longmem").pid.remote()), signal.SIGKILL)
-        during = []
-        for _ in range(3):
-            try:
-                stub.Retrieve(pb.RetrieveRequest(memory_id="bank-crash", text="during the outage"), timeout=60)
-            except grpc.RpcError as e:
-                during.append((e.code(), e.details()))
-        for t in pool:
-            t.join(timeout=300)
-        assert not any(t.is_alive() for t in pool)
-        assert all(_retryable(code, details) for code, details in during), during
-        assert not failed and sum(acked) == 12 * 40
-        info = stub.GetMemory(pb.GetMemoryRequest(memory_id="bank-crash"))
-        assert info.tokens_appended == 12 * 40  # each append exactly once
-    finally:
-        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="bank-crash"))
-
-
-def test_kill_9_of_the_encoder_under_load_answers_unavailable_and_retried_appends_land_once(service):
-    """The encoder replica killed while Python clients append and a raw client scores: appends all
-    succeed and land exactly once; scores answer OK or UNAVAILABLE with a retry hint, never INTERNAL."""
-    import signal
-    import threading
-    import time
-
-    config, stub, _, _ = service
-    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="encoder-crash", capacity_tokens=1024, num_shards=NODES))
-    scored, stop = [], threading.Event()
-
-    def scorer() -> None:
-        while not stop.is_set():
-            try:
-                stub.Score(pb.ScoreRequest(text=TEXT_SHORT), timeout=60)
-                scored.append(None)
-            except grpc.RpcError as e:
-                scored.append((e.code(), e.details()))
-
-    pid = _replica_pid("EncoderDeployment")
-    try:
-        appenders, acked, failed = _client_append_load(config.serve.grpc_port, "encoder-crash", threads=2,
-                                                       appends=5, size=40)
-        pool = appenders + [threading.Thread(target=scorer)]
-        for t in pool:
-            t.start()
-        while len(acked) < 2:
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-        for t in appenders:
-            t.join(timeout=300)
-        stop.set()
-        pool[-1].join(timeout=120)
-        assert not any(t.is_alive() for t in pool)
-        assert not failed and sum(acked) == 10 * 40
-        assert all(_retryable(*outcome) for outcome in scored if outcome is not None)
-        assert stub.GetMemory(pb.GetMemoryRequest(memory_id="encoder-crash")).tokens_appended == 10 * 40
-    finally:
-        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="encoder-crash"))
-
-
 def test_an_append_resent_with_its_request_id_is_applied_once(service):
     _, stub, _, _ = service
     stub.CreateMemory(pb.CreateMemoryRequest(memory_id="resent", capacity_tokens=1024, num_shards=NODES))
@@ -500,21 +387,19 @@ def test_an_append_resent_with_its_request_id_is_applied_once(service):
 def test_removing_a_node_under_load_moves_its_shard_with_its_memory(service):
     import time
 
-    _, stub, bank, nodes = service
+    _, stub, bank, sim = service
     stub.CreateMemory(pb.CreateMemoryRequest(memory_id="moving", capacity_tokens=1024, num_shards=NODES))
     try:
-        cluster = CLUSTER["cluster"]
-        spare = cluster.add_node(num_cpus=1, resources={"memory_node": 1})
+        spare = sim.add_memory_node()
         victim = ray.get_actor("shard-2", namespace="longmem")
-        node = next(n for n in nodes if n.node_id == ray.get(victim.stats.remote()).node_id)
+        node = next(n for n in sim.memory_nodes if n.node_id == ray.get(victim.stats.remote()).node_id)
         pool, acked, errors = _append_load(stub, "moving", threads=2, appends=5, size=40)
         for t in pool:
             t.start()
         while len(acked) < 2:
             time.sleep(0.05)
-        cluster.remove_node(node)
-        nodes.remove(node)
-        nodes.append(spare)
+        sim.cluster.remove_node(node)
+        sim.memory_nodes.remove(node)
         for t in pool:
             t.join(timeout=300)
         assert not any(t.is_alive() for t in pool)
@@ -536,3 +421,78 @@ def test_removing_a_node_under_load_moves_its_shard_with_its_memory(service):
         assert _complete_and_untorn(bank, "default~moving") == before
     finally:
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="moving"))
+
+
+def test_a_dead_replicas_scratch_memory_is_deleted_when_its_space_is_needed(service):
+    """A temporary memory belongs to the actor that made it (a gateway or reader replica in the middle
+    of a long Score or Generate); once that actor is killed, the bank deletes it as soon as a create
+    finds the shards full, and keeps every other memory."""
+    import asyncio
+    import signal
+    import time
+
+    from services.bank import actor_alive
+
+    config, _, bank, _ = service
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def scratch(self) -> str:
+            RemoteBank(config).create("scratch-of-a-replica", 64, 1, temporary=True)
+            return ray.get_runtime_context().get_actor_id()
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    replica = Replica.remote()
+    owner = ray.get(replica.scratch.remote())
+    assert asyncio.run(actor_alive(owner))
+    os.kill(ray.get(replica.pid.remote()), signal.SIGKILL)
+    deadline = time.time() + 60
+    while asyncio.run(actor_alive(owner)):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert "scratch-of-a-replica" in {m.memory_id for m in bank.list()}
+    fillers = []
+    try:
+        with pytest.raises(CapacityExceeded):
+            for i in range(1000):
+                bank.create(f"filler-{i}", 128, 1)
+                fillers.append(f"filler-{i}")
+        held = {m.memory_id for m in bank.list()}
+        assert "scratch-of-a-replica" not in held and set(fillers) <= held
+    finally:
+        for memory_id in fillers:
+            bank.delete(memory_id)
+
+
+CHAOS_REQUESTS = 12  # per client
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_under_mixed_load_loses_nothing_and_every_request_succeeds(service, fault):
+    """Two clients append, score, generate and retrieve (the Python client: appends with request ids,
+    resent on UNAVAILABLE) while one fault strikes: they hear only OK, UNAVAILABLE or DEADLINE_EXCEEDED,
+    every request succeeds in the end, and each memory equals a fault-free replay of its acknowledged
+    appends (counters and retrieval)."""
+    import random
+    import time
+
+    config, _, _, sim = service
+    workload = Workload(sim.target, config, seed=FAULTS.index(fault), max_requests=CHAOS_REQUESTS).start()
+    try:
+        deadline = time.time() + 120
+        while workload.acknowledged() < 2:
+            assert time.time() < deadline and not any(entry.failed for entry in workload.logs)
+            time.sleep(0.05)
+        done = CHAOS[fault](sim, random.Random(0))
+        workload.join()  # the rest of the load goes on through the outage
+    finally:
+        workload.stop()
+    answers = sum((entry.answers for entry in workload.logs), Counter())
+    requests = sum((entry.requests for entry in workload.logs), Counter())
+    assert not [f for entry in workload.logs for f in entry.failed], done
+    assert set(answers) <= {"OK", *ALLOWED}, answers
+    assert set(requests) == set(SOAK_RPCS), requests  # the mix reached every call
+    data = check_memories(sim.target, config, workload.logs)
+    assert data.ok and data.appends >= 2, data

@@ -445,3 +445,36 @@ def test_a_retried_append_is_applied_once_across_a_crash_after_its_log_write(tmp
     bank = make_bank(tmp_path, shards, snapshot_every, request_window=2)
     run(bank.ready())
     assert_agrees(bank, shards, {"m": ref})
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 100])
+def test_temporary_memories_of_a_dead_owner_make_room_across_a_restart(tmp_path, snapshot_every):
+    """A replica that dies mid-request leaves its scratch memory behind: when the shards are full, the
+    bank deletes temporary memories whose owner is gone (also after a restart: the owner is logged),
+    and nothing else, then creates the memory."""
+    rng = np.random.default_rng(4)
+    budget = 2 * ChunkStore.bytes_per_chunk(C, HKV, D, np.float32) * 8  # per shard: two 8-chunk stores
+    shards = {n: LocalShard(tmp_path / n, budget, 100) for n in SHARDS}
+    alive = {"replica-a": True, "replica-b": True}
+
+    async def owner_alive(owner: str) -> bool:
+        return alive[owner]
+
+    def bank():
+        return StripedBank(shards, C, HKV, D, default_capacity=16, default_shards=1,
+                           storage=Storage(str(tmp_path / "bank")), snapshot_every=snapshot_every,
+                           owner_alive=owner_alive)
+
+    striped = bank()
+    run(striped.create("user", 8 * C * len(SHARDS), len(SHARDS)))
+    run(striped.create("scratch-a", 8 * C * len(SHARDS), len(SHARDS), owner="replica-a"))
+    for memory_id in ("user", "scratch-a"):
+        run(striped.append(memory_id, *tokens(rng, 6)))
+    with pytest.raises(CapacityExceeded):  # full, and every owner lives
+        run(striped.create("next", 8 * C, 1))
+    alive["replica-a"] = False
+    striped = bank()  # a restart: ownership comes from the log
+    run(striped.create("next", 8 * C, 1, owner="replica-b"))
+    assert sorted(s.memory_id for s in run(striped.list())) == ["next", "user"]
+    assert run(striped.reap()) == []
+    assert not any(store_id.startswith("scratch-a") for shard in shards.values() for store_id in shard.stores.stores)
