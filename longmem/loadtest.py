@@ -64,7 +64,8 @@ def run_load(target: str, clients: int, seconds: float, max_requests: int, api_k
     def worker(w: int) -> None:
         rng = random.Random(seed * 1000 + w)
         memory_id = f"load-{seed}-{w}"
-        with LongMemClient(target, api_key=api_key, tls_root_cert=tls_root_cert, timeout=120) as client:
+        # retry_s=0: every answer is counted as the server gave it, none hidden by a resend
+        with LongMemClient(target, api_key=api_key, tls_root_cert=tls_root_cert, timeout=120, retry_s=0) as client:
             try:
                 client.create_memory(memory_id=memory_id, capacity_tokens=capacity_tokens)
             except LongMemError as e:

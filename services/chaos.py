@@ -123,6 +123,23 @@ FAULTS: dict[str, Callable[[Simulated, random.Random], str]] = {
 
 
 # ---- workload -------------------------------------------------------------------------------------
+def resent(call: Callable[..., object], *args, done: str, retry_s: float) -> None:
+    """A create or delete of the soak's own memories, which the client does not resend: resent while it
+    answers UNAVAILABLE; the `done` code (ALREADY_EXISTS, NOT_FOUND) then means an earlier send landed."""
+    deadline, delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
+    while True:
+        try:
+            call(*args)
+            return
+        except LongMemError as e:
+            if e.code.name == done:
+                return
+            if e.code.name != "UNAVAILABLE" or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, MAX_BACKOFF_S)
+
+
 @dataclass
 class ClientLog:
     """What one client did and heard."""
@@ -149,7 +166,8 @@ class Workload:
         with LongMemClient(self.target, timeout=self.config.soak.request_timeout_s) as client:
             client.wait_ready(self.config.soak.retry_s)
             for entry in self.logs:
-                client.create_memory(entry.memory_id, self.config.soak.capacity_tokens, self.config.serve.num_shards)
+                resent(client.create_memory, entry.memory_id, self.config.soak.capacity_tokens,
+                       self.config.serve.num_shards, done="ALREADY_EXISTS", retry_s=self.config.soak.retry_s)
         for t in self.threads:
             t.start()
         return self
@@ -243,7 +261,8 @@ def check_memories(target: str, config: LongMemConfig, logs: list[ClientLog]) ->
     with LongMemClient(target, timeout=k.request_timeout_s, retry_s=k.retry_s) as client:
         for entry in logs:
             replay = f"{entry.memory_id}-replay"
-            client.create_memory(replay, k.capacity_tokens, config.serve.num_shards)
+            resent(client.create_memory, replay, k.capacity_tokens, config.serve.num_shards, done="ALREADY_EXISTS",
+                   retry_s=k.retry_s)
             for ids in entry.appended:
                 client.append(replay, token_ids=ids)
             got, want = client.get_memory(entry.memory_id), client.get_memory(replay)
@@ -258,8 +277,8 @@ def check_memories(target: str, config: LongMemConfig, logs: list[ClientLog]) ->
             for query in k.queries:
                 if _spans(client.retrieve(entry.memory_id, query)) != _spans(client.retrieve(replay, query)):
                     out.retrieval_differs.append(f"{entry.memory_id}: {query!r}")
-            client.delete_memory(replay)
-            client.delete_memory(entry.memory_id)
+            for memory_id in (replay, entry.memory_id):
+                resent(client.delete_memory, memory_id, done="NOT_FOUND", retry_s=k.retry_s)
     return out
 
 
