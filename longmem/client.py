@@ -22,8 +22,8 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -60,6 +60,8 @@ _CHANNEL_OPTIONS = [
 # (" word" is one token), so each piece tokenizes as it would inside the unsplit text.
 _CUT = re.compile(r"\s(?=\S)")
 
+T = TypeVar("T")
+
 
 class LongMemError(Exception):
     """A failed LongMem call: the gRPC status `code` (grpc.StatusCode) and its `details`."""
@@ -82,6 +84,23 @@ class LongMemError(Exception):
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", error)
+
+
+def resend(call: Callable[[], T], retry_s: float, retryable: Callable[[LongMemError], bool],
+           on_retry: Callable[[LongMemError], None] = lambda error: None) -> T:
+    """Returns `call()`, calling it again while it raises a LongMemError that `retryable` accepts, for up
+    to `retry_s` seconds: after FIRST_BACKOFF_S, then twice as long each time (at most MAX_BACKOFF_S).
+    `on_retry` hears each error that was resent; the last error is raised."""
+    deadline, delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
+    while True:
+        try:
+            return call()
+        except LongMemError as error:
+            if not retryable(error) or time.monotonic() + delay > deadline:
+                raise
+            on_retry(error)
+        time.sleep(delay)
+        delay = min(2 * delay, MAX_BACKOFF_S)
 
 
 def split_text(text: str, piece_chars: int = DEFAULT_PIECE_CHARS) -> list[str]:
@@ -211,18 +230,14 @@ class LongMemClient:
 
     def _call(self, method: str, request, timeout: float | None = None, retry: bool = False):
         """One call; with retry, resent while it answers UNAVAILABLE (for up to retry_s, with backoff)."""
-        deadline, delay = time.monotonic() + (self.retry_s if retry else 0.0), FIRST_BACKOFF_S
-        while True:
+        def send():
             try:
                 return getattr(self._stub, method)(
                     request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                error = LongMemError.from_rpc_error(e)
-                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
-                    raise error from e
-                self.retried[error.code.name] += 1
-            time.sleep(delay)
-            delay = min(2 * delay, MAX_BACKOFF_S)
+                raise LongMemError.from_rpc_error(e) from e
+        return resend(send, self.retry_s if retry else 0.0, lambda e: e.code == grpc.StatusCode.UNAVAILABLE,
+                      lambda e: self.retried.update([e.code.name]))
 
     def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.25) -> None:
         """Polls ListMemories until it succeeds; raises TimeoutError after `timeout_s` seconds.

@@ -28,7 +28,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from longmem.client import FIRST_BACKOFF_S, MAX_BACKOFF_S, LongMemClient, LongMemError
+from longmem.client import LongMemClient, LongMemError, resend
 from longmem.config import SOAK_RPCS, LongMemConfig
 
 from .app import APP_NAME, build, grpc_options
@@ -126,18 +126,13 @@ FAULTS: dict[str, Callable[[Simulated, random.Random], str]] = {
 def resent(call: Callable[..., object], *args, done: str, retry_s: float) -> None:
     """A create or delete of the soak's own memories, which the client does not resend: resent while it
     answers UNAVAILABLE; the `done` code (ALREADY_EXISTS, NOT_FOUND) then means an earlier send landed."""
-    deadline, delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
-    while True:
+    def send() -> None:
         try:
             call(*args)
-            return
         except LongMemError as e:
-            if e.code.name == done:
-                return
-            if e.code.name != "UNAVAILABLE" or time.monotonic() + delay > deadline:
+            if e.code.name != done:
                 raise
-        time.sleep(delay)
-        delay = min(2 * delay, MAX_BACKOFF_S)
+    resend(send, retry_s, lambda e: e.code.name == "UNAVAILABLE")
 
 
 @dataclass
@@ -216,20 +211,16 @@ class Workload:
             while not self.stopping.is_set() and (self.max_requests is None or sent < self.max_requests):
                 rpc = rng.choices(SOAK_RPCS, weights=k.mix)[0]
                 send, sent = self._request(rpc, rng, entry), sent + 1
-                deadline, delay = time.monotonic() + k.retry_s, FIRST_BACKOFF_S
-                while True:
-                    try:
-                        send(client)
-                        entry.answers["OK"] += 1
-                        entry.requests[rpc] += 1
-                        break
-                    except LongMemError as e:
-                        entry.answers[e.code.name] += 1
-                        if e.code.name not in ALLOWED or time.monotonic() + delay > deadline:
-                            entry.failed.append(f"{rpc}: {e}")
-                            break
-                    time.sleep(delay)
-                    delay = min(2 * delay, MAX_BACKOFF_S)
+                try:
+                    resend(lambda: send(client), k.retry_s, lambda e: e.code.name in ALLOWED,
+                           lambda e: entry.answers.update([e.code.name]))
+                    entry.answers["OK"] += 1
+                    entry.requests[rpc] += 1
+                except LongMemError as e:
+                    entry.answers[e.code.name] += 1
+                    entry.failed.append(f"{rpc}: {e}")
+                except Exception as e:  # a broken answer (a stream without its end) fails the request, not the client
+                    entry.failed.append(f"{rpc}: {type(e).__name__}: {e}")
             for code, n in client.retried.items():
                 entry.answers[code] += n
 

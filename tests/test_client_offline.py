@@ -293,6 +293,19 @@ def test_wait_ready_polls_until_the_app_answers(fake, client):
     assert [c[0] for c in fake.calls] == ["ListMemories"] * 4
 
 
+def test_a_read_is_resent_while_unavailable_and_the_resent_answers_counted(fake, target):
+    fake.not_ready_calls = 2
+    with LongMemClient(target, timeout=5, retry_s=30) as c:
+        assert c.list_memories().memories == []
+        assert c.retried == {"UNAVAILABLE": 2}
+    assert [call[0] for call in fake.calls] == ["ListMemories"] * 3
+    fake.not_ready_calls = 1
+    with LongMemClient(target, timeout=5, retry_s=0) as c:
+        with pytest.raises(LongMemError) as info:
+            c.list_memories()
+        assert info.value.code is grpc.StatusCode.UNAVAILABLE and not c.retried
+
+
 def test_wait_ready_stops_on_bad_credentials(fake, target):
     fake.api_key = "right"
     with LongMemClient(target, api_key="wrong") as c:
