@@ -229,6 +229,22 @@ class Backbone(nn.Module):
         return np.concatenate(out)
 
     @torch.no_grad()
+    def generate_greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """The backbone alone continuing `ids` greedily, all of them in its window (KV cache; no memory,
+        no SideNet): up to max_new_tokens new token ids, the last one eos when it stopped there."""
+        from transformers import DynamicCache
+
+        cache, eos, new = DynamicCache(config=self.model.config), self.tokenizer.eos_token_id, []
+        x = torch.tensor([ids], device=self.device)  # [1, T]: the prompt, then one new token at a time
+        for _ in range(max_new_tokens):
+            normed = self.base(input_ids=x, past_key_values=cache, use_cache=True).last_hidden_state  # [1, T, D]
+            new.append(int(self.lm_head(normed[0, -1]).argmax()))
+            if new[-1] == eos:
+                break
+            x = torch.tensor([new[-1:]], device=self.device)  # [1, 1]
+        return new
+
+    @torch.no_grad()
     def _check(self) -> str:
         """Runs the model once on a few tokens: the memory layer's keys must be captured, and the final
         norm and lm_head must reproduce the model's own logits. Returns the final norm's name."""

@@ -24,6 +24,7 @@ def load_config(args: argparse.Namespace) -> LongMemConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .baseline import BM25Prompt
     from .checkpoint import resolve_checkpoint
     from .data import essays_document
     from .evaluate.harness import answer_matches
@@ -58,11 +59,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"memory '{stats.memory_id}': {stats.tokens_held:,} tokens held of {stats.capacity_tokens:,}, "
           f"{stats.tokens_evicted:,} evicted, {stats.pending_tokens} pending, {stats.tokens_appended:,} appended")
     print(f"recall, {len(ids) - demo.fact_position:,} tokens after the fact: {demo.question!r}")
-    for label, use_memory in (("LongMem with memory", True), ("SideNet without memory", False)):
-        answer = model.decode(list(model.generate(demo.question, memory_id=memory_id, use_memory=use_memory,
-                                                  max_new_tokens=demo.answer_tokens)))
+
+    def show(label: str, answer: str) -> None:
         verdict = "right" if answer_matches(answer, demo.answer) else "wrong"
         print(f"  {label}: {answer!r} ({verdict}; the fact says {demo.answer})")
+
+    reread = model.answer_spans("generate", memory_id, model.tokenize(demo.question), True)
+    for label, use_memory in (("LongMem with memory", True), ("SideNet without memory", False)):
+        show(label, model.decode(list(model.generate(demo.question, memory_id=memory_id, use_memory=use_memory,
+                                                     max_new_tokens=demo.answer_tokens,
+                                                     reread=reread if use_memory else []))))
+    for span in reread:
+        print(f"    re-read: tokens {span.start_position}-{span.end_position}: {span.text!r}")
+    # The baseline: the document's BM25 windows for the question before it, read by the backbone alone.
+    selection = BM25Prompt.from_config(ids, model.decode, model.tokenize, config.eval).select(demo.question)
+    prompt = selection.ids + model.tokenize(demo.question)
+    held = "holding" if any(demo.answer in span for span in selection.texts) else "without"
+    show(f"backbone with a BM25 prompt ({len(selection.spans)} spans, {len(selection.ids)} tokens, {held} the fact)",
+         model.decode(model.backbone.generate_greedy(prompt, demo.answer_tokens)))
     t0 = time.perf_counter()
     spans = model.retrieve(memory_id, demo.query, max_spans=3)
     print(f"retrieve({demo.query!r}) in {time.perf_counter() - t0:.2f} s:")

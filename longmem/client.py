@@ -350,16 +350,20 @@ class LongMemClient:
         return self._call("ScoreChoices", request, retry=True)
 
     def generate(self, prompt: str, memory_id: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
-                 top_k: int = 0, seed: int | None = None, use_memory: bool | None = None) -> GenerateStream:
+                 top_k: int = 0, seed: int | None = None, use_memory: bool | None = None,
+                 reread: bool | None = None) -> GenerateStream:
         """Starts continuing `prompt`; returns an iterator of GenerateResponse chunks (the text added
-        since the previous chunk; the last one has finish_reason). max_new_tokens=0: the server's
-        default; temperature=0: greedy; seed/use_memory None: left unset for the server."""
+        since the previous chunk; the first one also lists the memory spans re-read before the prompt,
+        the last one has finish_reason). max_new_tokens=0: the server's default; temperature=0: greedy;
+        seed/use_memory/reread None: left unset for the server."""
         request = pb.GenerateRequest(memory_id=memory_id, prompt=prompt, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_k=top_k)
         if seed is not None:
             request.seed = seed
         if use_memory is not None:
             request.use_memory = use_memory
+        if reread is not None:
+            request.reread = reread
         try:
             call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
@@ -367,10 +371,11 @@ class LongMemClient:
         return GenerateStream(call)
 
     def generate_text(self, prompt: str, memory_id: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
-                      top_k: int = 0, seed: int | None = None, use_memory: bool | None = None) -> str:
+                      top_k: int = 0, seed: int | None = None, use_memory: bool | None = None,
+                      reread: bool | None = None) -> str:
         """generate(), joined into the whole new text."""
         with self.generate(prompt, memory_id=memory_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, seed=seed, use_memory=use_memory) as stream:
+                           top_k=top_k, seed=seed, use_memory=use_memory, reread=reread) as stream:
             return "".join(chunk.text for chunk in stream)
 
     def retrieve(self, memory_id: str, text: str, max_spans: int = 0) -> pb.RetrieveResponse:

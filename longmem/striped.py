@@ -43,7 +43,7 @@ import numpy as np
 
 from .durable import Journal
 from .memory import (CapacityExceeded, ChunkHits, Chunker, Chunks, MemoryExists, MemoryNotFound, MemoryStats,
-                     RequestWindow, ShardUnavailable, merge_hits)
+                     LexicalHits, RequestWindow, ShardUnavailable, StoredTokens, bm25_idf, merge_hits)
 from .storage import Storage, StorageLock, pack_arrays, unpack_arrays
 
 log = logging.getLogger("longmem.striped")
@@ -88,6 +88,46 @@ def search_routes(search: StoreSearch, routes: list[list[Route]], queries: np.nd
         parts[b].append(hits)
     t, hq, d = queries.shape[1:]
     return [merge_hits(p or [ChunkHits.empty(t, hq, k_chunks, chunk_size, d, dtype)], k_chunks) for p in parts]
+
+
+class StoreTokens(Protocol):
+    """The reader's side of fetching stored token ids: runs every (shard, store id, seqs [n]) lookup
+    (ChunkStore.stored) and returns their answers in order."""
+
+    def __call__(self, calls: list[tuple[str, str, np.ndarray]]) -> list[StoredTokens]: ...
+
+
+def stored_route(fetch: StoreTokens, route: Route, seqs: np.ndarray, chunk_size: int) -> StoredTokens:
+    """The token ids a memory holds for chunks `seqs`, each asked of the store its stripe put it on
+    (seq % S): exactly what one store holding the whole memory would answer."""
+    seqs = np.unique(np.asarray(seqs, np.int64))
+    stripes = len(route.shards)
+    calls = [(shard, route.store_id, seqs[seqs % stripes == i]) for i, shard in enumerate(route.shards)]
+    parts = fetch([c for c in calls if len(c[2])])
+    return StoredTokens.cat(parts) if parts else StoredTokens.empty(chunk_size)
+
+
+class StoreFrequencies(Protocol):
+    """The reader's side of a lexical search's first step: runs every (shard, store id, terms)
+    ChunkStore.term_frequencies and returns their answers in order."""
+
+    def __call__(self, calls: list[tuple[str, str, np.ndarray]]) -> list[tuple[np.ndarray, int]]: ...
+
+
+class StoreLexical(Protocol):
+    """And its second: runs every (shard, store id, terms, idf) ChunkStore.lexical."""
+
+    def __call__(self, calls: list[tuple[str, str, np.ndarray, np.ndarray]], k: int, k1: float) -> list[LexicalHits]: ...
+
+
+def lexical_route(frequencies: StoreFrequencies, search: StoreLexical, route: Route, terms: np.ndarray, k: int,
+                  k1: float) -> LexicalHits:
+    """A memory's k chunks best matching `terms`, with the idf of the whole memory: every store's term
+    counts summed, then every store's best k under that idf, merged (what one store would answer)."""
+    terms = np.unique(np.asarray(terms, np.int64))
+    counts = frequencies([(shard, route.store_id, terms) for shard in route.shards])
+    idf = bm25_idf(sum(df for df, _ in counts), sum(n for _, n in counts))
+    return LexicalHits.merge(search([(shard, route.store_id, terms, idf) for shard in route.shards], k, k1), k)
 
 
 def new_store_id(memory_id: str) -> str:

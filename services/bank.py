@@ -23,14 +23,15 @@ import ray
 import torch
 
 from longmem.config import LongMemConfig
-from longmem.memory import ChunkHits, Chunks, MemoryStats, ShardUnavailable
+from longmem.memory import ChunkHits, Chunks, LexicalHits, MemoryStats, ShardUnavailable, StoredTokens
 from longmem.storage import Storage, StorageLock
-from longmem.striped import Route, StripedBank, search_routes
+from longmem.striped import Route, StripedBank, lexical_route, search_routes, stored_route
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
 from longmem.wire import from_tensor_proto, to_tensor_proto
 
-from .messages import chunks_to_proto, hits_from_proto, stats_from_proto, stats_to_proto
+from .messages import (chunks_to_proto, hits_from_proto, lexical_from_proto, stats_from_proto, stats_to_proto,
+                       stored_from_proto)
 from .outages import UNAVAILABLE_ERRORS
 from .remote import known_cause, result
 from .shard import ShardActor
@@ -210,18 +211,48 @@ class RemoteBank:
         with self.metrics.timed(self.metrics.search_seconds, {"component": "reader"}):
             return self._search(memory_ids, queries, k_chunks)
 
-    def _search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
+    def _routes(self, memory_ids: list[list[str]]) -> list[list[Route]]:
         req = ipb.RouteRequest(rows=[ipb.SearchList(memory_ids=row) for row in memory_ids])
-        routes = [[Route(r.store_id, tuple(r.shards)) for r in row.routes]
-                  for row in result(self.handle.routes.remote(req)).rows]
-        return search_routes(self._search_stores, routes, queries.detach().float().cpu().numpy(), k_chunks,
-                             self.chunk_size, self.dtype)
+        return [[Route(r.store_id, tuple(r.shards)) for r in row.routes]
+                for row in result(self.handle.routes.remote(req)).rows]
+
+    def _search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
+        return search_routes(self._search_stores, self._routes(memory_ids), queries.detach().float().cpu().numpy(),
+                             k_chunks, self.chunk_size, self.dtype)
 
     def _search_stores(self, calls: list[tuple[str, str, np.ndarray]], k_chunks: int) -> list[ChunkHits]:
-        refs = [self._shard(name).search.remote(ipb.ShardSearchRequest(
-            store_id=store_id, queries=to_tensor_proto(queries), k_chunks=k_chunks)) for name, store_id, queries in calls]
+        return self._ask_shards([self._shard(name).search.remote(ipb.ShardSearchRequest(
+            store_id=store_id, queries=to_tensor_proto(queries), k_chunks=k_chunks)) for name, store_id, queries in calls],
+            hits_from_proto)
+
+    def stored(self, memory_id: str, seqs: np.ndarray) -> StoredTokens:
+        """The token ids the memory holds for chunks `seqs`, asked of its shards from here."""
+        return stored_route(self._stored_stores, self._routes([[memory_id]])[0][0], seqs, self.chunk_size)
+
+    def _stored_stores(self, calls: list[tuple[str, str, np.ndarray]]) -> list[StoredTokens]:
+        return self._ask_shards([self._shard(name).stored.remote(ipb.ShardStoredRequest(
+            store_id=store_id, seqs=to_tensor_proto(seqs))) for name, store_id, seqs in calls], stored_from_proto)
+
+    def lexical(self, memory_id: str, terms: np.ndarray, k: int, k1: float) -> LexicalHits:
+        """The memory's k chunks whose token ids best match `terms`, every store asked from here."""
+        return lexical_route(self._frequencies, self._lexical_stores, self._routes([[memory_id]])[0][0], terms, k, k1)
+
+    def _frequencies(self, calls: list[tuple[str, str, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+        return self._ask_shards([self._shard(name).frequencies.remote(ipb.ShardFrequenciesRequest(
+            store_id=store_id, terms=to_tensor_proto(terms))) for name, store_id, terms in calls],
+            lambda m: (from_tensor_proto(m.chunks_with_term), m.live_chunks))
+
+    def _lexical_stores(self, calls: list[tuple[str, str, np.ndarray, np.ndarray]], k: int,
+                        k1: float) -> list[LexicalHits]:
+        return self._ask_shards([self._shard(name).lexical.remote(ipb.ShardLexicalRequest(
+            store_id=store_id, terms=to_tensor_proto(terms), idf=to_tensor_proto(idf), k=k, k1=k1))
+            for name, store_id, terms, idf in calls], lexical_from_proto)
+
+    @staticmethod
+    def _ask_shards(refs: list, decode) -> list:
+        """The shards' answers to calls sent at once, decoded; a shard that is down fails them: UNAVAILABLE."""
         try:
-            return [hits_from_proto(result(ref)) for ref in refs]
+            return [decode(result(ref)) for ref in refs]
         except UNAVAILABLE_ERRORS as e:
             raise unavailable(e) from None
 

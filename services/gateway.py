@@ -26,7 +26,7 @@ from longmem.v1 import longmem_pb2 as pb
 from .auth import SEPARATOR, Tenants, load_keys, scope, unscope
 from .bank import RemoteBank
 from .encoder import RemoteEncoder
-from .messages import spans_to_proto, stats_to_proto
+from .messages import span_to_proto, spans_to_proto, stats_to_proto
 from .metrics import metrics
 from .reader import RemoteReader
 from .outages import infrastructure_status
@@ -243,20 +243,27 @@ class Gateway:
                 raise ValueError(f"max_new_tokens must be in [0, {limit}], got {request.max_new_tokens}")
             if request.temperature < 0 or request.top_k < 0:
                 raise ValueError("temperature and top_k must not be negative")
+            use_memory = request.use_memory if request.HasField("use_memory") else True
+            if request.HasField("reread"):
+                asked = request.reread and use_memory and memory_id is not None
+                reread = self.runner.reread(memory_id, token_ids=ids) if asked else []
+            else:
+                reread = self.runner.answer_spans("generate", memory_id, ids, use_memory)
             tokens = self.runner.generate(
                 token_ids=ids, memory_id=memory_id, max_new_tokens=request.max_new_tokens or None,
                 temperature=request.temperature, top_k=request.top_k,
-                seed=request.seed if request.HasField("seed") else None,
-                use_memory=request.use_memory if request.HasField("use_memory") else True)
+                seed=request.seed if request.HasField("seed") else None, use_memory=use_memory, reread=reread)
             generated: list[int] = []
             shown = ""
+            spans = [span_to_proto(s) for s in reread]  # sent with the first chunk
             for token in tokens:
                 generated.append(token)
                 text = self.runner.decode(generated)
-                yield pb.GenerateResponse(text=text[len(shown):], token_ids=[token])
-                shown = text
+                yield pb.GenerateResponse(text=text[len(shown):], token_ids=[token], reread=spans)
+                shown, spans = text, []
             eos = self.runner.tokenizer.eos_token_id
-            yield pb.GenerateResponse(finish_reason="eos" if generated and generated[-1] == eos else "length")
+            yield pb.GenerateResponse(finish_reason="eos" if generated and generated[-1] == eos else "length",
+                                      reread=spans)
         except Exception as e:
             report(grpc_context, e, tenant, "Generate", self.metrics.errors)
             raise
@@ -269,4 +276,5 @@ class Gateway:
         if request.max_spans < 0:
             raise ValueError(f"max_spans must not be negative, got {request.max_spans}")
         ids = self._ids(request.text, None)
-        return spans_to_proto(self.runner.retrieve(memory_id, token_ids=ids, max_spans=request.max_spans or None))
+        return spans_to_proto(self.runner.retrieve(memory_id, token_ids=ids, max_spans=request.max_spans or None),
+                              self.runner.answer_spans("generate", memory_id, ids, True))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from longmem.backbone import BackboneOutput
-from longmem.memory import ChunkHits, Chunks, MemoryStats
+from longmem.memory import ChunkHits, Chunks, LexicalHits, MemoryStats, StoredTokens
 from longmem.roles import SegmentScores, Span
 from longmem.v1 import internal_pb2 as ipb
 from longmem.v1 import longmem_pb2 as pb
@@ -73,10 +73,32 @@ def stats_from_proto(m: pb.MemoryInfo) -> MemoryStats:
                        pending_tokens=m.pending_tokens, num_shards=m.num_shards)
 
 
-def spans_to_proto(spans: list[Span]) -> pb.RetrieveResponse:
-    return pb.RetrieveResponse(spans=[pb.RetrievedSpan(start_position=s.start_position, end_position=s.end_position,
-                                                       text=s.text, score=s.score, hits=s.hits) for s in spans])
+def span_to_proto(s: Span) -> pb.RetrievedSpan:
+    return pb.RetrievedSpan(start_position=s.start_position, end_position=s.end_position, text=s.text, score=s.score,
+                            hits=s.hits, token_ids=s.token_ids)
 
 
-def spans_from_proto(m: pb.RetrieveResponse) -> list[Span]:
-    return [Span(s.start_position, s.end_position, [], s.text, s.score, s.hits) for s in m.spans]
+def spans_to_proto(spans: list[Span], reread: list[Span] = ()) -> pb.RetrieveResponse:
+    return pb.RetrieveResponse(spans=[span_to_proto(s) for s in spans], reread=[span_to_proto(s) for s in reread])
+
+
+def spans_from_proto(spans) -> list[Span]:
+    """RetrievedSpan messages as spans (a RetrieveResponse's `spans` or `reread`)."""
+    return [Span(s.start_position, s.end_position, list(s.token_ids), s.text, s.score, s.hits) for s in spans]
+
+
+def stored_to_proto(t: StoredTokens) -> ipb.StoredTokens:
+    return ipb.StoredTokens(seqs=to_tensor_proto(t.seqs), token_ids=to_tensor_proto(t.token_ids),
+                            positions=to_tensor_proto(t.positions))
+
+
+def lexical_to_proto(h: LexicalHits) -> ipb.LexicalHits:
+    return ipb.LexicalHits(seqs=to_tensor_proto(h.seqs), scores=to_tensor_proto(h.scores))
+
+
+def lexical_from_proto(m: ipb.LexicalHits) -> LexicalHits:
+    return LexicalHits(from_tensor_proto(m.seqs), from_tensor_proto(m.scores))
+
+
+def stored_from_proto(m: ipb.StoredTokens) -> StoredTokens:
+    return StoredTokens(from_tensor_proto(m.seqs), from_tensor_proto(m.token_ids), from_tensor_proto(m.positions))

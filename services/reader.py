@@ -75,10 +75,15 @@ class ReaderDeployment:
 
     def generate(self, req: ipb.ReadGenerateRequest) -> Iterator[int]:
         yield from self.reader.generate(list(req.token_ids), req.memory_id or None, req.max_new_tokens,
-                                        req.temperature, req.top_k, req.seed, req.use_memory)
+                                        req.temperature, req.top_k, req.seed, req.use_memory,
+                                        list(req.prefix_token_ids))
 
     def retrieve(self, req: ipb.ReadRetrieveRequest) -> pb.RetrieveResponse:
         return spans_to_proto(self.reader.retrieve(req.memory_id, list(req.token_ids), req.max_spans))
+
+    def reread(self, req: ipb.ReadRetrieveRequest) -> pb.RetrieveResponse:
+        """The spans to re-read before req.token_ids (in the response's `reread`; max_spans unused)."""
+        return spans_to_proto([], self.reader.reread(req.memory_id, list(req.token_ids)))
 
 
 class RemoteReader:
@@ -93,11 +98,16 @@ class RemoteReader:
                               fill=[f or "" for f in fill], targets=segments_to_proto(targets), backbone=backbone)
         return scores_from_proto(result(self.handle.read.remote(encoded, req)))
 
-    def generate(self, ids, memory_id, max_new_tokens, temperature, top_k, seed, use_memory) -> Iterator[int]:
+    def generate(self, ids, memory_id, max_new_tokens, temperature, top_k, seed, use_memory, prefix) -> Iterator[int]:
         req = ipb.ReadGenerateRequest(token_ids=ids, memory_id=memory_id or "", max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_k=top_k, seed=seed, use_memory=use_memory)
+                                      temperature=temperature, top_k=top_k, seed=seed, use_memory=use_memory,
+                                      prefix_token_ids=prefix)
         yield from self.handle.options(stream=True).generate.remote(req)
 
     def retrieve(self, memory_id: str, ids: list[int], max_spans: int) -> list[Span]:
         req = ipb.ReadRetrieveRequest(memory_id=memory_id, token_ids=ids, max_spans=max_spans)
-        return spans_from_proto(result(self.handle.retrieve.remote(req)))
+        return spans_from_proto(result(self.handle.retrieve.remote(req)).spans)
+
+    def reread(self, memory_id: str, ids: list[int]) -> list[Span]:
+        req = ipb.ReadRetrieveRequest(memory_id=memory_id, token_ids=ids)
+        return spans_from_proto(result(self.handle.reread.remote(req)).reread)

@@ -19,9 +19,9 @@ from longmem.durable import StoreSet
 from longmem.memory import ApproxSearch, CapacityExceeded
 from longmem.storage import Storage
 from longmem.v1 import internal_pb2 as ipb
-from longmem.wire import from_tensor_proto
+from longmem.wire import from_tensor_proto, to_tensor_proto
 
-from .messages import chunks_from_proto, hits_to_proto
+from .messages import chunks_from_proto, hits_to_proto, lexical_to_proto, stored_to_proto
 from .metrics import metrics
 
 
@@ -69,6 +69,17 @@ class Shard:
         if self.metrics is not None:
             self.metrics.search_seconds.observe(time.perf_counter() - start, tags={"component": "shard"})
         return hits_to_proto(hits)
+
+    def stored(self, req: ipb.ShardStoredRequest) -> ipb.StoredTokens:
+        return stored_to_proto(self.stores.get(req.store_id).stored(from_tensor_proto(req.seqs)))
+
+    def frequencies(self, req: ipb.ShardFrequenciesRequest) -> ipb.TermFrequencies:
+        df, live = self.stores.get(req.store_id).term_frequencies(from_tensor_proto(req.terms))
+        return ipb.TermFrequencies(chunks_with_term=to_tensor_proto(df), live_chunks=live)
+
+    def lexical(self, req: ipb.ShardLexicalRequest) -> ipb.LexicalHits:
+        store = self.stores.get(req.store_id)
+        return lexical_to_proto(store.lexical(from_tensor_proto(req.terms), from_tensor_proto(req.idf), req.k, req.k1))
 
     def delete(self, store_id: str) -> None:
         self.stores.delete(store_id)

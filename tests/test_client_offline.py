@@ -451,7 +451,7 @@ def test_cli_retrieve_and_env(fake, cli, target, monkeypatch):
                                             "tokens 2-3 score=0.333 hits=1: 'blue'"]
     rc, out, _ = cli("retrieve", "m", "--text", "green", "--json")
     assert json.loads(out) == {"spans": [{"start_position": 1, "end_position": 2, "text": "green",
-                                          "score": 0.5, "hits": 1}]}
+                                          "score": 0.5, "hits": 1, "token_ids": []}], "reread": []}
     monkeypatch.setenv("LONGMEM_TARGET", target)
     monkeypatch.setenv("LONGMEM_API_KEY", "env-key")
     rc, out, _ = cli("memory", "list", target_arg=False)

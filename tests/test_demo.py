@@ -19,4 +19,7 @@ def test_demo_prints_perplexities_recall_and_spans(tiny_llama_dir, capsys):
     assert "with 'Remember this: the code of the blue safe is 73914.'" in out.replace("\\n", "")
     assert re.search(r"  LongMem with memory: .*\((right|wrong); the fact says 73914\)", out)
     assert re.search(r"  SideNet without memory: .*\((right|wrong); the fact says 73914\)", out)
+    assert re.search(r"  backbone with a BM25 prompt \(\d+ spans?, \d+ tokens, (holding|without) the fact\): "
+                     r".*\((right|wrong); the fact says 73914\)", out)
+    assert re.search(r"    re-read: tokens \d+-\d+: ", out)  # which memory spans the answer re-read
     assert out.count("  tokens ") >= 1  # retrieved spans

@@ -118,6 +118,14 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path, eval_confi
     assert list(on_disk)[0] == "headline"
     assert set(headline["passkey"]) == {str(n) for n in TINY_EVAL["passkey_lengths"]}
     assert set(headline["facts8"]) == {str(3 * W)} and set(headline["unseen_phrasing"]) == {str(2 * W)}
+    for name in ("passkey", "facts8", "unseen_phrasing"):  # the baselines, per length, beside LongMem
+        assert set(headline[f"{name}_bm25"]) == set(headline[f"{name}_full"]) == set(headline[name])
+    assert "BM25 prompt (backbone)" in report and "whole text in window (backbone)" in report
+    for t in passkey["trials"] + recall["trials"]:
+        assert isinstance(t["bm25_match"], bool) and isinstance(t["bm25_hit"], bool)
+        if t["document_tokens"] > TINY_EVAL["full_window_tokens"]:  # the whole text does not fit: n/a
+            assert t["full_match"] is None
+    assert all(v is None for v in headline["passkey_full"].values())  # no passkey document fits in 3 W tokens
     assert set(headline["ppl_after_first_segment"]["essays"]) >= {"longmem", "sidenet", "backbone_w", "longmem_vs_sidenet"}
 
 

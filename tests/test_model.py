@@ -195,7 +195,8 @@ def test_greedy_generate_is_argmax_of_the_reader(tiny_models, fresh_memory, monk
         return logits
 
     monkeypatch.setattr(model.backbone, "lm_head", spy)
-    generated = list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=40, temperature=0))
+    generated = list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=40, temperature=0,
+                                    reread=[]))  # the memory read alone: re-reading is tested on its own
     monkeypatch.undo()
 
     eos = model.tokenizer.eos_token_id
@@ -210,7 +211,8 @@ def test_greedy_generate_is_argmax_of_the_reader(tiny_models, fresh_memory, monk
         torch.testing.assert_close(seen, logits, atol=1e-4, rtol=1e-4, msg=f"step {j}")
     if memory_id:
         assert model.memory_stats(memory_id) == before  # generate does not modify the memory
-    again = list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=len(generated), temperature=0))
+    again = list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=len(generated), temperature=0,
+                                reread=[]))
     assert again == generated
 
 

@@ -139,6 +139,35 @@ def test_score_through_service_equals_core(service):
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="parity"))
 
 
+def test_a_striped_memory_rereads_what_one_store_would(service):
+    """Generate and Retrieve over gRPC, the memory striped over every shard (the reader's direct path
+    to the shards for stored ids and lexical matches): the same spans re-read, and the same answer, as
+    LongMem in process with the memory in one store."""
+    config, stub, _, _ = service
+    text = essays_document()[:1200] + " The code of the blue safe is 73914. " + essays_document()[1200:2000]
+    question = "What is the code of the blue safe? The code of the blue safe is"
+    stub.CreateMemory(pb.CreateMemoryRequest(memory_id="reread", capacity_tokens=256, num_shards=NODES))
+    try:
+        stub.Append(pb.AppendRequest(memory_id="reread", text=text))
+        local = LongMem(config)
+        local.create_memory("reread", 256)
+        local.append("reread", text)
+        want = local.reread("reread", question)
+        assert want and config.read.reread  # something to re-read, and re-reading is on by default
+        spans = lambda ss: [(s.start_position, s.end_position, list(s.token_ids), s.text) for s in ss]
+        assert spans(stub.Retrieve(pb.RetrieveRequest(memory_id="reread", text=question)).reread) == spans(want)
+        chunks = list(stub.Generate(pb.GenerateRequest(memory_id="reread", prompt=question, max_new_tokens=6)))
+        assert spans(chunks[0].reread) == spans(want) and not any(c.reread for c in chunks[1:])
+        assert [t for c in chunks for t in c.token_ids] == list(local.generate(question, "reread", max_new_tokens=6))
+        off = list(stub.Generate(pb.GenerateRequest(memory_id="reread", prompt=question, max_new_tokens=6,
+                                                    reread=False)))
+        assert not any(c.reread for c in off)
+        assert [t for c in off for t in c.token_ids] == list(local.generate(question, "reread", max_new_tokens=6,
+                                                                            reread=[]))
+    finally:
+        stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="reread"))
+
+
 def test_fifo_eviction_across_shards_through_the_api(service):
     _, stub, _, _ = service
     stub.CreateMemory(pb.CreateMemoryRequest(memory_id="fifo", capacity_tokens=64, num_shards=NODES))

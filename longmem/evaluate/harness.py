@@ -1,6 +1,7 @@
 """The requests the parts make of a model beyond scoring: a memory of filler text encoded once
 (`FillerMemory`), and generate-and-match trials (`RecallTrials`: fill a memory, ask, compare the greedy
-answer, and ask again without memory as the control)."""
+answer, and ask again without memory as the control, with a BM25 prompt of the document's text and
+with the whole document in the window, the last two read by the backbone alone)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import LongMemConfig
+from ..baseline import BM25Prompt
+from ..config import EvalConfig, LongMemConfig
 from ..data import Document, filler_text
 from ..memory import MemoryStats, round_up
 from ..model import LongMem
-from ..roles import batches, pad_segments, segments
-from .common import EvalData
+from ..roles import Span, batches, pad_segments, segments
+from .common import EvalData, fmt_acc
 
 RECALL_EXTRA_TOKENS = 2  # greedy tokens generated past the answer's own, so a longer answer shows
 
@@ -66,26 +68,39 @@ class FillerMemory:
             self.encode_seconds += time.perf_counter() - t0
         return self._encoded[phase]
 
+    def _layout(self, intro_ids: list[int], n: int) -> tuple[list[int], int, list[tuple[int, int]]]:
+        """How intro_ids + filler[:n] is filled: the head (the segments holding intro tokens, ingested per
+        document), the phase (filler offset of the first segment of filler alone) and, segment by
+        segment, the [a, b) rows of `encoded(phase)` that follow the head (filler ids[phase + a:phase + b])."""
+        w = self.w
+        head_len = min(len(intro_ids) + n, math.ceil(len(intro_ids) / w) * w)
+        phase = head_len - len(intro_ids)
+        period = (len(self.ids) - phase) // w * w  # whole segments of filler after the phase
+        rows = []
+        for s in range(phase, n, w):
+            a = s - phase if n <= len(self.ids) else (s - phase) % period
+            rows.append((a, a + min(s + w, n) - s))
+        return (intro_ids + self.ids[:head_len])[:head_len], phase, rows
+
     def fill(self, memory_id: str, intro_ids: list[int], n: int) -> MemoryStats:
         """Appends intro_ids + filler[:n] to a memory, as model.append(memory_id, token_ids=...) would.
         n may exceed the filler: its whole W-segments then repeat (`repeats(n)` says how often)."""
-        w, bank = self.w, self.model.bank
-        total = len(intro_ids) + n
-        head_len = min(total, math.ceil(len(intro_ids) / w) * w)  # the segments that hold intro tokens
-        head = (intro_ids + self.ids[:head_len])[:head_len]
-        for group in batches(segments(head, w), self.model.config.read.batch_segments):
+        bank = self.model.bank
+        head, phase, rows = self._layout(intro_ids, n)
+        for group in batches(segments(head, self.w), self.model.config.read.batch_segments):
             self.model.encoder.ingest(memory_id, group)
-        phase = head_len - len(intro_ids)  # filler offset of the first segment of filler alone
-        if head_len < total:
+        if rows:
             keys, values = self.encoded(phase)
-            period = (len(self.ids) - phase) // w * w  # whole segments of filler after the phase
-            for s in range(phase, n, w):
-                e = min(s + w, n)
-                a = s - phase if n <= len(self.ids) else (s - phase) % period
-                b = a + e - s
+            for a, b in rows:
                 bank.append(memory_id, keys[a:b], values[a:b], np.asarray(self.ids[phase + a:phase + b], np.int32),
                             skip_first=self.sink)
         return bank.stats(memory_id)
+
+    def document_ids(self, intro_ids: list[int], n: int) -> list[int]:
+        """The token ids `fill(memory_id, intro_ids, n)` appends, in order: intro_ids + filler[:n], the
+        filler's whole W-segments repeating when n exceeds it."""
+        head, phase, rows = self._layout(intro_ids, n)
+        return head + [t for a, b in rows for t in self.ids[phase + a:phase + b]]
 
     def repeats(self, n: int) -> float:
         """How many times the filler's text occurs in n filler tokens (1 when it is long enough)."""
@@ -113,6 +128,7 @@ class RecallItem:
 
     intro_ids: list[int]  # the facts: the document's first tokens, then filler follows
     question_ids: list[int]  # the prompt, after the document
+    query: str  # the question's text: what the BM25 baseline searches the document for
     answer: str
     info: dict  # what the report shows of it
 
@@ -120,17 +136,33 @@ class RecallItem:
 class RecallTrials:
     """Runs recall items: each document (intro + n filler tokens) goes into a fresh memory sized to hold
     it all, the question is the prompt, and the greedy continuation must start with the answer. The
-    control asks the same question without memory."""
+    control asks the same question without memory. Two baselines read with the backbone alone: `bm25`
+    (longmem/baseline.py: the document's best-matching windows before the question) and `full` (the
+    whole document and the question in its window, where they fit in eval.full_window_tokens and the
+    backbone's positions; None otherwise)."""
 
-    def __init__(self, model: LongMem, filler: "FillerMemory", bar):
-        self.model, self.filler, self.bar = model, filler, bar
+    def __init__(self, model: LongMem, filler: "FillerMemory", ev: EvalConfig, bar):
+        self.model, self.filler, self.ev, self.bar = model, filler, ev, bar
+        self.full_window = min(ev.full_window_tokens, model.backbone.max_positions)
         self.controls: dict[tuple[tuple[int, ...], int], str] = {}  # (question, new tokens) -> answer
-        self.fill_seconds = self.generate_seconds = 0.0
+        self.fill_seconds = self.generate_seconds = self.bm25_index_seconds = self.baseline_seconds = 0.0
 
-    def _greedy(self, ids: list[int], memory_id: str | None, new_tokens: int) -> str:
+    @property
+    def baseline(self) -> dict:
+        """What the report says of the baselines."""
+        ev = self.ev
+        return {"window_tokens": ev.bm25_window_tokens, "stride_tokens": ev.bm25_stride_tokens,
+                "windows": ev.bm25_windows, "separator": ev.bm25_separator, "stopwords": ev.bm25_stopwords,
+                "full_window_tokens": self.full_window,
+                "index_seconds": self.bm25_index_seconds, "generate_seconds": self.baseline_seconds}
+
+    def _greedy(self, ids: list[int], memory_id: str | None, new_tokens: int, reread: list[Span] | None = None) -> str:
         return self.model.decode(list(self.model.generate(token_ids=ids, memory_id=memory_id, temperature=0.0,
                                                           max_new_tokens=new_tokens,
-                                                          use_memory=memory_id is not None)))
+                                                          use_memory=memory_id is not None, reread=reread)))
+
+    def _backbone_greedy(self, ids: list[int], new_tokens: int) -> str:
+        return self.model.decode(self.model.backbone.generate_greedy(ids, new_tokens))
 
     def run(self, item: RecallItem, n: int) -> dict:
         model = self.model
@@ -141,7 +173,8 @@ class RecallTrials:
             t0 = time.perf_counter()
             stats = self.filler.fill(memory_id, item.intro_ids, n)
             t1 = time.perf_counter()
-            text = self._greedy(item.question_ids, memory_id, new_tokens)
+            reread = model.answer_spans("generate", memory_id, item.question_ids, True)
+            text = self._greedy(item.question_ids, memory_id, new_tokens, reread)
             self.fill_seconds += t1 - t0
             self.generate_seconds += time.perf_counter() - t1
         finally:
@@ -150,26 +183,76 @@ class RecallTrials:
         if key not in self.controls:
             self.controls[key] = self._greedy(item.question_ids, None, new_tokens)
         control = self.controls[key]
+        document = self.filler.document_ids(item.intro_ids, n)  # [len(intro) + n]: what went into memory
+        t0 = time.perf_counter()
+        selection = BM25Prompt.from_config(document, model.decode, model.tokenize, self.ev).select(item.query)
+        t1 = time.perf_counter()
+        bm25 = self._backbone_greedy(selection.ids + item.question_ids, new_tokens)
+        whole = document + item.question_ids
+        full = self._backbone_greedy(whole, new_tokens) if len(whole) + new_tokens <= self.full_window else None
+        self.bm25_index_seconds += t1 - t0
+        self.baseline_seconds += time.perf_counter() - t1
         self.bar.update()
         return {**item.info, "filler_tokens": n, "answer": item.answer,
                 "document_tokens": len(item.intro_ids) + n + len(item.question_ids), "memory_capacity": capacity,
                 "tokens_held": stats.tokens_held, "tokens_evicted": stats.tokens_evicted,
                 "filler_repeats": self.filler.repeats(n), "generated": text, "match": answer_matches(text, item.answer),
-                "control_generated": control, "control_match": answer_matches(control, item.answer)}
+                "reread": [[s.start_position, s.end_position] for s in reread],
+                "reread_hit": any(item.answer in s.text for s in reread),
+                "control_generated": control, "control_match": answer_matches(control, item.answer),
+                "bm25_windows": selection.starts, "bm25_prompt_tokens": len(selection.ids),
+                "bm25_hit": any(item.answer in span for span in selection.texts),
+                "bm25_generated": bm25, "bm25_match": answer_matches(bm25, item.answer),
+                "full_generated": full, "full_match": None if full is None else answer_matches(full, item.answer)}
 
 
 def accuracy_rows(trials: list[dict], keys: Sequence[str]) -> list[dict]:
-    """Accuracy with and without memory for each distinct value of `keys` among the trials, in order."""
+    """Accuracy with and without memory and of the baselines for each distinct value of `keys` among the
+    trials, in order. The whole-text baseline counts only the trials whose document fitted its window
+    (full_trials; its accuracy is None when none did)."""
     groups: dict[tuple, list[dict]] = {}
     for t in trials:
         groups.setdefault(tuple(t[k] for k in keys), []).append(t)
-    return [{**dict(zip(keys, group)), "trials": len(ts), "correct": sum(t["match"] for t in ts),
-             "accuracy": sum(t["match"] for t in ts) / len(ts),
-             "control_correct": sum(t["control_match"] for t in ts),
-             "control_accuracy": sum(t["control_match"] for t in ts) / len(ts),
-             "memory_capacity": max(t["memory_capacity"] for t in ts),
-             "evicted": sum(t["tokens_evicted"] for t in ts), "filler_repeats": max(t["filler_repeats"] for t in ts)}
-            for group, ts in groups.items()]
+    rows = []
+    for group, ts in groups.items():
+        full = [t["full_match"] for t in ts if t["full_match"] is not None]
+        rows.append({**dict(zip(keys, group)), "trials": len(ts), "correct": sum(t["match"] for t in ts),
+                     "accuracy": sum(t["match"] for t in ts) / len(ts),
+                     "control_correct": sum(t["control_match"] for t in ts),
+                     "control_accuracy": sum(t["control_match"] for t in ts) / len(ts),
+                     "bm25_correct": sum(t["bm25_match"] for t in ts),
+                     "bm25_accuracy": sum(t["bm25_match"] for t in ts) / len(ts),
+                     "bm25_hits": sum(t["bm25_hit"] for t in ts),
+                     "full_trials": len(full), "full_correct": sum(full),
+                     "full_accuracy": sum(full) / len(full) if full else None,
+                     "memory_capacity": max(t["memory_capacity"] for t in ts),
+                     "evicted": sum(t["tokens_evicted"] for t in ts),
+                     "filler_repeats": max(t["filler_repeats"] for t in ts)})
+    return rows
+
+
+BASELINE_COLUMNS = ["BM25 prompt (backbone)", "BM25 windows hold the answer", "whole text in window (backbone)"]
+
+
+def baseline_cells(row: dict) -> list[str]:
+    """An accuracy_rows row's BASELINE_COLUMNS."""
+    return [fmt_acc(row["bm25_correct"], row["trials"]), f"{row['bm25_hits']}/{row['trials']}",
+            fmt_acc(row["full_correct"], row["full_trials"])]
+
+
+def baseline_text(b: dict) -> str:
+    """The report's description of the baselines (RecallTrials.baseline)."""
+    return (
+        "Baselines, read by the backbone alone (no memory, no SideNet), greedy, on the same items: "
+        f"*BM25 prompt*: the document's tokens (intro and filler, exactly as they went into memory) cut into "
+        f"windows of {b['window_tokens']} tokens, one every {b['stride_tokens']} tokens, their text indexed with "
+        f"BM25 (`bm25s`, stopwords {b['stopwords'] or 'none'}); the {b['windows']} windows that best match the question's text (any sharing no word "
+        f"with it left out), overlapping ones merged, go in document order before the question, each followed by "
+        f"{b['separator']!r}. *BM25 windows hold the answer*: how often those windows contain the answer's text "
+        "(a miss there is retrieval's, a wrong answer despite it is reading's). *Whole text in window*: the "
+        f"document and the question read at once, where they fit in {b['full_window_tokens']:,} tokens (n/a "
+        f"where no document does). BM25 indexing and retrieval took {b['index_seconds']:.1f} s in all (one "
+        f"index per trial), the baselines' generation {b['generate_seconds']:.1f} s.")
 
 
 def unseen_filler(model: LongMem, config: LongMemConfig, data: EvalData, lengths: Sequence[int],

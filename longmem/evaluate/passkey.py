@@ -1,5 +1,6 @@
 """Passkey retrieval: a 5-digit key stated at the start of N tokens of real filler, asked for at the end
-(generate-and-match: harness.RecallTrials)."""
+(generate-and-match: harness.RecallTrials), by LongMem, without memory, and by the backbone alone with a
+BM25 prompt and with the whole text in its window."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ..data import passkey_prompt_parts, random_key
 from ..model import LongMem
 from ..report import markdown_table
 from .common import EvalData, figure, fmt_acc, md_literal, save_plot
-from .harness import RecallItem, RecallTrials, accuracy_rows, unseen_filler
+from .harness import (BASELINE_COLUMNS, RecallItem, RecallTrials, accuracy_rows, baseline_cells, baseline_text,
+                      unseen_filler)
 
 PASSKEY_DIGITS = 5
 
@@ -24,10 +26,11 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
     rng = random.Random(ev.seed)
     filler = unseen_filler(model, config, data, lengths, rng, progress)
     filler_text_used = model.decode(filler.ids)
-    question_ids = model.tokenize(passkey_prompt_parts("0" * PASSKEY_DIGITS)[1])
+    question = passkey_prompt_parts("0" * PASSKEY_DIGITS)[1]
+    question_ids = model.tokenize(question)
     keys: list[str] = []
     with tqdm(total=len(lengths) * ev.passkey_trials, desc="passkey", unit="trial", disable=not progress) as bar:
-        runner = RecallTrials(model, filler, bar)
+        runner = RecallTrials(model, filler, ev, bar)
         trials = []
         for n in lengths:
             for _ in range(ev.passkey_trials):
@@ -35,7 +38,8 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
                 while key in filler_text_used or key in keys:  # the key must occur only in the intro
                     key = random_key(rng)
                 keys.append(key)
-                item = RecallItem(model.tokenize(passkey_prompt_parts(key)[0]), question_ids, key, {"key": key})
+                item = RecallItem(model.tokenize(passkey_prompt_parts(key)[0]), question_ids, question, key,
+                                  {"key": key})
                 trials.append(runner.run(item, n))
     result = {
         "items": len(trials), "lengths": lengths, "trials_per_length": ev.passkey_trials,
@@ -43,7 +47,7 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
         "filler_tokens": len(filler.ids), "filler_segments_encoded": filler.segments_encoded,
         "filler_phases": filler.phases, "filler_encode_seconds": filler.encode_seconds,
         "fill_seconds": runner.fill_seconds - filler.encode_seconds, "generate_seconds": runner.generate_seconds,
-        "configured_capacity": model.config.memory.capacity_tokens, "notes": [],
+        "configured_capacity": model.config.memory.capacity_tokens, "baseline": runner.baseline, "notes": [],
     }
     larger = [b["filler_tokens"] for b in result["by_length"]
               if b["memory_capacity"] > model.config.memory.capacity_tokens]
@@ -67,6 +71,11 @@ def plot_passkey(result: dict, out_dir: Path) -> str:
     ax.plot(ns, [b["accuracy"] for b in result["by_length"]], marker="o", label="LongMem, document in memory")
     ax.plot(ns, [b["control_accuracy"] for b in result["by_length"]], linestyle="--", color="gray",
             label="no memory")
+    ax.plot(ns, [b["bm25_accuracy"] for b in result["by_length"]], marker="s", color="tab:orange",
+            label="backbone, BM25 prompt")
+    full = [b for b in result["by_length"] if b["full_accuracy"] is not None]
+    ax.plot([b["filler_tokens"] for b in full], [b["full_accuracy"] for b in full], marker="^", linestyle="",
+            color="tab:green", label="backbone, whole text in window")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [f"{n:,}" for n in ns])
     ax.minorticks_off()
@@ -79,14 +88,16 @@ def plot_passkey(result: dict, out_dir: Path) -> str:
 
 
 def report(r: dict) -> str:
-    table = markdown_table(["filler tokens N", "accuracy", "without memory", "memory capacity", "tokens evicted"],
+    table = markdown_table(["filler tokens N", "accuracy", "without memory", *BASELINE_COLUMNS, "memory capacity",
+                            "tokens evicted"],
                            [[f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
-                             fmt_acc(b["control_correct"], b["trials"]), f"{b['memory_capacity']:,}",
-                             f"{b['evicted']:,}"] for b in r["by_length"]])
-    examples = markdown_table(["N", "key", "generated", "match"],
+                             fmt_acc(b["control_correct"], b["trials"]), *baseline_cells(b),
+                             f"{b['memory_capacity']:,}", f"{b['evicted']:,}"] for b in r["by_length"]])
+    examples = markdown_table(["N", "key", "generated", "match", "BM25 prompt (backbone)", "match"],
                               [[f"{t['filler_tokens']:,}", t["key"], md_literal(t["generated"]),
-                                "yes" if t["match"] else "no"]
-                               for t in r["trials"][:: max(1, r["trials_per_length"])]], "rllc")
+                                "yes" if t["match"] else "no", md_literal(t["bm25_generated"]),
+                                "yes" if t["bm25_match"] else "no"]
+                               for t in r["trials"][:: max(1, r["trials_per_length"])]], "rllclc")
     return "\n\n".join([
         "Each trial: a random 5-digit key stated in an intro (\"The pass key is 12345. Remember it. 12345 is the "
         "pass key.\"), then N tokens of text the training never saw, then the question \"What is the pass key? The "
@@ -95,7 +106,7 @@ def report(r: dict) -> str:
         f"{r['configured_capacity']:,}, and a smaller FIFO memory would evict the key), so nothing is evicted; the "
         "question is the prompt, and the trial counts when the greedy continuation is the key (exact match). "
         "The key never occurs in the filler. Without memory: the same question with no memory.",
-        table, f"![passkey accuracy]({r['plots'][0]})",
+        baseline_text(r["baseline"]), table, f"![passkey accuracy]({r['plots'][0]})",
         f"The filler's keys/values ({r['filler_tokens']:,} tokens, {r['filler_segments_encoded']:,} segments) were "
         f"encoded once ({r['filler_encode_seconds']:.1f} s) and appended to every trial's memory after the "
         f"segment(s) holding the key, encoded per trial (filling the memories took {r['fill_seconds']:.1f} s in "

@@ -1,5 +1,6 @@
 """Recall of facts: eight word -> number facts at once, and facts stated and asked in phrasings no
-training example used (longmem/curriculum.py), with the filler of passkey (generate-and-match)."""
+training example used (longmem/curriculum.py), with the filler of passkey (generate-and-match), by
+LongMem, without memory, and by the backbone alone with a BM25 prompt and with the whole text in its window."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ..model import LongMem
 from ..report import markdown_table
 from ..roles import segments
 from .common import EvalData, bar_plot, fmt_acc, md_literal
-from .harness import RecallItem, RecallTrials, accuracy_rows, unseen_filler
+from .harness import (BASELINE_COLUMNS, RecallItem, RecallTrials, accuracy_rows, baseline_cells, baseline_text,
+                      unseen_filler)
 
 
 def recall_item(model: LongMem, example: RecallExample, lead: list[int]) -> RecallItem:
@@ -35,7 +37,7 @@ def recall_item(model: LongMem, example: RecallExample, lead: list[int]) -> Reca
     question = example.reading[:len(example.reading) - example.answer_tokens]
     pad = -len(example.fact_segment) % w
     intro = lead[max(0, len(lead) - pad):] + example.fact_segment
-    return RecallItem(intro, question, example.answer,
+    return RecallItem(intro, question, example.question, example.answer,
                       {"kind": example.kind, "facts": len(example.facts), "question": example.question,
                        "statements": example.statements})
 
@@ -56,7 +58,7 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
     per_set = {"facts8": ev.recall_trials, "unseen_phrasing": math.ceil(ev.recall_trials / len(KINDS))}
     total = sum(per_set[name] for name, *_ in sets)
     with tqdm(total=total, desc="recall", unit="trial", disable=not progress) as bar:
-        runner = RecallTrials(model, filler, bar)
+        runner = RecallTrials(model, filler, ev, bar)
         trials = [{"set": name, **runner.run(recall_item(model, curriculum.example(rng, kind, heldout, facts),
                                                          curriculum.filler(rng, w)), n)}
                   for name, n, kind, heldout, facts in sets for _ in range(per_set[name])]
@@ -64,7 +66,7 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
               "by_kind": accuracy_rows([t for t in trials if t["set"] == "unseen_phrasing"], ["kind"]),
               "trials": trials, "filler_tokens": len(filler.ids), "facts": ev.recall_facts,
               "fill_seconds": runner.fill_seconds - filler.encode_seconds,
-              "generate_seconds": runner.generate_seconds,
+              "generate_seconds": runner.generate_seconds, "baseline": runner.baseline,
               "heldout_statements": [x.text for x in phrasings(STATEMENTS, True)],
               "heldout_questions": [x.text for x in phrasings(QUESTIONS, True)]}
     result["plots"] = [bar_plot(out_dir, "recall_accuracy.png", "Recall of facts, unseen filler",
@@ -74,19 +76,21 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
 
 
 def report(r: dict) -> str:
-    table = markdown_table(["set", "filler tokens N", "accuracy", "without memory"],
+    table = markdown_table(["set", "filler tokens N", "accuracy", "without memory", *BASELINE_COLUMNS],
                            [[b["set"], f"{b['filler_tokens']:,}", fmt_acc(b["correct"], b["trials"]),
-                             fmt_acc(b["control_correct"], b["trials"])] for b in r["by_set"]])
-    kinds = markdown_table(["unseen phrasing, kind", "accuracy", "without memory"],
+                             fmt_acc(b["control_correct"], b["trials"]), *baseline_cells(b)] for b in r["by_set"]])
+    kinds = markdown_table(["unseen phrasing, kind", "accuracy", "without memory", *BASELINE_COLUMNS],
                            [[b["kind"], fmt_acc(b["correct"], b["trials"]),
-                             fmt_acc(b["control_correct"], b["trials"])] for b in r["by_kind"]])
+                             fmt_acc(b["control_correct"], b["trials"]), *baseline_cells(b)] for b in r["by_kind"]])
     first = {}
     for t in r["trials"]:
         first.setdefault((t["set"], t["filler_tokens"], t["kind"]), t)
-    examples = markdown_table(["set", "N", "question", "answer", "generated", "match"],
+    examples = markdown_table(["set", "N", "question", "answer", "generated", "match", "BM25 prompt (backbone)",
+                               "match"],
                               [[t["set"], f"{t['filler_tokens']:,}", md_literal(t["question"]), t["answer"],
-                                md_literal(t["generated"]), "yes" if t["match"] else "no"] for t in first.values()],
-                              "lrlllc")
+                                md_literal(t["generated"]), "yes" if t["match"] else "no",
+                                md_literal(t["bm25_generated"]), "yes" if t["bm25_match"] else "no"]
+                               for t in first.values()], "lrlllclc")
     statements = "; ".join(f"`{x}`" for x in r["heldout_statements"])
     questions = "; ".join(f"`{x}`" for x in r["heldout_questions"])
     return "\n\n".join([
@@ -96,4 +100,4 @@ def report(r: dict) -> str:
         f"`facts8`: {r['facts']} \"the number for <word>\" facts, one asked, the rest distractors, in training "
         f"phrasings. `unseen_phrasing`: pass keys, word numbers and facts about people, stated and asked only in "
         f"phrasings no training example used — statements {statements}; questions {questions}.",
-        table, kinds, f"![recall accuracy]({r['plots'][0]})", "First trial of each set and kind:", examples])
+        baseline_text(r["baseline"]), table, kinds, f"![recall accuracy]({r['plots'][0]})", "First trial of each set and kind:", examples])

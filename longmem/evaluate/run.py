@@ -65,17 +65,17 @@ def setup_info(model: LongMem, config: LongMemConfig, data: EvalData) -> dict:
 
 
 def headline(results: dict) -> dict:
-    """The figures the project is judged by, by name: exact-match accuracies with memory and without
-    (the control), and perplexities after the first segment on each unseen corpus."""
+    """The figures the project is judged by, by name: exact-match accuracies with memory, without (the
+    control) and of the backbone alone with a BM25 prompt (_bm25) and with the whole text in its window
+    (_full: None where it did not fit), and perplexities after the first segment on each unseen corpus."""
     h: dict[str, Any] = {}
-    if "passkey" in results:
-        h["passkey"] = {str(b["filler_tokens"]): b["accuracy"] for b in results["passkey"]["by_length"]}
-        h["passkey_without_memory"] = {str(b["filler_tokens"]): b["control_accuracy"]
-                                       for b in results["passkey"]["by_length"]}
-    if "recall" in results:
-        for b in results["recall"]["by_set"]:
-            h.setdefault(b["set"], {})[str(b["filler_tokens"])] = b["accuracy"]
-            h.setdefault(f"{b['set']}_without_memory", {})[str(b["filler_tokens"])] = b["control_accuracy"]
+    columns = {"": "accuracy", "_without_memory": "control_accuracy", "_bm25": "bm25_accuracy",
+               "_full": "full_accuracy"}
+    rows = [("passkey", b) for b in results["passkey"]["by_length"]] if "passkey" in results else []
+    rows += [(b["set"], b) for b in results["recall"]["by_set"]] if "recall" in results else []
+    for name, b in rows:
+        for suffix, column in columns.items():
+            h.setdefault(name + suffix, {})[str(b["filler_tokens"])] = b[column]
     if "ppl" in results:
         h["ppl_after_first_segment"] = {
             name: {**{k: m["after_first_segment"] for k, m in c["methods"].items()},
@@ -104,7 +104,7 @@ def render_report(results: dict) -> str:
         ["corpus", f"{s['corpus']}: {s['heldout_documents']} held-out documents (fraction "
                    f"{s['heldout_fraction']}), seed {s['seed']}"],
         ["unseen corpora", ", ".join(f"{name}: {n} documents" for name, n in s["unseen_corpora"].items())],
-        ["eval sizes", ", ".join(f"{k}={v}" for k, v in s["eval_config"].items() if k != "out_dir")],
+        ["eval sizes", ", ".join(f"{k}={v!r}" for k, v in s["eval_config"].items() if k != "out_dir")],
         ["device", f"{s['device']}, {s['torch_threads']} torch threads; Python {s['python']}, torch {s['torch']}"],
     ], "ll")
     times = markdown_table(["part", "items", "wall time"],

@@ -76,7 +76,7 @@ class ReadResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[SegmentScores, _Mapping]]] = ...) -> None: ...
 
 class ReadGenerateRequest(_message.Message):
-    __slots__ = ("token_ids", "memory_id", "max_new_tokens", "temperature", "top_k", "seed", "use_memory")
+    __slots__ = ("token_ids", "memory_id", "max_new_tokens", "temperature", "top_k", "seed", "use_memory", "prefix_token_ids")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class ReadGenerateRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     USE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     memory_id: str
     max_new_tokens: int
@@ -91,7 +92,8 @@ class ReadGenerateRequest(_message.Message):
     top_k: int
     seed: int
     use_memory: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., memory_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., use_memory: _Optional[bool] = ...) -> None: ...
+    prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., memory_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., use_memory: _Optional[bool] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReadRetrieveRequest(_message.Message):
     __slots__ = ("memory_id", "token_ids", "max_spans")
@@ -184,6 +186,62 @@ class ShardCreateRequest(_message.Message):
     store_id: str
     capacity_chunks: int
     def __init__(self, store_id: _Optional[str] = ..., capacity_chunks: _Optional[int] = ...) -> None: ...
+
+class ShardStoredRequest(_message.Message):
+    __slots__ = ("store_id", "seqs")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    seqs: _tensor_pb2.Tensor
+    def __init__(self, store_id: _Optional[str] = ..., seqs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class StoredTokens(_message.Message):
+    __slots__ = ("seqs", "token_ids", "positions")
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    seqs: _tensor_pb2.Tensor
+    token_ids: _tensor_pb2.Tensor
+    positions: _tensor_pb2.Tensor
+    def __init__(self, seqs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ShardFrequenciesRequest(_message.Message):
+    __slots__ = ("store_id", "terms")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    terms: _tensor_pb2.Tensor
+    def __init__(self, store_id: _Optional[str] = ..., terms: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class TermFrequencies(_message.Message):
+    __slots__ = ("chunks_with_term", "live_chunks")
+    CHUNKS_WITH_TERM_FIELD_NUMBER: _ClassVar[int]
+    LIVE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks_with_term: _tensor_pb2.Tensor
+    live_chunks: int
+    def __init__(self, chunks_with_term: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., live_chunks: _Optional[int] = ...) -> None: ...
+
+class ShardLexicalRequest(_message.Message):
+    __slots__ = ("store_id", "terms", "k", "k1", "idf")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    K1_FIELD_NUMBER: _ClassVar[int]
+    IDF_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    terms: _tensor_pb2.Tensor
+    k: int
+    k1: float
+    idf: _tensor_pb2.Tensor
+    def __init__(self, store_id: _Optional[str] = ..., terms: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., k1: _Optional[float] = ..., idf: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class LexicalHits(_message.Message):
+    __slots__ = ("seqs", "scores")
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    seqs: _tensor_pb2.Tensor
+    scores: _tensor_pb2.Tensor
+    def __init__(self, seqs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ShardAddRequest(_message.Message):
     __slots__ = ("store_id", "chunks", "min_seq")

@@ -155,7 +155,7 @@ class ScoreChoicesResponse(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[_Union[ChoiceScore, _Mapping]]] = ..., best_index: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("memory_id", "prompt", "max_new_tokens", "temperature", "top_k", "seed", "use_memory")
+    __slots__ = ("memory_id", "prompt", "max_new_tokens", "temperature", "top_k", "seed", "use_memory", "reread")
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class GenerateRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     USE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    REREAD_FIELD_NUMBER: _ClassVar[int]
     memory_id: str
     prompt: str
     max_new_tokens: int
@@ -170,17 +171,20 @@ class GenerateRequest(_message.Message):
     top_k: int
     seed: int
     use_memory: bool
-    def __init__(self, memory_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., use_memory: _Optional[bool] = ...) -> None: ...
+    reread: bool
+    def __init__(self, memory_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., use_memory: _Optional[bool] = ..., reread: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason")
+    __slots__ = ("text", "token_ids", "finish_reason", "reread")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REREAD_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    reread: _containers.RepeatedCompositeFieldContainer[RetrievedSpan]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., reread: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
     __slots__ = ("memory_id", "text", "max_spans")
@@ -193,21 +197,25 @@ class RetrieveRequest(_message.Message):
     def __init__(self, memory_id: _Optional[str] = ..., text: _Optional[str] = ..., max_spans: _Optional[int] = ...) -> None: ...
 
 class RetrievedSpan(_message.Message):
-    __slots__ = ("start_position", "end_position", "text", "score", "hits")
+    __slots__ = ("start_position", "end_position", "text", "score", "hits", "token_ids")
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     END_POSITION_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     start_position: int
     end_position: int
     text: str
     score: float
     hits: int
-    def __init__(self, start_position: _Optional[int] = ..., end_position: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., hits: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, start_position: _Optional[int] = ..., end_position: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., hits: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("spans",)
+    __slots__ = ("spans", "reread")
     SPANS_FIELD_NUMBER: _ClassVar[int]
+    REREAD_FIELD_NUMBER: _ClassVar[int]
     spans: _containers.RepeatedCompositeFieldContainer[RetrievedSpan]
-    def __init__(self, spans: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ...) -> None: ...
+    reread: _containers.RepeatedCompositeFieldContainer[RetrievedSpan]
+    def __init__(self, spans: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ..., reread: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ...) -> None: ...
