@@ -20,6 +20,8 @@ def main(chapter1: str, chapter2: str, config: LongMemConfig) -> None:
     print(lm.decode(list(lm.generate("The butler", "book", max_new_tokens=30))))
     for span in lm.retrieve("book", "Who had the key?"):            # what the SideNet would read
         print(span.start_position, span.hits, span.text)
+    for span in lm.reread("book", "Who had the key?"):              # what an answer re-reads first
+        print(span.start_position, span.end_position, span.text)
 
 
 if __name__ == "__main__":
