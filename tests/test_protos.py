@@ -66,7 +66,7 @@ def test_grpc_stubs_expose_every_rpc():
     [
         ("ScoreRequest", {"use_memory"}),
         ("ScoreChoicesRequest", {"use_memory"}),
-        ("GenerateRequest", {"seed", "use_memory"}),
+        ("GenerateRequest", {"seed", "use_memory", "reread"}),
     ],
 )
 def test_optional_fields_track_presence(message, optional_fields):

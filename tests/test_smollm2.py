@@ -156,7 +156,7 @@ def read_reference(backbone, essay_ids: list[int], ref: dict) -> tuple[list[floa
     model.append(memory_id, token_ids=essay_ids[slice(*ref["memory"])])
     r = model.score(token_ids=essay_ids[slice(*ref["document"])], memory_id=memory_id)
     generated = model.generate(token_ids=essay_ids[slice(*ref["prompt"])], memory_id=memory_id,
-                               max_new_tokens=len(ref["greedy"]))
+                               max_new_tokens=len(ref["greedy"]), reread=[])  # the memory read, as recorded
     return [round(float(x), 6) for x in r.logprobs], list(generated)
 
 
