@@ -556,6 +556,10 @@ class ChunkStore:
     def oldest_slot(self) -> int:
         return (self.head - self.live) % self.capacity
 
+    def live_slots(self) -> np.ndarray:
+        """The live slots, oldest first (their seqs ascend): [live]."""
+        return (self.oldest_slot() + np.arange(self.live)) % self.capacity
+
     def evict_before(self, min_seq: int) -> int:
         """Drops live chunks with seq < min_seq (they are the oldest). Returns how many."""
         dropped = 0
@@ -573,7 +577,7 @@ class ChunkStore:
     def stored(self, seqs: np.ndarray) -> StoredTokens:
         """The token ids of those of `seqs` this store holds live (others are skipped): the live slots,
         oldest first, hold ascending seqs, so each is found by binary search."""
-        order = (self.oldest_slot() + np.arange(self.live)) % self.capacity  # [live] slots, oldest first
+        order = self.live_slots()
         live_seqs = self.seqs[order]
         wanted = np.unique(np.asarray(seqs, np.int64))
         at = np.searchsorted(live_seqs, wanted)
@@ -584,7 +588,7 @@ class ChunkStore:
 
     def _term_counts(self, terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(live slots oldest first [live], how often each term occurs in each of their chunks [live, Q])."""
-        order = (self.oldest_slot() + np.arange(self.live)) % self.capacity
+        order = self.live_slots()
         return order, (self.token_ids[order][:, :, None] == np.asarray(terms)[None, None, :]).sum(1)
 
     def term_frequencies(self, terms: np.ndarray) -> tuple[np.ndarray, int]:
