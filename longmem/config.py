@@ -239,7 +239,8 @@ class TrainConfig:
     (language modelling, per-row memories) and `recall_rows` recall-curriculum examples
     (longmem/curriculum.py), loss = lm_weight * LM loss + distill_weight * KL to the backbone
     + recall_weight * recall loss + retrieval_weight * retrieval loss (the memory block's attention on
-    the answers, train.py)."""
+    the answers) + ranking_weight * span-ranking loss (its attention from the question on the answer's
+    statement, train.py)."""
 
     # Corpora: "python-docs", "jargon", "essays" (see longmem/data.py), or paths to a directory of
     # .txt files, a .jsonl file or a .parquet file with a "text" field.
@@ -263,6 +264,10 @@ class TrainConfig:
     # Auxiliary retrieval loss: at each answer token, the memory block's attention over what it
     # retrieved should fall on the fact memory's entries holding that token (0: off).
     retrieval_weight: float = 0.0
+    # Span-ranking loss: at each question token, the memory block's attention over what it retrieved
+    # should fall on the chunks of the statement that holds the answer, against every other retrieved
+    # chunk (other facts, the filler), so that re-reading ranks that statement first (0: off).
+    ranking_weight: float = 0.0
     recall_kinds: dict[str, float] = field(default_factory=lambda: {"passkey": 0.4, "words": 0.3, "person": 0.3})
     # Tokens of cached filler searched beside each example's facts: log-uniform between the two, the
     # upper end growing from the first to the second over the first recall_ramp_fraction of the steps.
@@ -332,7 +337,10 @@ class EvalConfig:
     filler_tokens: int = 65_536  # filler encoded once; longer memories repeat its segments
     recall_lengths: list[int] = field(default_factory=lambda: [16384, 65536])  # the facts8 set
     recall_facts: int = 8
-    unseen_phrasing_lengths: list[int] = field(default_factory=lambda: [16384])
+    person_lengths: list[int] = field(default_factory=lambda: [16384, 65536, 262144, 1048576])  # the person set
+    unseen_phrasing_lengths: list[int] = field(default_factory=lambda: [65536])
+    updated_lengths: list[int] = field(default_factory=lambda: [65536])  # a fact restated with a new value
+    updated_gap_tokens: int = 2048  # filler tokens between a fact and its update
     recall_trials: int = 20  # per set and length (unseen phrasings: split over the kinds of facts)
     # The baseline of passkey and recall (longmem/baseline.py): BM25 over windows of the document's
     # tokens; the top windows, in stream order, go before the question for the backbone alone.

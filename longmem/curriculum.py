@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import LongMemConfig
 from .data import FACT_WORDS
@@ -87,6 +87,14 @@ QUESTIONS = (  # each ends where the answer begins
 )
 
 
+# How an update restates a fact with a new value (the evaluation of updated facts; never in training).
+UPDATES = (
+    Phrasing("Update: {subject} has changed. {Subject} is now {value}.", heldout=True),
+    Phrasing("Correction: {subject} is no longer what was said before; it is now {value}.", heldout=True),
+    Phrasing("{Subject} was changed today. From now on {subject} is {value}.", heldout=True),
+)
+
+
 def phrasings(options: tuple[Phrasing, ...], heldout: bool) -> list[Phrasing]:
     return [p for p in options if p.heldout == heldout]
 
@@ -111,6 +119,15 @@ class RecallExample:
     fact_segment: list[int]  # token ids: goes into the example's own memory
     reading: list[int]  # token ids: local filler, the question, the answer
     answer_tokens: int  # the last answer_tokens tokens of `reading` are the answer (and answer_end)
+    replaced: str | None = None  # an updated fact's earlier value (Curriculum.example's update_gap)
+    statement_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each statement in fact_segment
+    answered_by: int = 0  # the statement holding the answer (the asked fact's, or its update)
+    question_tokens: int = 0  # the question's tokens in `reading`, just before the answer's
+
+    @property
+    def answer_span(self) -> tuple[int, int]:
+        """[start, end) in fact_segment of the statement that holds the answer."""
+        return self.statement_spans[self.answered_by]
 
     @property
     def answer(self) -> str:
@@ -160,6 +177,13 @@ class Curriculum:
         start = rng.randint(0, len(seg) - n)
         return seg[start:start + n]
 
+    def stretch(self, rng: random.Random, n: int) -> list[int]:
+        """n tokens of filler, from as many random pool segments as it takes."""
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += self.filler(rng, n - len(ids))
+        return ids
+
     def _number(self, rng: random.Random, digits: tuple[int, int], taken: set[str]) -> str:
         for _ in range(10_000):
             n = rng.randint(*digits)
@@ -203,25 +227,46 @@ class Curriculum:
             return facts
         raise ValueError(f"unknown recall kind {kind!r}: expected one of {KINDS}")
 
-    def example(self, rng: random.Random, kind: str, heldout: bool = False, n_facts: int | None = None) -> RecallExample:
+    def _replacement(self, rng: random.Random, value: str, taken: set[str]) -> str:
+        """Another value of the same kind as `value`: a number of as many digits, or a town."""
+        return self._number(rng, (len(value), len(value)), taken) if value.isdigit() else self._town(rng, taken)
+
+    def example(self, rng: random.Random, kind: str, heldout: bool = False, n_facts: int | None = None,
+                update_gap: int | None = None) -> RecallExample:
         """One example; heldout=True: statement and question phrasings that training never uses;
-        n_facts: how many facts it states (None: random)."""
+        n_facts: how many facts it states (None: random). update_gap: the asked fact is then stated
+        again with a new value (an UPDATES phrasing), update_gap filler tokens after the fact segment's
+        end, and the new value is the answer; the old one stays in `statements` and `replaced`."""
         c = self.config
         facts = self.facts(rng, kind, n_facts)
         statements = [f.render(rng.choice(phrasings(STATEMENTS, heldout))) for f in facts]
         prefix = 0 if rng.random() < c.segment_start_fraction else rng.randint(1, c.prefix_tokens)
         segment = self.filler(rng, prefix)
+        spans = []
         for i, statement in enumerate(statements):
             if i:
                 segment += self.filler(rng, rng.randint(0, c.gap_tokens))
+            spans.append(len(segment))
             segment += self.tokenize(("\n" if segment else "") + statement + "\n")
+            spans[-1] = (spans[-1], len(segment))
         segment += self.filler(rng, rng.randint(0, c.suffix_tokens))
         asked = rng.randrange(len(facts))
+        answered_by, replaced = asked, None
+        if update_gap is not None:
+            replaced = facts[asked].value
+            facts[asked] = Fact(facts[asked].subject, self._replacement(rng, replaced, {f.value for f in facts}))
+            statements.append(facts[asked].render(rng.choice(UPDATES)))
+            segment += self.stretch(rng, update_gap)
+            start = len(segment)
+            segment += self.tokenize("\n" + statements[-1] + "\n")
+            spans.append((start, len(segment)))
+            answered_by = len(statements) - 1
         question = facts[asked].render(rng.choice(phrasings(QUESTIONS, heldout)))
         answer = self.tokenize(" " + facts[asked].value + c.answer_end)
-        reading = self.filler(rng, rng.randint(0, c.local_tokens)) + self.tokenize("\n" + question) + answer
+        asking = self.tokenize("\n" + question)
+        reading = self.filler(rng, rng.randint(0, c.local_tokens)) + asking + answer
         if max(len(segment), len(reading)) > c.segment_tokens:
             raise ValueError(f"a recall segment of {max(len(segment), len(reading))} tokens exceeds "
                              f"{c.segment_tokens}: lower train.recall_prefix_tokens / gap / local tokens")
         return RecallExample(kind, facts, asked, statements, question, segment, reading,
-                             len(answer))
+                             len(answer), replaced, spans, answered_by, len(asking))

@@ -157,28 +157,55 @@ class RowStream:
         return segment[:len(targets)], targets, new
 
 
+def memory_share_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, rows: list[int], cols: list[int],
+                      positive: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Mean over the (query, head) pairs at (rows[i], cols[i]) of -log of the memory attention on the
+    retrieved entries `positive` marks, pairs with no such entry retrieved adding nothing; the share of
+    pairs that retrieved one (the hit rate); and the share whose most attended entry is one.
+
+    queries: [B, T, Hq, d] the memory block's pre-rotary queries, memory what they retrieved and scaling
+    the attention's (SideNet.memory_scaling); positive: [N, Hq, K] bool."""
+    log_probs = memory_log_probs(queries.transpose(1, 2), memory, scaling)  # [B, Hq, T, K]
+    picked = log_probs[rows, :, cols]  # [N, Hq, K]
+    positive = positive.to(picked.device)
+    found = positive.any(dim=-1)  # [N, Hq]
+    top = positive.gather(-1, picked.argmax(dim=-1, keepdim=True)).squeeze(-1)  # [N, Hq]
+    if not found.any():
+        return picked.new_zeros(()), 0.0, 0.0
+    on_positive = picked.masked_fill(~positive, float("-inf")).logsumexp(dim=-1)  # [N, Hq]
+    return -on_positive[found].mean(), found.float().mean().item(), top.float().mean().item()
+
+
 def retrieval_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, hits: list[ChunkHits],
                    sources: list[np.ndarray], source: int, rows: list[int], cols: list[int],
                    targets: list[int]) -> tuple[torch.Tensor, float]:
-    """Mean over (answer token, head) of -log of the memory attention on the entries of memory `source`
-    that hold the target token, pairs with no such entry retrieved adding nothing; and the share of
-    pairs that retrieved one (the hit rate).
-
-    queries: [B, T, Hq, d] the memory block's pre-rotary queries, memory what they retrieved and scaling
-    the attention's (SideNet.memory_scaling);
-    hits, sources: each row's ChunkHits and the memory each hit came from (MemoryBank.search);
-    the query at (rows[i], cols[i]) predicts token targets[i]."""
-    log_probs = memory_log_probs(queries.transpose(1, 2), memory, scaling)  # [B, Hq, T, K]
-    picked = log_probs[rows, :, cols]  # [N, Hq, K]
+    """memory_share_loss on the entries of memory `source` that hold the target token, and its hit rate:
+    the query at (rows[i], cols[i]) predicts token targets[i]; hits, sources: each row's ChunkHits and
+    the memory each hit came from (MemoryBank.search)."""
+    c = hits[0].token_ids.shape[-1]
     positive = torch.stack([torch.from_numpy(
-        (hits[b].token_ids[c].reshape(*picked.shape[1:]) == target)
-        & (sources[b][c] == source).repeat(hits[b].token_ids.shape[-1], axis=-1))
-        for b, c, target in zip(rows, cols, targets)]).to(picked.device)  # [N, Hq, K]
-    found = positive.any(dim=-1)  # [N, Hq]
-    if not found.any():
-        return picked.new_zeros(()), 0.0
-    on_answer = picked.masked_fill(~positive, float("-inf")).logsumexp(dim=-1)  # [N, Hq]
-    return -on_answer[found].mean(), found.float().mean().item()
+        (hits[b].token_ids[j].reshape(*hits[b].seqs.shape[1:2], -1) == target)
+        & (sources[b][j] == source).repeat(c, axis=-1))
+        for b, j, target in zip(rows, cols, targets)])  # [N, Hq, K]
+    loss, hit_rate, _ = memory_share_loss(queries, memory, scaling, rows, cols, positive)
+    return loss, hit_rate
+
+
+def ranking_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, hits: list[ChunkHits],
+                 sources: list[np.ndarray], source: int, rows: list[int], cols: list[int],
+                 spans: list[tuple[int, int]]) -> tuple[torch.Tensor, float]:
+    """The span-ranking loss: memory_share_loss on every entry of the retrieved chunks of memory `source`
+    that hold a token of the answer's statement (stream positions spans[i] = [start, end)), against every
+    other retrieved chunk (other statements, the filler); the query at (rows[i], cols[i]) is a token of
+    the question. Also the share of (query, head) pairs whose most attended entry is in such a chunk."""
+    c = hits[0].token_ids.shape[-1]
+    positive = []
+    for b, j, (start, end) in zip(rows, cols, spans):
+        positions = hits[b].positions[j]  # [Hq, k, c]
+        in_span = ((positions >= start) & (positions < end)).any(axis=-1) & (sources[b][j] == source)  # [Hq, k]
+        positive.append(torch.from_numpy(in_span.repeat(c, axis=-1)))  # [Hq, K]
+    loss, _, top = memory_share_loss(queries, memory, scaling, rows, cols, torch.stack(positive))
+    return loss, top
 
 
 @dataclass
@@ -186,6 +213,8 @@ class RecallBatch:
     loss: torch.Tensor  # mean cross-entropy over the answer tokens
     retrieval: torch.Tensor  # retrieval_loss of the answer tokens
     hit_rate: float  # share of (answer token, head) pairs whose retrieved entries hold the answer token
+    ranking: torch.Tensor  # ranking_loss of the question tokens
+    ranking_top: float  # share of (question token, head) pairs most attending to the answer's statement
     correct: list[bool]  # per example: every answer token is the argmax (greedy exact match)
     filler_tokens: int  # tokens held by the filler memory
 
@@ -372,7 +401,11 @@ class Trainer:
         (queries, memory), = seen
         retrieval, hit_rate = retrieval_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1, rows,
                                              cols, targets)
-        return RecallBatch(loss, retrieval, hit_rate, correct, self.bank.stats(FILLER).tokens_held)
+        asking = [(b, j, e.answer_span) for b, e in enumerate(examples)
+                  for j in range(len(e.reading) - e.answer_tokens - e.question_tokens, len(e.reading) - e.answer_tokens)]
+        ranking, ranking_top = ranking_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1,
+                                            *map(list, zip(*asking)))
+        return RecallBatch(loss, retrieval, hit_rate, ranking, ranking_top, correct, self.bank.stats(FILLER).tokens_held)
 
     def train_step(self) -> float:
         """One optimiser step; returns the weighted loss and leaves its parts in self.metrics."""
@@ -389,11 +422,13 @@ class Trainer:
             picked = self.rng.choices(kinds, weights=[tc.recall_kinds[k] for k in kinds], k=tc.recall_rows)
             examples = [self.curriculum.example(self.rng, kind) for kind in picked]
             batch = self.recall(examples, self._filler_segments(memory_tokens(self.step, tc, self.rng), self.rng))
-            terms.append(tc.recall_weight * batch.loss + tc.retrieval_weight * batch.retrieval)
+            terms.append(tc.recall_weight * batch.loss + tc.retrieval_weight * batch.retrieval
+                         + tc.ranking_weight * batch.ranking)
             self.tokens += sum(len(e.reading) for e in examples)
             self.examples += len(examples)
             self.metrics.update(recall_loss=batch.loss.item(), retrieval_loss=batch.retrieval.item(),
-                                retrieval_hit=batch.hit_rate,
+                                retrieval_hit=batch.hit_rate, ranking_loss=batch.ranking.item(),
+                                ranking_top=batch.ranking_top,
                                 recall_acc=sum(batch.correct) / len(examples),
                                 memory_tokens=batch.filler_tokens)
         loss = sum(terms)

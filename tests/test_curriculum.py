@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from longmem.curriculum import KINDS, QUESTIONS, STATEMENTS, Curriculum, CurriculumConfig, phrasings
+from longmem.curriculum import KINDS, QUESTIONS, STATEMENTS, UPDATES, Curriculum, CurriculumConfig, Fact, phrasings
 from longmem.data import essays
 from longmem.cache import FrozenEncoder
 from longmem.train import Trainer
@@ -145,6 +145,22 @@ def test_the_number_of_facts_can_be_fixed(curriculum):
     assert len(cur.example(rng, "person", heldout=True, n_facts=3).facts) == 3
     with pytest.raises(ValueError):
         cur.example(rng, "passkey", n_facts=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_updated_fact_is_stated_again_later_with_a_new_value_that_is_the_answer(curriculum, kind):
+    cur, words = curriculum
+    rng = random.Random(5)
+    for _ in range(5):
+        ex = cur.example(rng, kind, n_facts=1, update_gap=200)
+        old, new = ex.replaced, ex.answer
+        assert old != new and len(ex.statements) == 2 and kind == ex.kind
+        assert old.isdigit() == new.isdigit() and (not old.isdigit() or len(old) == len(new))
+        text = words.decode(ex.fact_segment)
+        assert text.index(old) + 200 <= text.index(new)  # at least the gap later (a token has >= 1 character)
+        assert ex.statements[1] in text
+        assert ex.statements[1] in [Fact(ex.facts[ex.asked].subject, new).render(p) for p in UPDATES]
+        assert words.decode(ex.reading[-ex.answer_tokens:]).strip() == new + "."
 
 
 def test_a_run_continuing_a_checkpoint_reads_the_cache_of_the_run_that_made_it(tiny_llama_dir, tmp_path):

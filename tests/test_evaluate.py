@@ -31,7 +31,7 @@ TINY_EVAL = {
     "icl_memory_demos": 24, "icl_local_demos": 2, "icl_test_items": 6,
     "passkey_lengths": [2 * W - 7, 4 * W + 5, 12 * W], "passkey_trials": 2, "unseen_corpora": ["essays"],
     "filler_tokens": 6 * W, "recall_lengths": [3 * W], "recall_facts": 3, "unseen_phrasing_lengths": [2 * W],
-    "recall_trials": 3, "seed": 0,
+    "person_lengths": [2 * W], "updated_lengths": [3 * W], "updated_gap_tokens": W // 2, "recall_trials": 3, "seed": 0,
 }
 
 
@@ -109,17 +109,26 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path, eval_confi
     assert any("repeat" in n for n in passkey["notes"])
 
     recall = results["recall"]
-    assert [(b["set"], b["filler_tokens"]) for b in recall["by_set"]] == [("facts8", 3 * W), ("unseen_phrasing", 2 * W)]
+    assert [(b["set"], b["filler_tokens"]) for b in recall["by_set"]] == [
+        ("facts8", 3 * W), ("person", 2 * W), ("unseen_phrasing", 2 * W), ("updated", 3 * W)]
     assert sum(t["facts"] == TINY_EVAL["recall_facts"] for t in recall["trials"] if t["set"] == "facts8") == 3
     assert {t["kind"] for t in recall["trials"] if t["set"] == "unseen_phrasing"} == {"passkey", "words", "person"}
     for t in recall["trials"]:
         assert t["answer"] not in passkey_filler_text(model, eval_config)  # answers occur only where stated
+        assert (t["replaced"] is not None) == (t["set"] == "updated")
+        assert t["reread_top1_hit"] <= t["reread_hit"] and (t["reread_rank"] is None) != t["reread_hit"]
+    updated = [t for t in recall["trials"] if t["set"] == "updated"]
+    assert {t["kind"] for t in updated} == {"passkey", "words", "person"} and recall["updated_trials"] == len(updated)
+    assert all(len(t["statements"]) == 2 and t["replaced"] != t["answer"] for t in updated)
     headline = results["headline"]
     assert list(on_disk)[0] == "headline"
     assert set(headline["passkey"]) == {str(n) for n in TINY_EVAL["passkey_lengths"]}
     assert set(headline["facts8"]) == {str(3 * W)} and set(headline["unseen_phrasing"]) == {str(2 * W)}
-    for name in ("passkey", "facts8", "unseen_phrasing"):  # the baselines, per length, beside LongMem
-        assert set(headline[f"{name}_bm25"]) == set(headline[f"{name}_full"]) == set(headline[name])
+    for name in ("passkey", "facts8", "person", "unseen_phrasing", "updated"):  # the baselines and span recall, per length
+        for column in ("_bm25", "_full", "_span_recall_at_1", "_span_recall_at_k"):
+            assert set(headline[name + column]) == set(headline[name])
+        for n, at_1 in headline[f"{name}_span_recall_at_1"].items():
+            assert 0 <= at_1 <= headline[f"{name}_span_recall_at_k"][n] <= 1
     assert "BM25 prompt (backbone)" in report and "whole text in window (backbone)" in report
     for t in passkey["trials"] + recall["trials"]:
         assert isinstance(t["bm25_match"], bool) and isinstance(t["bm25_hit"], bool)

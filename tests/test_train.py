@@ -158,6 +158,55 @@ def test_the_retrieval_loss_trains_the_queries_from_the_first_step(tiny_llama_di
     assert query_grad(1.0) > 0.0
 
 
+def test_the_ranking_loss_is_the_attention_from_a_question_token_on_the_chunks_of_the_answers_statement():
+    from longmem.memory import ChunkHits, hits_to_retrieved
+    from longmem.sidenet import memory_log_probs
+    from longmem.train import ranking_loss
+
+    rng = np.random.default_rng(1)
+    t, hq, k, c, d = 2, 2, 3, 2, 4
+    n = t * hq * k
+    # hit j of every (token, head) is chunk j: stream positions [2j, 2j + 2)
+    positions = np.tile(np.array([[0, 1], [2, 3], [4, 5]], np.int64), (n // k, 1))
+    hits = ChunkHits(np.zeros((t, hq, k), np.float32), np.tile(np.arange(k), (t, hq, 1)),
+                     np.arange(n, dtype=np.int32).reshape(t, hq, k), positions, np.zeros((n, c), np.int32),
+                     rng.standard_normal((n, c, d)).astype(np.float32), np.zeros((n, c, d), np.float32))
+    sources = np.ones((t, hq, k), np.int64)
+    sources[:, :, 0] = 0  # chunk 0 is the filler's
+    memory = hits_to_retrieved([hits])
+    queries = torch.randn(1, t, hq, d, requires_grad=True)
+    probs = memory_log_probs(queries.transpose(1, 2), memory, 0.25).exp()  # [1, Hq, T, K]
+    # the statement at positions [3, 5): chunk 1 (holds position 3) and chunk 2 (position 4), both entries each
+    loss, top = ranking_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [1], [(3, 5)])
+    assert loss.item() == pytest.approx(-probs[0, :, 1, 2:].sum(-1).log().mean().item(), rel=1e-5)
+    assert top == (probs[0, :, 1].argmax(-1) >= 2).float().mean().item()
+    loss.backward()
+    assert queries.grad[0, 1].abs().sum() > 0 and queries.grad[0, 0].abs().sum() == 0
+    # a statement only the filler's chunk covers is not the fact memory's: nothing to rank, no loss
+    loss, top = ranking_loss(queries, memory, 0.25, [hits], [sources], 1, [0], [1], [(0, 2)])
+    assert loss.item() == 0.0 and top == 0.0
+
+
+def test_the_ranking_loss_trains_the_queries_and_ranks_the_statement_better_on_the_same_examples(tiny_llama_dir,
+                                                                                                  tmp_path):
+    """With only the ranking loss (and no answer loss) the queries move, and a few steps on one batch
+    raise the attention of the question's tokens on the answer's statement."""
+    trainer = Trainer(tiny_config(tiny_llama_dir, batch_rows=0, recall_rows=4, val_every=0, recall_weight=0.0,
+                                  recall_kinds={"passkey": 1.0}, ranking_weight=1.0, lr=1e-2, warmup_steps=0),
+                      tmp_path)
+    examples = [trainer.curriculum.example(trainer.rng, "passkey") for _ in range(4)]
+    filler = trainer._filler_segments(512, trainer.rng)
+    first = trainer.recall(examples, filler)
+    for _ in range(6):
+        batch = trainer.recall(examples, filler)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        batch.ranking.backward()
+        trainer.optimizer.step()
+    with torch.no_grad():
+        last = trainer.recall(examples, filler)
+    assert first.ranking.item() > 0 and last.ranking.item() < first.ranking.item()
+
+
 def test_distillation_is_zero_for_the_identity_sidenet_and_pulls_a_trained_one_back(tiny_llama_dir, tmp_path):
     trainer = Trainer(tiny_config(tiny_llama_dir, recall_rows=0, val_every=0, lm_weight=1.0, distill_weight=0.0,
                                   output_lr=0.05, lr=0.05), tmp_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class EvalData:
 
     heldout: list[Document]
     unseen: dict[str, list[Document]]
+    fillers: dict[tuple[int, int], Any] = field(default_factory=dict)  # harness.unseen_filler's, shared by the parts
 
     @property
     def unseen_documents(self) -> list[Document]:

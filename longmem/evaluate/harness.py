@@ -68,13 +68,18 @@ class FillerMemory:
             self.encode_seconds += time.perf_counter() - t0
         return self._encoded[phase]
 
+    def phase(self, intro_tokens: int, n: int) -> int:
+        """The filler offset of the first segment of filler alone in an intro of intro_tokens + filler[:n]
+        (`encoded(phase)` is what `fill` reads), n when the filler ends within the intro's last segment."""
+        return min(n, -intro_tokens % self.w)
+
     def _layout(self, intro_ids: list[int], n: int) -> tuple[list[int], int, list[tuple[int, int]]]:
         """How intro_ids + filler[:n] is filled: the head (the segments holding intro tokens, ingested per
         document), the phase (filler offset of the first segment of filler alone) and, segment by
         segment, the [a, b) rows of `encoded(phase)` that follow the head (filler ids[phase + a:phase + b])."""
         w = self.w
-        head_len = min(len(intro_ids) + n, math.ceil(len(intro_ids) / w) * w)
-        phase = head_len - len(intro_ids)
+        phase = self.phase(len(intro_ids), n)
+        head_len = len(intro_ids) + phase
         period = (len(self.ids) - phase) // w * w  # whole segments of filler after the phase
         rows = []
         for s in range(phase, n, w):
@@ -82,13 +87,16 @@ class FillerMemory:
             rows.append((a, a + min(s + w, n) - s))
         return (intro_ids + self.ids[:head_len])[:head_len], phase, rows
 
-    def fill(self, memory_id: str, intro_ids: list[int], n: int) -> MemoryStats:
+    def fill(self, memory_id: str, intro_ids: list[int], n: int, encoder=None, bank=None) -> MemoryStats:
         """Appends intro_ids + filler[:n] to a memory, as model.append(memory_id, token_ids=...) would.
-        n may exceed the filler: its whole W-segments then repeat (`repeats(n)` says how often)."""
-        bank = self.model.bank
+        n may exceed the filler: its whole W-segments then repeat (`repeats(n)` says how often).
+        encoder and bank (default: the model's): what ingests the head's segments (`ingest(memory_id,
+        segments)`) and what takes the filler's keys/values (roles.Bank), e.g. the services'."""
+        bank = bank or self.model.bank
+        encoder = encoder or self.model.encoder
         head, phase, rows = self._layout(intro_ids, n)
         for group in batches(segments(head, self.w), self.model.config.read.batch_segments):
-            self.model.encoder.ingest(memory_id, group)
+            encoder.ingest(memory_id, group)
         if rows:
             keys, values = self.encoded(phase)
             for a, b in rows:
@@ -193,12 +201,17 @@ class RecallTrials:
         self.bm25_index_seconds += t1 - t0
         self.baseline_seconds += time.perf_counter() - t1
         self.bar.update()
+        ranked = [i for i, s in enumerate(sorted(reread, key=lambda s: -s.score)) if item.answer in s.text]
+        replaced = item.info.get("replaced")
         return {**item.info, "filler_tokens": n, "answer": item.answer,
                 "document_tokens": len(item.intro_ids) + n + len(item.question_ids), "memory_capacity": capacity,
                 "tokens_held": stats.tokens_held, "tokens_evicted": stats.tokens_evicted,
                 "filler_repeats": self.filler.repeats(n), "generated": text, "match": answer_matches(text, item.answer),
                 "reread": [[s.start_position, s.end_position] for s in reread],
-                "reread_hit": any(item.answer in s.text for s in reread),
+                "reread_hit": bool(ranked), "reread_rank": ranked[0] + 1 if ranked else None,
+                "reread_top1_hit": ranked[:1] == [0],
+                "replaced_match": replaced is not None and answer_matches(text, replaced),
+                "bm25_replaced_match": replaced is not None and answer_matches(bm25, replaced),
                 "control_generated": control, "control_match": answer_matches(control, item.answer),
                 "bm25_windows": selection.starts, "bm25_prompt_tokens": len(selection.ids),
                 "bm25_hit": any(item.answer in span for span in selection.texts),
@@ -223,6 +236,10 @@ def accuracy_rows(trials: list[dict], keys: Sequence[str]) -> list[dict]:
                      "bm25_correct": sum(t["bm25_match"] for t in ts),
                      "bm25_accuracy": sum(t["bm25_match"] for t in ts) / len(ts),
                      "bm25_hits": sum(t["bm25_hit"] for t in ts),
+                     "reread_hits": sum(t["reread_hit"] for t in ts),
+                     "reread_top1_hits": sum(t["reread_top1_hit"] for t in ts),
+                     "span_recall_at_1": sum(t["reread_top1_hit"] for t in ts) / len(ts),
+                     "span_recall_at_k": sum(t["reread_hit"] for t in ts) / len(ts),
                      "full_trials": len(full), "full_correct": sum(full),
                      "full_accuracy": sum(full) / len(full) if full else None,
                      "memory_capacity": max(t["memory_capacity"] for t in ts),
@@ -231,18 +248,22 @@ def accuracy_rows(trials: list[dict], keys: Sequence[str]) -> list[dict]:
     return rows
 
 
-BASELINE_COLUMNS = ["BM25 prompt (backbone)", "BM25 windows hold the answer", "whole text in window (backbone)"]
+BASELINE_COLUMNS = ["re-read: best span holds the answer (recall@1)", "any re-read span holds it (recall@k)",
+                    "BM25 prompt (backbone)", "BM25 windows hold the answer", "whole text in window (backbone)"]
 
 
 def baseline_cells(row: dict) -> list[str]:
-    """An accuracy_rows row's BASELINE_COLUMNS."""
-    return [fmt_acc(row["bm25_correct"], row["trials"]), f"{row['bm25_hits']}/{row['trials']}",
+    """An accuracy_rows row's BASELINE_COLUMNS: LongMem's span recall, then the baselines."""
+    return [f"{row['reread_top1_hits']}/{row['trials']}", f"{row['reread_hits']}/{row['trials']}",
+            fmt_acc(row["bm25_correct"], row["trials"]), f"{row['bm25_hits']}/{row['trials']}",
             fmt_acc(row["full_correct"], row["full_trials"])]
 
 
 def baseline_text(b: dict) -> str:
     """The report's description of the baselines (RecallTrials.baseline)."""
     return (
+        "*Re-read*: the spans LongMem placed before the question (read.reread_spans at most); recall@1 counts "
+        "the trials whose best-scoring span holds the answer's text, recall@k those where any span does. "
         "Baselines, read by the backbone alone (no memory, no SideNet), greedy, on the same items: "
         f"*BM25 prompt*: the document's tokens (intro and filler, exactly as they went into memory) cut into "
         f"windows of {b['window_tokens']} tokens, one every {b['stride_tokens']} tokens, their text indexed with "
@@ -256,7 +277,12 @@ def baseline_text(b: dict) -> str:
 
 
 def unseen_filler(model: LongMem, config: LongMemConfig, data: EvalData, lengths: Sequence[int],
-                  rng: random.Random, progress: bool) -> "FillerMemory":
-    """Filler of unseen text, encoded once, up to eval.filler_tokens (longer memories repeat it)."""
+                  progress: bool) -> "FillerMemory":
+    """Filler of unseen text (drawn with eval.seed), encoded once, up to eval.filler_tokens (longer
+    memories repeat it); parts asking for as many tokens of it share one encoding (data.fillers)."""
     n = min(max(lengths), config.eval.filler_tokens)
-    return FillerMemory(model, passkey_filler_ids(model, data.unseen_documents, n, rng), progress)
+    key = (id(model.backbone), n)
+    if key not in data.fillers:
+        ids = passkey_filler_ids(model, data.unseen_documents, n, random.Random(config.eval.seed))
+        data.fillers[key] = FillerMemory(model, ids, progress)
+    return data.fillers[key]

@@ -24,7 +24,7 @@ def run(model: LongMem, config: LongMemConfig, data: EvalData, out_dir: Path, pr
     ev = config.eval
     lengths = sorted(set(ev.passkey_lengths))
     rng = random.Random(ev.seed)
-    filler = unseen_filler(model, config, data, lengths, rng, progress)
+    filler = unseen_filler(model, config, data, lengths, progress)
     filler_text_used = model.decode(filler.ids)
     question = passkey_prompt_parts("0" * PASSKEY_DIGITS)[1]
     question_ids = model.tokenize(question)

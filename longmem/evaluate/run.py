@@ -25,7 +25,7 @@ PARTS = EVAL_PARTS
 
 TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
           "icl": "Many-shot in-context learning with demonstrations in memory",
-          "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, unseen phrasings"}
+          "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, people, unseen phrasings, updated facts"}
 
 
 MODULES = {"ppl": ppl, "chapter": chapter, "icl": icl, "passkey": passkey, "recall": recall}  # each has run, report
@@ -70,7 +70,8 @@ def headline(results: dict) -> dict:
     (_full: None where it did not fit), and perplexities after the first segment on each unseen corpus."""
     h: dict[str, Any] = {}
     columns = {"": "accuracy", "_without_memory": "control_accuracy", "_bm25": "bm25_accuracy",
-               "_full": "full_accuracy"}
+               "_full": "full_accuracy", "_span_recall_at_1": "span_recall_at_1",
+               "_span_recall_at_k": "span_recall_at_k"}
     rows = [("passkey", b) for b in results["passkey"]["by_length"]] if "passkey" in results else []
     rows += [(b["set"], b) for b in results["recall"]["by_set"]] if "recall" in results else []
     for name, b in rows:
