@@ -64,7 +64,7 @@ def passkey(sizes: list[int], trials: int, seed: int) -> list[dict]:
     config = LongMemConfig.load(None, [])
     model = LongMem(config)
     rng = random.Random(seed)
-    filler = unseen_filler(model, config, eval_data(config), sizes, rng, False)
+    filler = unseen_filler(model, config, eval_data(config), sizes, False)
     reader, side = model.reader, model.sidenet
     rows = []
     for n in sizes:
