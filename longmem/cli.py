@@ -190,10 +190,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from longmem.storage import StorageLocked
-    from services.app import APP_NAME, build, grpc_options
+    from services.app import APP_NAME, build, grpc_options, serve_environment
     from services.bank import stop_bank
 
     config = load_config(args)
+    serve_environment(config)  # for the embedded cluster's Serve controller
     # "local" always starts an embedded cluster; a bare ray.init() would join any cluster it finds.
     ray.init(address=args.address or "local", namespace=config.serve.namespace)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler

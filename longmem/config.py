@@ -172,6 +172,7 @@ class ServeConfig:
     gateway_max_ongoing_requests: int = 32
     gateway_max_queued_requests: int = 128
     shard_num_cpus: float = 0.25
+    proxy_ready_timeout_s: float = 60.0  # how long a Serve proxy may take to start (Ray's own default: 5 s)
     # Serve autoscaling of the encoder and reader deployments (any key of Serve's AutoscalingConfig):
     # replicas between min and max, driven by ongoing requests per replica.
     encoder_autoscaling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUTOSCALING))

@@ -33,7 +33,8 @@ def main() -> None:
     backbone = None
     rows = []
     for name, *overrides in args.setting:
-        sizes = [f"eval.{key}={args.lengths}" for key in ("passkey_lengths", "recall_lengths", "unseen_phrasing_lengths")]
+        sizes = [f"eval.{key}={args.lengths}" for key in ("passkey_lengths", "recall_lengths", "person_lengths",
+                                                          "unseen_phrasing_lengths", "updated_lengths")]
         trials = [f"eval.{key}={args.trials}" for key in ("passkey_trials", "recall_trials")]
         config = LongMemConfig.load(None, sizes + trials + overrides).validate()
         heldout = heldout_documents(config)

@@ -8,21 +8,53 @@ cluster has it, so both land on the LM nodes and hidden states move through the 
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import ray
+from ray import serve
 from ray.serve.config import gRPCOptions
 
 from longmem.backbone import model_dims
 from longmem.config import LongMemConfig
 
-from .bank import start_bank
+from .bank import start_bank, stop_bank
 from .encoder import EncoderDeployment
 from .gateway import Gateway
 from .reader import ReaderDeployment
 
 SERVICER = "services.proxy.add_servicer"  # registers longmem.v1.LongMem inside the proxy
 APP_NAME = "longmem"
+
+
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"  # read by the Serve controller when it starts
+
+
+def serve_environment(config: LongMemConfig) -> None:
+    """Sets the environment the Serve controller reads at its start (inherited from this process by a
+    Ray instance or simulated cluster started after this call): how long a proxy may take to be ready
+    (serve.proxy_ready_timeout_s; Ray's 5 s fails Serve starts on a busy machine). A value the
+    environment already has wins."""
+    os.environ.setdefault(PROXY_READY_ENV, str(config.serve.proxy_ready_timeout_s))
+
+
+@contextlib.contextmanager
+def local_service(config: LongMemConfig, **ray_init: Any) -> Iterator[None]:
+    """LongMem on a fresh local Ray instance for the block (ray.init(address="local", **ray_init),
+    Serve with the gRPC API on serve.grpc_port, the application); all of it is stopped on exit, also
+    when a start fails, so a failed start leaves no Ray instance behind."""
+    serve_environment(config)
+    ray.init(address="local", namespace=config.serve.namespace, **ray_init)
+    try:
+        serve.start(grpc_options=grpc_options(config), http_options={"port": config.serve.http_port})
+        serve.run(build(config), name=APP_NAME, route_prefix="/")
+        yield
+    finally:
+        serve.shutdown()  # a no-op where Serve did not start
+        stop_bank(config)
+        ray.shutdown()
 
 
 def grpc_options(config: LongMemConfig) -> gRPCOptions:

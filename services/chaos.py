@@ -31,7 +31,7 @@ from ray.cluster_utils import Cluster
 from longmem.client import LongMemClient, LongMemError, resend
 from longmem.config import SOAK_RPCS, LongMemConfig
 
-from .app import APP_NAME, build, grpc_options
+from .app import APP_NAME, build, grpc_options, serve_environment
 from .bank import get_bank, shard_names, stop_bank
 
 log = logging.getLogger("longmem.chaos")
@@ -61,6 +61,7 @@ class Simulated:
 def simulated_cluster(config: LongMemConfig) -> Iterator[Simulated]:
     """Starts the cluster (head + serve.num_shards memory nodes), Serve with the gRPC API and the
     application; stops all of it on exit."""
+    serve_environment(config)
     sim = Simulated(config, Cluster(initialize_head=True, head_node_args={"num_cpus": config.soak.head_cpus}))
     try:
         for _ in range(config.serve.num_shards):

@@ -11,14 +11,12 @@ import urllib.request
 
 import grpc
 import pytest
-import ray
 from ray import serve
 
 from conftest import TEXT, tiny_config
 from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pbg
-from services.app import APP_NAME, build, grpc_options
-from services.bank import stop_bank
+from services.app import APP_NAME, local_service
 from tiny import free_port
 
 AUTOSCALING_PUSH_S = "0.5"
@@ -53,18 +51,13 @@ def service(tiny_llama_dir, tmp_path_factory):
     config.serve.reader_autoscaling = dict(AUTOSCALING)
     config.serve.encoder_num_cpus = config.serve.reader_num_cpus = 0.25
     config.memory.capacity_tokens = 64
-    ray.init(address="local", num_cpus=4, namespace=config.serve.namespace, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
-    serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
-    serve.run(build(config), name=APP_NAME, route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    config.serve.http_port = free_port()
     try:
-        yield pbg.LongMemStub(channel), metrics_port
+        with local_service(config, num_cpus=4, _metrics_export_port=metrics_port,
+                           _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS}), \
+                grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pbg.LongMemStub(channel), metrics_port
     finally:
-        channel.close()
-        serve.shutdown()
-        stop_bank(config)
-        ray.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

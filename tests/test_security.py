@@ -6,14 +6,11 @@ import os
 
 import grpc
 import pytest
-import ray
-from ray import serve
 
 from longmem.config import LongMemConfig
 from longmem.v1 import longmem_pb2 as pb
 from longmem.v1 import longmem_pb2_grpc as pbg
-from services.app import APP_NAME, build, grpc_options
-from services.bank import stop_bank
+from services.app import local_service
 from tiny import free_port, save_tiny
 
 ALICE_KEY = "alice-key-0123456789abcdef"
@@ -37,17 +34,9 @@ def endpoint(tmp_path_factory):
                   "max_choices": 4, "max_text_chars": 2000, "storage_uri": str(root / "storage"),
                   "gateway_max_ongoing_requests": 2, "gateway_max_queued_requests": 4},
     })
-    ray.init(address="local", namespace=config.serve.namespace)
-    serve.start(grpc_options=grpc_options(config), http_options={"port": free_port()})
-    serve.run(build(config), name=APP_NAME, route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    config.serve.http_port = free_port()
+    with local_service(config), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield pbg.LongMemStub(channel)
-    finally:
-        channel.close()
-        serve.shutdown()
-        stop_bank(config)
-        ray.shutdown()
 
 
 def auth(key: str) -> list[tuple[str, str]]:

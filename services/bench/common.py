@@ -15,6 +15,8 @@ import torch
 from longmem.bench.common import log
 from longmem.config import LongMemConfig
 
+from ..app import serve_environment
+
 SHARD_BUDGET_HEADROOM = 1.05  # shard byte budget: the biggest memory on one shard, x this ...
 SHARD_BUDGET_EXTRA_BYTES = 64 << 20  # ... plus this
 READY_TIMEOUT_S = 300.0  # Serve deploy until the gRPC API answers
@@ -37,6 +39,7 @@ def local_ray(config: LongMemConfig, num_cpus: float) -> Iterator[None]:
     if ray.is_initialized():
         raise RuntimeError("the service benchmarks start their own local Ray instance; call them with Ray not "
                            "initialized")
+    serve_environment(config)
     cpus = max(len(os.sched_getaffinity(0)), math.ceil(num_cpus))  # Ray takes whole CPUs only
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
