@@ -335,7 +335,7 @@ class EvalConfig:
     passkey_trials: int = 20
     # Corpora the training never saw: perplexity, and the filler of passkey and recall.
     unseen_corpora: list[str] = field(default_factory=lambda: ["essays", "jargon"])
-    filler_tokens: int = 65_536  # filler encoded once; longer memories repeat its segments
+    filler_tokens: int = 262_144  # filler encoded once; longer memories repeat its segments
     recall_lengths: list[int] = field(default_factory=lambda: [16384, 65536])  # the facts8 set
     recall_facts: int = 8
     person_lengths: list[int] = field(default_factory=lambda: [16384, 65536, 262144, 1048576])  # the person set

@@ -1,0 +1,25 @@
+"""A Serve start that fails stops what it started: one failed start fails one test, never the tests
+after it ("Maybe you called ray.init twice")."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from longmem.config import LongMemConfig
+from services.app import PROXY_READY_ENV, local_service
+from tiny import free_port
+
+
+def test_a_failed_start_leaves_no_ray_instance_behind(tmp_path):
+    config = LongMemConfig.from_dict({
+        "backbone": {"name_or_path": str(tmp_path / "no-such-model")},
+        "serve": {"grpc_port": free_port(), "http_port": free_port(), "storage_uri": str(tmp_path / "storage")},
+    })
+    with pytest.raises(OSError):  # Serve is up by then; building the application fails on the backbone
+        with local_service(config, num_cpus=2):
+            pytest.fail("the application started without a backbone")
+    assert not ray.is_initialized()
+    assert float(os.environ[PROXY_READY_ENV]) > 0  # the controller read a proxy ready timeout of ours
