@@ -4,7 +4,7 @@ shards of a simulated cluster, asked over gRPC with Generate; and what re-readin
 Each trial: a fresh memory striped over --shards shards (a ray.cluster_utils.Cluster with one node per
 shard: services/chaos.simulated_cluster); its pass-key intro goes in over gRPC (Append), then N tokens of
 unseen filler whose keys/values this process encoded once (evaluate.harness.FillerMemory) go to the shards
-through the bank (RemoteBank.append), exactly as Append would have put them (the filler alone never
+through the bank (RemoteBank.append, under the insecure local mode's tenant), exactly as Append would have put them (the filler alone never
 depends on what precedes it). The question is asked over gRPC with Generate, greedy, with re-reading and
 without it; a trial counts when the answer is the key. Latency is the wall time of the whole Generate call.
 
@@ -29,6 +29,7 @@ from longmem.evaluate.harness import FillerMemory, answer_matches, passkey_fille
 from longmem.memory import round_up
 from longmem.model import LongMem
 from longmem.report import markdown_table
+from services.auth import LOCAL_TENANT, scope
 from services.bank import RemoteBank
 from services.bench.common import free_port
 from services.chaos import simulated_cluster
@@ -44,6 +45,19 @@ class AppendOverGrpc:
 
     def ingest(self, memory_id: str, segments: list[list[int]]):
         return self.client.append(memory_id, token_ids=[t for s in segments for t in s])
+
+
+class ScopedBank:
+    """The bank's append and stats under a tenant's ids, as the gateway scopes them."""
+
+    def __init__(self, bank: RemoteBank, tenant: str):
+        self.bank, self.tenant = bank, tenant
+
+    def append(self, memory_id: str, *args, **kwargs):
+        return self.bank.append(scope(self.tenant, memory_id), *args, **kwargs)
+
+    def stats(self, memory_id: str):
+        return self.bank.stats(scope(self.tenant, memory_id))
 
 
 def ask(client: LongMemClient, memory_id: str, question: str, reread: bool) -> tuple[str, float, list]:
@@ -89,7 +103,7 @@ def main() -> None:
                 capacity = round_up(len(intro) + n, config.memory.chunk_size)
                 memory_id = client.create_memory(capacity_tokens=capacity, num_shards=args.shards).memory_id
                 t0 = time.perf_counter()
-                filler.fill(memory_id, intro, n, encoder=AppendOverGrpc(client), bank=bank)
+                filler.fill(memory_id, intro, n, encoder=AppendOverGrpc(client), bank=ScopedBank(bank, LOCAL_TENANT))
                 fill_s = time.perf_counter() - t0
                 info = client.get_memory(memory_id)
                 trial = {"filler_tokens": n, "key": key, "tokens_held": info.tokens_held, "shards": info.num_shards,
