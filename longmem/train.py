@@ -184,7 +184,7 @@ def retrieval_loss(queries: torch.Tensor, memory: Retrieved, scaling: float, hit
     the memory each hit came from (MemoryBank.search)."""
     c = hits[0].token_ids.shape[-1]
     positive = torch.stack([torch.from_numpy(
-        (hits[b].token_ids[j].reshape(*hits[b].seqs.shape[1:2], -1) == target)
+        (hits[b].token_ids[j].reshape(len(hits[b].token_ids[j]), -1) == target)  # [Hq, k, c] -> [Hq, K]
         & (sources[b][j] == source).repeat(c, axis=-1))
         for b, j, target in zip(rows, cols, targets)])  # [N, Hq, K]
     loss, hit_rate, _ = memory_share_loss(queries, memory, scaling, rows, cols, positive)

@@ -41,12 +41,9 @@ def serve_environment(config: LongMemConfig) -> None:
 
 
 @contextlib.contextmanager
-def local_service(config: LongMemConfig, **ray_init: Any) -> Iterator[None]:
-    """LongMem on a fresh local Ray instance for the block (ray.init(address="local", **ray_init),
-    Serve with the gRPC API on serve.grpc_port, the application); all of it is stopped on exit, also
-    when a start fails, so a failed start leaves no Ray instance behind."""
-    serve_environment(config)
-    ray.init(address="local", namespace=config.serve.namespace, **ray_init)
+def serving(config: LongMemConfig) -> Iterator[None]:
+    """Serve with the gRPC API on serve.grpc_port and the application, on the Ray instance this process
+    is connected to, for the block; Serve and the bank are stopped on exit, also when a start fails."""
     try:
         serve.start(grpc_options=grpc_options(config), http_options={"port": config.serve.http_port})
         serve.run(build(config), name=APP_NAME, route_prefix="/")
@@ -54,6 +51,19 @@ def local_service(config: LongMemConfig, **ray_init: Any) -> Iterator[None]:
     finally:
         serve.shutdown()  # a no-op where Serve did not start
         stop_bank(config)
+
+
+@contextlib.contextmanager
+def local_service(config: LongMemConfig, **ray_init: Any) -> Iterator[None]:
+    """LongMem (`serving`) on a fresh local Ray instance for the block (ray.init(address="local",
+    **ray_init)); all of it is stopped on exit, also when a start fails, so a failed start leaves no
+    Ray instance behind."""
+    serve_environment(config)
+    ray.init(address="local", namespace=config.serve.namespace, **ray_init)
+    try:
+        with serving(config):
+            yield
+    finally:
         ray.shutdown()
 
 

@@ -25,14 +25,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import ray
-from ray import serve
 from ray.cluster_utils import Cluster
 
 from longmem.client import LongMemClient, LongMemError, resend
 from longmem.config import SOAK_RPCS, LongMemConfig
 
-from .app import APP_NAME, build, grpc_options, serve_environment
-from .bank import get_bank, shard_names, stop_bank
+from .app import serve_environment, serving
+from .bank import get_bank, shard_names
 
 log = logging.getLogger("longmem.chaos")
 
@@ -67,14 +66,10 @@ def simulated_cluster(config: LongMemConfig) -> Iterator[Simulated]:
         for _ in range(config.serve.num_shards):
             sim.add_memory_node()
         ray.init(address=sim.cluster.address, namespace=config.serve.namespace)
-        serve.start(grpc_options=grpc_options(config), http_options={"port": config.serve.http_port})
-        serve.run(build(config), name=APP_NAME, route_prefix="/")
-        yield sim
+        with serving(config):
+            yield sim
     finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            stop_bank(config)
-            ray.shutdown()
+        ray.shutdown()  # a no-op where Ray did not start
         sim.cluster.shutdown()
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from services.bench.common import free_port  # noqa: F401  (the one free-port picker; tests import it from here)
+
 TRAIN_TEXT = ("The quick brown fox jumps over the lazy dog. Memory lets a model read far back. "
               "Long documents are read in segments; keys and values go into a bank. ") * 20
 
@@ -43,13 +45,6 @@ def save_tiny(path: Path, family: str = "llama", num_layers: int = 6, seed: int 
     return path
 
 
-def free_port() -> int:
-    """A free TCP port on loopback, for servers the tests start."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def architecture_configs(vocab: int) -> dict:

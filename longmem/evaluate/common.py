@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class EvalData:
 
     heldout: list[Document]
     unseen: dict[str, list[Document]]
-    fillers: dict[tuple[int, int], Any] = field(default_factory=dict)  # harness.unseen_filler's, shared by the parts
 
     @property
     def unseen_documents(self) -> list[Document]:

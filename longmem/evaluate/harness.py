@@ -5,7 +5,6 @@ with the whole document in the window, the last two read by the backbone alone).
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
@@ -79,13 +78,12 @@ class FillerMemory:
         segment, the [a, b) rows of `encoded(phase)` that follow the head (filler ids[phase + a:phase + b])."""
         w = self.w
         phase = self.phase(len(intro_ids), n)
-        head_len = len(intro_ids) + phase
         period = (len(self.ids) - phase) // w * w  # whole segments of filler after the phase
         rows = []
         for s in range(phase, n, w):
             a = s - phase if n <= len(self.ids) else (s - phase) % period
             rows.append((a, a + min(s + w, n) - s))
-        return (intro_ids + self.ids[:head_len])[:head_len], phase, rows
+        return intro_ids + self.ids[:phase], phase, rows
 
     def fill(self, memory_id: str, intro_ids: list[int], n: int, encoder=None, bank=None) -> MemoryStats:
         """Appends intro_ids + filler[:n] to a memory, as model.append(memory_id, token_ids=...) would.
@@ -278,11 +276,8 @@ def baseline_text(b: dict) -> str:
 
 def unseen_filler(model: LongMem, config: LongMemConfig, data: EvalData, lengths: Sequence[int],
                   progress: bool) -> "FillerMemory":
-    """Filler of unseen text (drawn with eval.seed), encoded once, up to eval.filler_tokens (longer
-    memories repeat it); parts asking for as many tokens of it share one encoding (data.fillers)."""
+    """Filler of unseen text (drawn with eval.seed, so every part reads the same text), encoded once
+    per phase, up to eval.filler_tokens (longer memories repeat it)."""
     n = min(max(lengths), config.eval.filler_tokens)
-    key = (id(model.backbone), n)
-    if key not in data.fillers:
-        ids = passkey_filler_ids(model, data.unseen_documents, n, random.Random(config.eval.seed))
-        data.fillers[key] = FillerMemory(model, ids, progress)
-    return data.fillers[key]
+    return FillerMemory(model, passkey_filler_ids(model, data.unseen_documents, n, random.Random(config.eval.seed)),
+                        progress)

@@ -24,10 +24,19 @@ RAY_START_ATTEMPTS = 2  # a local Ray instance may time out starting on a busy m
 BENCH_NAMESPACE = "longmem-bench"  # Ray namespace of the bank and shard actors the benchmarks start
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on loopback, never one this process was given before: two servers started
+    together (a gRPC and an HTTP port) must not be handed the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @contextlib.contextmanager
