@@ -129,6 +129,9 @@ class ReadConfig:
     reread_query_tokens: int = 64  # the prompt's last tokens that rank spans (a question ends its prompt)
     reread_lexical_chunks: int = 256
     reread_lexical_k1: float = 1.2
+    # A span is re-read only if its centre scores at least this fraction of the best centre's score: a
+    # span far below the best is more likely a distractor than the answer (0 re-reads all reread_spans).
+    reread_min_score_ratio: float = 0.0
 
     @property
     def reread_budget(self) -> int:
@@ -524,6 +527,8 @@ class LongMemConfig:
                                                             r.reread_query_tokens) <= 0):
             raise ValueError("read.reread_lexical_weight must be in [0, 1], read.reread_lexical_chunks, "
                              "read.reread_lexical_k1 and read.reread_query_tokens positive")
+        if not 0 <= r.reread_min_score_ratio <= 1:
+            raise ValueError(f"read.reread_min_score_ratio must be in [0, 1], got {r.reread_min_score_ratio}")
         if not 0 < r.reread_window_share < 1:
             raise ValueError("read.reread_window_share must be in (0, 1): re-read spans leave room for the prompt")
         t = self.train

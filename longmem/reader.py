@@ -187,7 +187,7 @@ class LocalReader:
         lexical = (self.bank.lexical(memory_id, np.asarray(ids), r.reread_lexical_chunks, r.reread_lexical_k1)
                    if r.reread_lexical_weight > 0 else LexicalHits(np.zeros(0, np.int64), np.zeros(0, np.float32)))
         centers = rank_centers(dense, (lexical.seqs, lexical.scores), r.reread_lexical_weight,
-                               math.ceil(r.reread_widen_tokens / c), most, count)
+                               math.ceil(r.reread_widen_tokens / c), most, count, r.reread_min_score_ratio)
         return spans_around(centers, dense, lambda seqs: self.bank.stored(memory_id, seqs), most, tokenizer.decode)
 
 
@@ -233,11 +233,11 @@ def spans_from_hits(hits: ChunkHits, decode, max_spans: int) -> list[Span]:
 
 
 def rank_centers(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.ndarray], weight: float,
-                 radius: int, spacing: int, count: int) -> list[tuple[int, float]]:
+                 radius: int, spacing: int, count: int, min_ratio: float = 0.0) -> list[tuple[int, float]]:
     """The best `count` chunks to centre re-read spans on, at least `spacing` seqs apart, best first, as
-    (seq, score). dense and lexical: (seqs, values) of chunks; a chunk's score is (1 - weight) times its
-    dense values summed over the chunks within `radius` seqs of it, plus weight times its lexical ones,
-    each over its own maximum."""
+    (seq, score), each scoring at least `min_ratio` times the best. dense and lexical: (seqs, values) of
+    chunks; a chunk's score is (1 - weight) times its dense values summed over the chunks within `radius`
+    seqs of it, plus weight times its lexical ones, each over its own maximum."""
     at = np.union1d(dense[0], lexical[0])  # [n] candidate seqs
     if not len(at):
         return []
@@ -255,6 +255,8 @@ def rank_centers(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray
             scores += w * v / v.max()
     chosen: list[tuple[int, float]] = []
     for i in np.argsort(-scores, kind="stable"):
+        if scores[i] < min_ratio * scores.max():
+            break
         if all(abs(int(at[i]) - c) >= spacing for c, _ in chosen):
             chosen.append((int(at[i]), float(scores[i])))
             if len(chosen) == count:

@@ -117,6 +117,7 @@ def test_evaluate_writes_report_results_and_plots(llama_bb, tmp_path, eval_confi
         assert t["answer"] not in passkey_filler_text(model, eval_config)  # answers occur only where stated
         assert (t["replaced"] is not None) == (t["set"] == "updated")
         assert t["reread_top1_hit"] <= t["reread_hit"] and (t["reread_rank"] is None) != t["reread_hit"]
+        assert len(t["reread_scores"]) == len(t["reread"])
     updated = [t for t in recall["trials"] if t["set"] == "updated"]
     assert {t["kind"] for t in updated} == {"passkey", "words", "person"} and recall["updated_trials"] == len(updated)
     assert all(len(t["statements"]) == 2 and t["replaced"] != t["answer"] for t in updated)

@@ -80,6 +80,9 @@ def test_rank_centres_mixes_dense_and_lexical_scores():
     mixed = rank_centers(dense, lexical, 0.5, 1, 4, 3)
     assert [c for c, _ in mixed] == [4, 20, 40] and mixed[2][1] == pytest.approx(0.5 * 10 / 12 + 0.5 * 0.1)
     assert [c for c, _ in rank_centers(dense, lexical, 0.0, 1, 100, 3)] == [4]  # centres stay a span apart
+    # 40 scores 0.467 against the best's 0.5: below 95% of it, it is not re-read
+    assert [c for c, _ in rank_centers(dense, lexical, 0.5, 1, 4, 3, min_ratio=0.95)] == [4, 20]
+    assert [c for c, _ in rank_centers(dense, lexical, 0.5, 1, 4, 3, min_ratio=0.9)] == [4, 20, 40]
 
 
 def test_lexical_search_of_stored_ids_is_bm25_over_chunks_and_striped_alike():

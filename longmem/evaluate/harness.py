@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import re
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ from ..roles import Span, batches, pad_segments, segments
 from .common import EvalData, fmt_acc
 
 RECALL_EXTRA_TOKENS = 2  # greedy tokens generated past the answer's own, so a longer answer shows
+# Filler encodings of this process, by backbone, then (W, filler ids), then phase: the frozen backbone's
+# keys/values of a filler never change, so parts and settings run in one process with one backbone
+# (scripts/reread_tuning.py) encode it once. Weak keys: an encoding goes with its backbone.
+_ENCODINGS: "weakref.WeakKeyDictionary[object, dict[tuple, dict[int, tuple[np.ndarray, np.ndarray]]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 class FillerMemory:
@@ -42,13 +48,14 @@ class FillerMemory:
         self.model, self.ids, self.progress = model, filler_ids, progress
         self.w = model.config.read.segment_tokens
         self.sink = model.config.memory.sink_tokens
-        self._encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._encoded = _ENCODINGS.setdefault(model.backbone, {}).setdefault((self.w, tuple(filler_ids)), {})
+        self._read: set[int] = set()  # the phases this filler's memories were filled from
         self.segments_encoded = 0
         self.encode_seconds = 0.0
 
     @property
     def phases(self) -> list[int]:
-        return sorted(self._encoded)
+        return sorted(self._read)
 
     def encoded(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values [len(ids) - phase, Hkv, d] (float32) of filler_ids[phase:], in W segments."""
@@ -65,6 +72,7 @@ class FillerMemory:
             self.segments_encoded += len(segs)
             self._encoded[phase] = (np.concatenate(keys), np.concatenate(values))
             self.encode_seconds += time.perf_counter() - t0
+        self._read.add(phase)
         return self._encoded[phase]
 
     def phase(self, intro_tokens: int, n: int) -> int:
@@ -206,6 +214,7 @@ class RecallTrials:
                 "tokens_held": stats.tokens_held, "tokens_evicted": stats.tokens_evicted,
                 "filler_repeats": self.filler.repeats(n), "generated": text, "match": answer_matches(text, item.answer),
                 "reread": [[s.start_position, s.end_position] for s in reread],
+                "reread_scores": [round(s.score, 4) for s in reread],
                 "reread_hit": bool(ranked), "reread_rank": ranked[0] + 1 if ranked else None,
                 "reread_top1_hit": ranked[:1] == [0],
                 "replaced_match": replaced is not None and answer_matches(text, replaced),
