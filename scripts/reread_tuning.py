@@ -57,6 +57,7 @@ def main() -> None:
                                                 and t.get("set", "passkey") == b.get("set", "passkey")),
                              "seconds": time.perf_counter() - t0})
             (out / "tuning.json").write_text(json.dumps(jsonable(rows), indent=1))
+            (out / name / f"{part}_trials.json").write_text(json.dumps(jsonable(result["trials"]), indent=1))
             for r in rows[-len(by):]:
                 print(json.dumps(r), flush=True)
 
