@@ -40,6 +40,11 @@ class StorageLocked(RuntimeError):
     """Another live server holds the storage location."""
 
 
+class StorageMismatch(RuntimeError):
+    """The storage holds state this server's configuration cannot serve (e.g. memories on shards it
+    does not have): retrying cannot help, the configuration or the storage location must change."""
+
+
 class Storage:
     def __init__(self, uri: str):
         import fsspec

@@ -44,7 +44,7 @@ import numpy as np
 from .durable import Journal
 from .memory import (CapacityExceeded, ChunkHits, Chunker, Chunks, MemoryExists, MemoryNotFound, MemoryStats,
                      LexicalHits, RequestWindow, ShardUnavailable, StoredTokens, bm25_idf, merge_hits)
-from .storage import Storage, StorageLock, pack_arrays, unpack_arrays
+from .storage import Storage, StorageLock, StorageMismatch, pack_arrays, unpack_arrays
 
 log = logging.getLogger("longmem.striped")
 
@@ -241,6 +241,11 @@ class StripedBank:
                 self.heartbeat = asyncio.get_running_loop().create_task(self._beat())
             try:
                 await self._restore()
+            except StorageMismatch as e:
+                self.memories, self.garbage = {}, set()
+                self.refusing = e
+                log.error("refusing every call: %s", e)
+                raise
             except Exception as e:
                 self.memories, self.garbage = {}, set()
                 log.warning("restore failed, will retry: %r", e)
@@ -299,6 +304,12 @@ class StripedBank:
                     self.memories[memory_id] = p
             for meta, arrays in self.journal.records():
                 self._replay(meta, arrays)
+        missing = sorted({n for p in self.memories.values() for n in p.shards} - set(self.shards))
+        if missing:
+            raise StorageMismatch(f"the storage holds memories striped over shards {', '.join(missing)}, which "
+                                  f"this server does not have ({len(self.shards)} shards: {', '.join(self.shards)}); "
+                                  f"start it with as many shards as before (serve.num_shards) or another "
+                                  f"serve.storage_uri")
         wanted: dict[str, dict[str, int]] = {name: {} for name in self.shards}
         for p in self.memories.values():
             for name in p.shards:

@@ -10,7 +10,7 @@ import torch
 
 from longmem.config import LongMemConfig
 from longmem.memory import CapacityExceeded, MemoryExists, MemoryNotFound, ShardUnavailable
-from longmem.storage import StorageLocked
+from longmem.storage import StorageLocked, StorageMismatch
 
 from .auth import Unauthenticated
 from .outages import causes
@@ -20,6 +20,7 @@ from .outages import causes
 STATUS = ((Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (MemoryNotFound, grpc.StatusCode.NOT_FOUND),
           (MemoryExists, grpc.StatusCode.ALREADY_EXISTS), (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
           (ShardUnavailable, grpc.StatusCode.UNAVAILABLE), (StorageLocked, grpc.StatusCode.FAILED_PRECONDITION),
+          (StorageMismatch, grpc.StatusCode.FAILED_PRECONDITION),
           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 KNOWN_ERRORS = tuple(kind for kind, _ in STATUS)
 

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from longmem.durable import StoreSet
 from longmem.memory import (NO_SEQ, CapacityExceeded, ChunkHits, ChunkStore, Memory, MemoryExists, MemoryNotFound,
                             ShardUnavailable, merge_hits)
-from longmem.storage import Storage, StorageConflict, StorageLock, StorageLocked, WriteAheadLog
+from longmem.storage import Storage, StorageConflict, StorageLock, StorageLocked, StorageMismatch, WriteAheadLog
 from longmem.striped import StripedBank, search_routes
 
 C, HKV, D, HQ = 2, 1, 4, 2
@@ -211,6 +211,20 @@ def test_a_restore_that_cannot_finish_serves_nothing_and_is_retried(tmp_path):
     assert bank.memories == {} and not bank.restored
     del shards["s1"].sync
     assert [m.memory_id for m in run(bank.list())] == ["m"]
+
+
+def test_a_storage_striped_over_shards_this_server_lacks_is_refused_for_good(tmp_path):
+    rng = np.random.default_rng(4)
+    shards = {n: LocalShard(tmp_path / n, 10**6, 100) for n in SHARDS}
+    bank = make_bank(tmp_path, shards, 100)
+    run(bank.create("m", 16, 3))
+    run(bank.append("m", *tokens(rng, 9)))
+    fewer = make_bank(tmp_path, {n: shards[n] for n in SHARDS[:2]}, 100)
+    for _ in range(2):  # not a restore to retry: every call is refused, nothing is lost
+        with pytest.raises(StorageMismatch, match="shards s2.*serve.num_shards"):
+            run(fewer.list())
+    again = make_bank(tmp_path, shards, 100)
+    assert run(again.stats("m")).tokens_appended == 9
 
 
 async def _unavailable(*args):
