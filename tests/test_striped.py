@@ -198,12 +198,17 @@ def test_a_refused_change_is_not_logged_and_moves_no_counter(tmp_path):
         assert all(not s.startswith("huge@") for s in shard.stores.stores)
 
 
-def test_a_restore_that_cannot_finish_serves_nothing_and_is_retried(tmp_path):
-    rng = np.random.default_rng(3)
+def striped_memory(tmp_path, seed: int) -> dict[str, LocalShard]:
+    """Shards holding memory "m" of 9 tokens striped over all of them, written by a bank since gone."""
     shards = {n: LocalShard(tmp_path / n, 10**6, 100) for n in SHARDS}
     bank = make_bank(tmp_path, shards, 100)
-    run(bank.create("m", 16, 3))
-    run(bank.append("m", *tokens(rng, 9)))
+    run(bank.create("m", 16, len(SHARDS)))
+    run(bank.append("m", *tokens(np.random.default_rng(seed), 9)))
+    return shards
+
+
+def test_a_restore_that_cannot_finish_serves_nothing_and_is_retried(tmp_path):
+    shards = striped_memory(tmp_path, 3)
     bank = make_bank(tmp_path, shards, 100)
     shards["s1"].sync = _unavailable
     with pytest.raises(ShardUnavailable, match="restoring"):
@@ -214,11 +219,7 @@ def test_a_restore_that_cannot_finish_serves_nothing_and_is_retried(tmp_path):
 
 
 def test_a_storage_striped_over_shards_this_server_lacks_is_refused_for_good(tmp_path):
-    rng = np.random.default_rng(4)
-    shards = {n: LocalShard(tmp_path / n, 10**6, 100) for n in SHARDS}
-    bank = make_bank(tmp_path, shards, 100)
-    run(bank.create("m", 16, 3))
-    run(bank.append("m", *tokens(rng, 9)))
+    shards = striped_memory(tmp_path, 4)
     fewer = make_bank(tmp_path, {n: shards[n] for n in SHARDS[:2]}, 100)
     for _ in range(2):  # not a restore to retry: every call is refused, nothing is lost
         with pytest.raises(StorageMismatch, match="shards s2.*serve.num_shards"):
