@@ -254,8 +254,9 @@ def rank_centers(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray
         if w and v.max() > 0:
             scores += w * v / v.max()
     chosen: list[tuple[int, float]] = []
+    floor = min_ratio * scores.max()
     for i in np.argsort(-scores, kind="stable"):
-        if scores[i] < min_ratio * scores.max():
+        if scores[i] < floor:
             break
         if all(abs(int(at[i]) - c) >= spacing for c, _ in chosen):
             chosen.append((int(at[i]), float(scores[i])))

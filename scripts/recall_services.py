@@ -36,6 +36,7 @@ from longmem.evaluate.harness import RECALL_EXTRA_TOKENS, FillerMemory, RecallIt
 from longmem.evaluate.recall import recall_item
 from longmem.memory import round_up
 from longmem.model import LongMem
+from longmem.roles import segments
 from longmem.report import markdown_table
 from services.auth import LOCAL_TENANT, scope
 from services.bank import RemoteBank
@@ -83,22 +84,23 @@ class Items:
     def __init__(self, model: LongMem, filler: FillerMemory, rng: random.Random):
         self.model, self.rng, self.w = model, rng, model.config.read.segment_tokens
         self.filler_text = model.decode(filler.ids)
-        self.curriculum = Curriculum([filler.ids[i:i + self.w] for i in range(0, len(filler.ids), self.w)],
-                                     model.tokenize, model.decode, curriculum_config(model.config, sys.maxsize))
+        self.curriculum = Curriculum(segments(filler.ids, self.w), model.tokenize, model.decode,
+                                     curriculum_config(model.config, sys.maxsize))
 
-    def draw(self, kind: str) -> RecallItem:
+    def draw(self, kind: str, rng: random.Random | None = None) -> RecallItem:
+        rng = rng or self.rng
         if kind == "person":
-            example = self.curriculum.example(self.rng, "person", False, 1)
-            return recall_item(self.model, example, self.curriculum.filler(self.rng, self.w))
-        key = random_key(self.rng)
+            example = self.curriculum.example(rng, "person", False, 1)
+            return recall_item(self.model, example, self.curriculum.filler(rng, self.w))
+        key = random_key(rng)
         while key in self.filler_text:
-            key = random_key(self.rng)
+            key = random_key(rng)
         intro, question, _ = passkey_prompt_parts(key)
         return RecallItem(self.model.tokenize(intro), self.model.tokenize(question), question, key, {"key": key})
 
     def intro_tokens(self, kind: str) -> int:
         """How long this kind's intro is (every item of a kind has the same length, so one filler phase)."""
-        return len(self.draw(kind).intro_ids)
+        return len(self.draw(kind, random.Random(0)).intro_ids)  # a draw of its own: items' rng untouched
 
 
 def main() -> None:
@@ -121,7 +123,7 @@ def main() -> None:
     items = Items(model, filler, rng)
     t0 = time.perf_counter()
     for kind in args.kinds:  # before the cluster takes the cores
-        filler.encoded(filler.phase(Items(model, filler, random.Random(0)).intro_tokens(kind), max(args.lengths)))
+        filler.encoded(filler.phase(items.intro_tokens(kind), max(args.lengths)))
     encode_s = time.perf_counter() - t0
     trials = []
     with simulated_cluster(config) as sim, LongMemClient(sim.target) as client:
