@@ -113,7 +113,9 @@ class ReadConfig:
     # ids, in stream order and joined by `reread_separator`, in its window before the prompt: the budget
     # (spans x span tokens, separators included) is taken from the window's W tokens, and is at most
     # `reread_window_share` of them (`reread_budget`: a smaller window re-reads fewer or shorter spans).
-    # The paper's memory read stays on.
+    # `reread_memory_read`: whether the paper's memory read stays on while answering after re-read spans
+    # (False: the reader answers from its window alone, re-read spans and prompt; the prompt's own
+    # earlier segments are still read from memory).
     # The answer paths that re-read: "generate" (Generate, lm-eval generate_until), "choices"
     # (ScoreChoices, lm-eval loglikelihood); [] answers from the memory read alone.
     reread: list[str] = field(default_factory=lambda: ["generate", "choices"])
@@ -122,6 +124,7 @@ class ReadConfig:
     reread_widen_tokens: int = 16
     reread_separator: str = "\n"
     reread_window_share: float = 0.5
+    reread_memory_read: bool = True
     # How re-read spans are ranked (LocalReader.reread): each chunk's dense score (the memory block's hits
     # within reread_widen_tokens of it) mixed with a lexical one (BM25 of the prompt's token ids over the
     # stored chunks' ids, the best reread_lexical_chunks chunks of each store) with this weight; 0: dense only.

@@ -202,7 +202,8 @@ class LongMemRunner:
         With "choices" in read.reread, each prefix's re-read spans open the window of all its choices."""
         texts = [p + c for p in prefixes for c in choices]
         rereads = [self.reread_prefix(self.answer_spans("choices", memory_id, p, use_memory)) for p in prefixes]
-        results = self.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False,
+        read = [self.answer_memory(memory_id, bool(r)) for r in rereads for _ in choices]
+        results = self.score_batch(texts, read, use_memory=use_memory, append=False,
                                    prefixes=[r for r in rereads for _ in choices])
         lengths = [len(c) for _ in prefixes for c in choices]
         shape = (len(prefixes), len(choices))
@@ -220,7 +221,7 @@ class LongMemRunner:
         if reread is None:
             reread = self.answer_spans("generate", memory_id, ids, use_memory)
         max_new = self.config.read.max_new_tokens if max_new_tokens is None else max_new_tokens
-        return self.reader.generate(ids, memory_id, max_new, temperature, top_k,
+        return self.reader.generate(ids, self.answer_memory(memory_id, bool(reread)), max_new, temperature, top_k,
                                     self.config.seed if seed is None else seed, use_memory, self.reread_prefix(reread))
 
     def retrieve(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
@@ -244,6 +245,11 @@ class LongMemRunner:
         if memory_id is None or not use_memory or path not in self.config.read.reread:
             return []
         return self.reread(memory_id, token_ids=ids)
+
+    def answer_memory(self, memory_id: str | None, reread: bool) -> str | None:
+        """The memory an answer's memory read searches: none after re-read spans when
+        read.reread_memory_read is off."""
+        return memory_id if not reread or self.config.read.reread_memory_read else None
 
     def reread_prefix(self, spans: list[Span]) -> list[int]:
         return reread_prefix(spans, separator_ids(self.tokenizer, self.config.read.reread_separator))

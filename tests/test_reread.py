@@ -151,3 +151,25 @@ def test_reread_off_answers_from_the_memory_read_alone(tiny_llama_dir, fresh_mem
     assert model.answer_spans("generate", memory_id, model.tokenize("The vault code is"), True) == []
     with pytest.raises(ValueError, match="reread"):
         tiny_config(tiny_llama_dir, reread=["everything"]).validate()
+
+
+def test_without_the_memory_read_an_answer_reads_only_its_window(tiny_llama_dir, fresh_memory):
+    """read.reread_memory_read=False: after re-read spans the answer comes from the window alone (re-read
+    prefix + prompt), for Generate and ScoreChoices; with it on, the memory read changes the answer."""
+    config = tiny_config(tiny_llama_dir, "backbone", reread_memory_read=False)
+    config.sidenet.checkpoint = None
+    model = LongMem(config)
+    memory_id = fresh_memory(model)
+    model.append(memory_id, TEXT + FACT_TEXT + TEXT)
+    question, choices = "code is", [" zebra", " dog"]
+    prompt = model.tokenize(question)
+    prefix = model.reread_prefix(model.reread(memory_id, token_ids=prompt))
+    assert prefix and len(prefix) + len(prompt) + 4 <= W
+    plain = list(model.generate(token_ids=prefix + prompt, use_memory=False, max_new_tokens=4))
+    assert list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=4)) == plain
+    want, _ = model.score_continuations([prefix + prompt], [model.tokenize(c) for c in choices], use_memory=False)
+    scored = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
+    assert scored == pytest.approx(want[0].tolist(), abs=1e-4)
+    model.config.read.reread_memory_read = True
+    with_read = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
+    assert with_read != pytest.approx(scored, abs=1e-3)
