@@ -141,7 +141,8 @@ class LongMemRunner:
         """Scores several documents together, each with its own memory (batch rows never mix).
         backbone_logprobs=False leaves each result's backbone_logprobs empty and skips the backbone's
         LM head (one of the two vocabulary projections per scored token). prefixes[i], when given,
-        opens document i's last window (re-read tokens, `reread_prefix`); it is read, not scored."""
+        opens document i's last window (re-read tokens, `reread_prefix`); it is read, not scored, and
+        the memory read follows read.reread_memory_read (`answer_memory`)."""
         if not docs:
             raise ValueError("docs must not be empty")
         memory_ids = memory_ids or [None] * len(docs)
@@ -161,7 +162,8 @@ class LongMemRunner:
                 scratches.append(create_scratch(self.bank, self.config, len(ids)) if needed else None)
             rows = []
             for ids, m, scratch, prefix in zip(docs, memory_ids, scratches, prefixes):
-                search = [x for x in (m, scratch) if x is not None] if use_memory else []
+                read = self.answer_memory(m, bool(prefix))
+                search = [x for x in (read, scratch) if x is not None] if use_memory else []
                 fill = m if append and m is not None else scratch
                 rows.append(_Row(ids, windows(ids, w, prefix), search, fill, backbone_logprobs))
             return self._read(rows, progress)
@@ -202,8 +204,7 @@ class LongMemRunner:
         With "choices" in read.reread, each prefix's re-read spans open the window of all its choices."""
         texts = [p + c for p in prefixes for c in choices]
         rereads = [self.reread_prefix(self.answer_spans("choices", memory_id, p, use_memory)) for p in prefixes]
-        read = [self.answer_memory(memory_id, bool(r)) for r in rereads for _ in choices]
-        results = self.score_batch(texts, read, use_memory=use_memory, append=False,
+        results = self.score_batch(texts, [memory_id] * len(texts), use_memory=use_memory, append=False,
                                    prefixes=[r for r in rereads for _ in choices])
         lengths = [len(c) for _ in prefixes for c in choices]
         shape = (len(prefixes), len(choices))

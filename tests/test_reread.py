@@ -170,6 +170,10 @@ def test_without_the_memory_read_an_answer_reads_only_its_window(tiny_llama_dir,
     want, _ = model.score_continuations([prefix + prompt], [model.tokenize(c) for c in choices], use_memory=False)
     scored = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
     assert scored == pytest.approx(want[0].tolist(), abs=1e-4)
+    text = prompt + model.tokenize(choices[0])  # a re-read prefix as lm-eval's loglikelihood passes it
+    alone = model.score_batch([prefix + text], use_memory=False)[0].logprobs[len(prefix):]
+    np.testing.assert_allclose(model.score_batch([text], [memory_id], prefixes=[prefix])[0].logprobs, alone,
+                               atol=1e-4)
     model.config.read.reread_memory_read = True
     with_read = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
     assert with_read != pytest.approx(scored, abs=1e-3)
