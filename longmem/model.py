@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,24 +154,21 @@ class LongMemRunner:
         for m in memory_ids:
             if m is not None:
                 self.bank.stats(m)
-        scratches: list[str | None] = []
-        try:
-            w = self.config.read.segment_tokens
+        w = self.config.read.segment_tokens
+        with ExitStack() as temporary:  # every memory made for this call is deleted when it ends
+            rows, reads = [], {}  # reads: one answer memory per (memory, prefix), which a prefix's choices share
             for ids, m, prefix in zip(docs, memory_ids, prefixes):
                 # Only a text of several windows has earlier segments of its own to remember.
-                needed = use_memory and not (append and m is not None) and len(windows(ids, w, prefix)) > 1
-                scratches.append(create_scratch(self.bank, self.config, len(ids)) if needed else None)
-            rows = []
-            for ids, m, scratch, prefix in zip(docs, memory_ids, scratches, prefixes):
-                read = self.answer_memory(m, bool(prefix))
-                search = [x for x in (read, scratch) if x is not None] if use_memory else []
+                scratch = None
+                if use_memory and not (append and m is not None) and len(windows(ids, w, prefix)) > 1:
+                    scratch = create_scratch(self.bank, self.config, len(ids))
+                    temporary.callback(self.bank.delete, scratch)
+                if use_memory and (m, tuple(prefix)) not in reads:
+                    reads[m, tuple(prefix)] = temporary.enter_context(self.answer_memory(m, prefix))
+                search = [x for x in (reads[m, tuple(prefix)], scratch) if x is not None] if use_memory else []
                 fill = m if append and m is not None else scratch
                 rows.append(_Row(ids, windows(ids, w, prefix), search, fill, backbone_logprobs))
             return self._read(rows, progress)
-        finally:
-            for scratch in scratches:
-                if scratch is not None:
-                    self.bank.delete(scratch)
 
     def score(self, text: str | None = None, memory_id: str | None = None, *, token_ids: list[int] | None = None,
               use_memory: bool = True, append: bool = False, progress: bool = False,
@@ -222,8 +220,13 @@ class LongMemRunner:
         if reread is None:
             reread = self.answer_spans("generate", memory_id, ids, use_memory)
         max_new = self.config.read.max_new_tokens if max_new_tokens is None else max_new_tokens
-        return self.reader.generate(ids, self.answer_memory(memory_id, bool(reread)), max_new, temperature, top_k,
-                                    self.config.seed if seed is None else seed, use_memory, self.reread_prefix(reread))
+        return self._generate(ids, memory_id, max_new, temperature, top_k, self.config.seed if seed is None else seed,
+                              use_memory, self.reread_prefix(reread))
+
+    def _generate(self, ids: list[int], memory_id: str | None, max_new: int, temperature: float, top_k: int,
+                  seed: int, use_memory: bool, prefix: list[int]) -> Iterator[int]:
+        with self.answer_memory(memory_id, prefix) as read:
+            yield from self.reader.generate(ids, read, max_new, temperature, top_k, seed, use_memory, prefix)
 
     def retrieve(self, memory_id: str, text: str | None = None, *, token_ids: list[int] | None = None,
                  max_spans: int | None = None) -> list[Span]:
@@ -247,10 +250,23 @@ class LongMemRunner:
             return []
         return self.reread(memory_id, token_ids=ids)
 
-    def answer_memory(self, memory_id: str | None, reread: bool) -> str | None:
-        """The memory an answer's memory read searches: none after re-read spans when
-        read.reread_memory_read is off."""
-        return memory_id if not reread or self.config.read.reread_memory_read else None
+    @contextmanager
+    def answer_memory(self, memory_id: str | None, prefix: list[int]) -> Iterator[str | None]:
+        """The memory an answer's memory read searches after re-reading `prefix` (read.reread_memory_read):
+        the memory itself ("memory", or nothing re-read), a temporary memory holding the re-read tokens
+        alone, encoded as one more text and deleted afterwards ("spans"), or none ("none")."""
+        mode = self.config.read.reread_memory_read
+        if memory_id is None or not prefix or mode == "memory":
+            yield memory_id
+        elif mode == "none":
+            yield None
+        else:
+            scratch = create_scratch(self.bank, self.config, len(prefix))
+            try:
+                ingest_tokens(self.encoder, scratch, prefix, self.config)
+                yield scratch
+            finally:
+                self.bank.delete(scratch)
 
     def reread_prefix(self, spans: list[Span]) -> list[int]:
         return reread_prefix(spans, separator_ids(self.tokenizer, self.config.read.reread_separator))

@@ -153,17 +153,27 @@ def test_reread_off_answers_from_the_memory_read_alone(tiny_llama_dir, fresh_mem
         tiny_config(tiny_llama_dir, reread=["everything"]).validate()
 
 
-def test_without_the_memory_read_an_answer_reads_only_its_window(tiny_llama_dir, fresh_memory):
-    """read.reread_memory_read=False: after re-read spans the answer comes from the window alone (re-read
-    prefix + prompt), for Generate and ScoreChoices; with it on, the memory read changes the answer."""
-    config = tiny_config(tiny_llama_dir, "backbone", reread_memory_read=False)
+QUESTION, CHOICES = "code is", [" zebra", " dog"]
+
+
+def answering(tiny_llama_dir, fresh_memory, memory_read: str):
+    """An untrained tiny LongMem answering with read.reread_memory_read=memory_read, a memory holding the
+    fact amid text, the question's tokens and the spans it re-reads."""
+    config = tiny_config(tiny_llama_dir, "backbone", reread_memory_read=memory_read)
     config.sidenet.checkpoint = None
     model = LongMem(config)
     memory_id = fresh_memory(model)
     model.append(memory_id, TEXT + FACT_TEXT + TEXT)
-    question, choices = "code is", [" zebra", " dog"]
-    prompt = model.tokenize(question)
-    prefix = model.reread_prefix(model.reread(memory_id, token_ids=prompt))
+    prompt = model.tokenize(QUESTION)
+    return model, memory_id, prompt, model.reread(memory_id, token_ids=prompt)
+
+
+def test_without_the_memory_read_an_answer_reads_only_its_window(tiny_llama_dir, fresh_memory):
+    """read.reread_memory_read="none": after re-read spans the answer comes from the window alone (re-read
+    prefix + prompt), for Generate and ScoreChoices; with the memory read, the answer changes."""
+    model, memory_id, prompt, spans = answering(tiny_llama_dir, fresh_memory, "none")
+    question, choices = QUESTION, CHOICES
+    prefix = model.reread_prefix(spans)
     assert prefix and len(prefix) + len(prompt) + 4 <= W
     plain = list(model.generate(token_ids=prefix + prompt, use_memory=False, max_new_tokens=4))
     assert list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=4)) == plain
@@ -174,6 +184,35 @@ def test_without_the_memory_read_an_answer_reads_only_its_window(tiny_llama_dir,
     alone = model.score_batch([prefix + text], use_memory=False)[0].logprobs[len(prefix):]
     np.testing.assert_allclose(model.score_batch([text], [memory_id], prefixes=[prefix])[0].logprobs, alone,
                                atol=1e-4)
-    model.config.read.reread_memory_read = True
+    model.config.read.reread_memory_read = "memory"
     with_read = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
     assert with_read != pytest.approx(scored, abs=1e-3)
+
+
+def test_a_memory_read_of_the_spans_reads_the_re_read_tokens_alone(tiny_llama_dir, fresh_memory):
+    """read.reread_memory_read="spans": the answer's memory read searches a temporary memory holding the
+    re-read tokens alone, for Generate and ScoreChoices: the same answer as re-reading those spans over a
+    memory that holds nothing else; the temporary memory is gone afterwards, and the validation names the
+    modes."""
+    model, memory_id, prompt, spans = answering(tiny_llama_dir, fresh_memory, "spans")
+    question, choices = QUESTION, CHOICES
+    prefix = model.reread_prefix(spans)
+    only = fresh_memory(model)
+    model.append(only, token_ids=prefix)  # the re-read tokens and nothing else, encoded as one text
+    before = {m.memory_id for m in model.list_memories()}
+    focused = list(model.generate(token_ids=prompt, memory_id=memory_id, max_new_tokens=4))
+    focused_choices = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
+    text = prompt + model.tokenize(choices[0])
+    focused_text = model.score_batch([text], [memory_id], prefixes=[prefix])[0].logprobs
+    assert {m.memory_id for m in model.list_memories()} == before
+    model.config.read.reread_memory_read = "memory"
+    assert list(model.generate(token_ids=prompt, memory_id=only, max_new_tokens=4, reread=spans)) == focused
+    np.testing.assert_allclose(model.score_batch([text], [only], prefixes=[prefix])[0].logprobs, focused_text,
+                               atol=1e-5)
+    wide = [lp for lp, _ in model.score_choices(question, choices, memory_id)]
+    assert wide != pytest.approx(focused_choices, abs=1e-3)  # the whole memory's read differs
+    model.config.read.reread_memory_read = "none"
+    assert [lp for lp, _ in model.score_choices(question, choices, memory_id)] != pytest.approx(focused_choices,
+                                                                                               abs=1e-3)
+    with pytest.raises(ValueError, match="reread_memory_read"):
+        tiny_config(tiny_llama_dir, reread_memory_read="all").validate()
