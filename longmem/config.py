@@ -119,8 +119,8 @@ class ReadConfig:
     # alone (encoded as the window reads them), so the read attends to what ranking chose and to none of
     # the memory's other entries, however large it grows; "none", no memory (the answer reads its window
     # alone). The prompt's own earlier segments are read from memory with each. Tuned on the training
-    # corpus: "none" answered 65 of 108 recall items at 64k and 256k, "memory" 69
-    # (results/reread_tuning_memread).
+    # corpus (the same 108 recall items at 64k and 256k): "none" answered 65, "memory" 69, "spans" 71
+    # (results/reread_tuning_memread, results/reread_tuning_spansread).
     # The answer paths that re-read: "generate" (Generate, lm-eval generate_until), "choices"
     # (ScoreChoices, lm-eval loglikelihood); [] answers from the memory read alone.
     reread: list[str] = field(default_factory=lambda: ["generate", "choices"])
@@ -129,7 +129,7 @@ class ReadConfig:
     reread_widen_tokens: int = 16
     reread_separator: str = "\n"
     reread_window_share: float = 0.5
-    reread_memory_read: str = "memory"
+    reread_memory_read: str = "spans"
     # How re-read spans are ranked (LocalReader.reread): each chunk's dense score (the memory block's hits
     # within reread_widen_tokens of it) mixed with a lexical one (BM25 of the prompt's token ids over the
     # stored chunks' ids, the best reread_lexical_chunks chunks of each store) with this weight; 0: dense only.
