@@ -293,6 +293,10 @@ class TrainConfig:
     recall_max_facts: int = 8  # "words" examples state 2..recall_max_facts facts
     recall_number_digits: list[int] = field(default_factory=lambda: [5, 7])  # min, max digits of numbers
     recall_answer_end: str = "."  # scored after the answer, so that greedy answers stop ("": digits only)
+    # Share of recall examples read as re-reading answers (Curriculum.reread): the question after
+    # read.reread_spans spans of read.reread_span_tokens (the answer's statement, other statements, filler
+    # holding digits), the example's memory those spans alone (read.reread_memory_read "spans"); 0: none.
+    recall_reread_share: float = 0.0
     # Frozen-backbone cache: what the trained blocks read for each document segment, stored once.
     cache: bool = True
     cache_dir: str = ""  # empty: {out_dir}/cache
@@ -546,6 +550,8 @@ class LongMemConfig:
             raise ValueError("train.batch_rows and train.recall_rows must be >= 0, not both 0")
         if len(t.recall_memory_tokens) != 2 or not 0 < t.recall_memory_tokens[0] <= t.recall_memory_tokens[1]:
             raise ValueError("train.recall_memory_tokens must be [min, max] with 0 < min <= max")
+        if not 0 <= t.recall_reread_share <= 1:
+            raise ValueError(f"train.recall_reread_share must be in [0, 1], got {t.recall_reread_share}")
         if len(t.recall_number_digits) != 2 or not 1 <= t.recall_number_digits[0] <= t.recall_number_digits[1]:
             raise ValueError("train.recall_number_digits must be [min, max] with 1 <= min <= max")
         b = self.batch

@@ -23,6 +23,7 @@ the filler text, and the facts of one example have distinct values.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Callable
@@ -123,6 +124,7 @@ class RecallExample:
     statement_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each statement in fact_segment
     answered_by: int = 0  # the statement holding the answer (the asked fact's, or its update)
     question_tokens: int = 0  # the question's tokens in `reading`, just before the answer's
+    reread: bool = False  # `reading` opens with re-read spans, which alone are `fact_segment` (Curriculum.reread)
 
     @property
     def answer_span(self) -> tuple[int, int]:
@@ -147,14 +149,19 @@ class CurriculumConfig:
     max_facts: int  # facts in one "words" example: 2..max_facts
     number_digits: tuple[int, int]  # digits of pass keys and of "words" values: min, max
     answer_end: str  # text after the value in the scored answer (e.g. "."): where a greedy answer stops
+    reread_spans: int = 4  # re-read examples (Curriculum.reread): spans before the question
+    reread_span_tokens: int = 64  # tokens of a span, its separator included
+    reread_separator: str = "\n"  # after each span
 
 
 def curriculum_config(config: LongMemConfig, segment_tokens: int) -> CurriculumConfig:
     """The example sizes of `config.train` for segments of `segment_tokens` tokens."""
-    t = config.train
+    t, r = config.train, config.read
+    spans = min(r.reread_spans, r.reread_budget // r.reread_span_tokens)
     return CurriculumConfig(segment_tokens, t.recall_prefix_tokens, t.recall_segment_start_fraction,
                             t.recall_gap_tokens, t.recall_suffix_tokens, t.recall_local_tokens, t.recall_max_facts,
-                            tuple(t.recall_number_digits), t.recall_answer_end)
+                            tuple(t.recall_number_digits), t.recall_answer_end, spans, r.reread_span_tokens,
+                            r.reread_separator)
 
 
 class Curriculum:
@@ -164,7 +171,7 @@ class Curriculum:
                  decode: Callable[[list[int]], str], config: CurriculumConfig):
         if not pool:
             raise ValueError("the curriculum needs filler segments")
-        self.pool, self.tokenize, self.config = pool, tokenize, config
+        self.pool, self.tokenize, self.decode, self.config = pool, tokenize, decode, config
         self.filler_text = "\n".join(decode(seg) for seg in pool)
         self.towns = [t for t in TOWNS if not re.search(rf"\b{t}\b", self.filler_text)]
 
@@ -270,3 +277,42 @@ class Curriculum:
                              f"{c.segment_tokens}: lower train.recall_prefix_tokens / gap / local tokens")
         return RecallExample(kind, facts, asked, statements, question, segment, reading,
                              len(answer), replaced, spans, answered_by, len(asking))
+
+    def reread(self, rng: random.Random, example: RecallExample) -> RecallExample:
+        """The example as re-reading answers it (read.reread_memory_read "spans"): its reading segment opens
+        with reread_spans spans of at most reread_span_tokens tokens each (separator included), in stream
+        order, and its memory holds those spans alone. The spans: a window of the fact segment around the
+        answer's statement (at a random offset), windows around the other statements not yet covered
+        while spans remain (the distractors re-reading also finds), then windows of filler, taken where
+        they hold a digit when one of a few draws does (hard negatives for numbers), at random places in
+        the stream."""
+        c = self.config
+        separator = self.tokenize(c.reread_separator) if c.reread_separator else []
+        room = c.reread_span_tokens - len(separator)
+        segment = example.fact_segment
+        if room < max(e - s for s, e in example.statement_spans):
+            raise ValueError(f"a re-read span of {room} tokens cannot hold a statement: raise read.reread_span_tokens")
+        order = [example.answered_by] + rng.sample([i for i in range(len(example.statements))
+                                                    if i != example.answered_by], len(example.statements) - 1)
+        windows: list[tuple[int, int]] = []  # [start, end) in the fact segment, none overlapping another
+        for i in order[:c.reread_spans]:
+            s, e = example.statement_spans[i]
+            start = rng.randint(max(0, e - room), max(0, min(s, len(segment) - room)))
+            end = min(len(segment), start + room)
+            if not any(start < b and a < end for a, b in windows):
+                windows.append((start, end))
+        items: list[tuple[int | None, list[int]]] = [(a, segment[a:b]) for a, b in sorted(windows)]
+        for _ in range(c.reread_spans - len(items)):  # (None: filler from elsewhere in the memory)
+            draws = [self.filler(rng, room) for _ in range(4)]
+            filler = next((d for d in draws if any(ch.isdigit() for ch in self.decode(d))), draws[0])
+            items.insert(rng.randint(0, len(items)), (None, filler))
+        prefix, offsets = [], {}
+        for start, span in items:
+            offsets[start] = len(prefix)
+            prefix += span + separator
+        shifted = []  # where each statement is in the prefix; (0, 0) where it is not re-read
+        for s, e in example.statement_spans:
+            a = next((a for a, b in windows if a <= s and e <= b), None)
+            shifted.append((offsets[a] + s - a, offsets[a] + e - a) if a is not None else (0, 0))
+        return dataclasses.replace(example, fact_segment=prefix, reading=prefix + example.reading,
+                                   statement_spans=shifted, reread=True)

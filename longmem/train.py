@@ -283,6 +283,10 @@ class Trainer:
         self.val_sets = [(name, self._filler_segments(n, rng),
                           [self.curriculum.example(rng, KINDS[i % len(KINDS)], heldout) for i in range(tc.val_items)])
                          for name, n, heldout in sets] if tc.val_every else []
+        if tc.recall_reread_share > 0:  # the same items as re-reading answers them (their filler is not searched)
+            self.val_sets += [(name.replace("val_", "val_reread_", 1), filler,
+                               [self.curriculum.reread(rng, e) for e in examples])
+                              for name, filler, examples in self.val_sets]
 
     def _filler_segments(self, tokens: int, rng: random.Random) -> list[int]:
         """Pool indices of distinct random segments holding about `tokens` tokens."""
@@ -381,7 +385,9 @@ class Trainer:
             self.encoder.ingest(f"facts-{b}", [e.fact_segment])
         inputs: FrozenInputs = self.frozen.encode_fresh([e.reading for e in examples])
         hits, sources, seen = [], [], []
-        search = self.reader.retrieval([[FILLER, f"facts-{b}"] for b in range(len(examples))], hits, sources)
+        # a re-read example's memory is its spans alone (read.reread_memory_read "spans"); source 0: the facts
+        search = self.reader.retrieval([[f"facts-{b}"] + ([] if e.reread else [FILLER]) for b, e in enumerate(examples)],
+                                       hits, sources)
 
         def retrieve(queries: torch.Tensor) -> Retrieved:  # keeps the memory block's queries
             seen.append((queries, search(queries)))
@@ -399,11 +405,11 @@ class Trainer:
         owner_t = torch.tensor(owner, device=hit.device)
         correct = [bool(hit[owner_t == b].all()) for b in range(len(examples))]
         (queries, memory), = seen
-        retrieval, hit_rate = retrieval_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1, rows,
+        retrieval, hit_rate = retrieval_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 0, rows,
                                              cols, targets)
         asking = [(b, j, e.answer_span) for b, e in enumerate(examples)
                   for j in range(len(e.reading) - e.answer_tokens - e.question_tokens, len(e.reading) - e.answer_tokens)]
-        ranking, ranking_top = ranking_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 1,
+        ranking, ranking_top = ranking_loss(queries, memory, self.sidenet.memory_scaling, hits, sources, 0,
                                             *map(list, zip(*asking)))
         return RecallBatch(loss, retrieval, hit_rate, ranking, ranking_top, correct, self.bank.stats(FILLER).tokens_held)
 
@@ -421,6 +427,8 @@ class Trainer:
             kinds = list(tc.recall_kinds)
             picked = self.rng.choices(kinds, weights=[tc.recall_kinds[k] for k in kinds], k=tc.recall_rows)
             examples = [self.curriculum.example(self.rng, kind) for kind in picked]
+            examples = [self.curriculum.reread(self.rng, e) if self.rng.random() < tc.recall_reread_share else e
+                        for e in examples]
             batch = self.recall(examples, self._filler_segments(memory_tokens(self.step, tc, self.rng), self.rng))
             terms.append(tc.recall_weight * batch.loss + tc.retrieval_weight * batch.retrieval
                          + tc.ranking_weight * batch.ranking)

@@ -176,3 +176,29 @@ def test_a_run_continuing_a_checkpoint_reads_the_cache_of_the_run_that_made_it(t
     with torch.no_grad():  # a frozen block that differs is another cache
         next(second.sidenet.blocks[0].parameters()).add_(1.0)
     assert FrozenEncoder(second.reader, second.frozen.start, tmp_path / "cache").dir != first.frozen.dir
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_re_read_example_opens_its_reading_with_its_spans_which_alone_are_its_memory(curriculum, kind):
+    """Curriculum.reread: reread_spans spans of at most reread_span_tokens (separator included) before the
+    question, the answer's statement whole in one of them, the re-read statements in stream order, the
+    answer nowhere else; the spans alone are the example's memory; the answer still ends the reading."""
+    cur, words = curriculum
+    rng = random.Random(6)
+    separator = words.tokenize(cur.config.reread_separator)
+    for i in range(20):
+        ex = cur.example(rng, kind, update_gap=40 if i % 4 == 0 else None)
+        again = cur.reread(rng, ex)
+        prefix = again.fact_segment
+        assert again.reread and not ex.reread and again.reading == prefix + ex.reading
+        assert again.answer_tokens == ex.answer_tokens and again.question_tokens == ex.question_tokens
+        assert prefix[-len(separator):] == separator
+        assert len(prefix) <= cur.config.reread_spans * cur.config.reread_span_tokens
+        start, end = again.answer_span
+        assert words.decode(prefix[start:end]).strip() == ex.statements[ex.answered_by]
+        text = words.decode(prefix)
+        assert text.count(ex.answer) == ex.statements[ex.answered_by].count(ex.answer)
+        shown = [(s, i) for i, (s, e) in enumerate(again.statement_spans) if e > s]
+        assert [i for _, i in sorted(shown)] == sorted(i for _, i in shown)  # stream order kept
+        if ex.replaced is not None and all(e > s for s, e in again.statement_spans):
+            assert text.index(ex.replaced) < text.index(ex.answer)

@@ -262,3 +262,29 @@ def test_training_refuses_a_half_precision_backbone(tiny_llama_dir, tmp_path):
     config.backbone.dtype = "bfloat16"
     with pytest.raises(ValueError, match="backbone.dtype float32"):
         Trainer(config, tmp_path)
+
+
+def test_re_read_examples_search_their_spans_alone_and_are_validated_as_such(tiny_llama_dir, tmp_path):
+    """train.recall_reread_share: a re-read example's memory is its spans (Curriculum.reread), whatever the
+    filler memory holds, where a plain example's read also searches the filler; training steps run on a
+    mix, and each validation set has a re-read twin."""
+    config = tiny_config(tiny_llama_dir, batch_rows=0, recall_rows=2, recall_reread_share=0.5,
+                         retrieval_weight=1.0, recall_kinds={"passkey": 1.0})
+    config.read.segment_tokens, config.read.reread_span_tokens = 512, 128  # 2 spans: the tiny tokenizer's statements are long
+    trainer = Trainer(config, tmp_path)
+    plain = [trainer.curriculum.example(trainer.rng, "passkey") for _ in range(2)]
+    reread = [trainer.curriculum.reread(trainer.rng, e) for e in plain]
+    small, large = trainer._filler_segments(256, trainer.rng), trainer._filler_segments(1024, trainer.rng)
+    with torch.no_grad():
+        spans = [trainer.recall(reread, f) for f in (small, large)]
+        wide = [trainer.recall(plain, f) for f in (small, large)]
+    assert spans[0].retrieval.item() == pytest.approx(spans[1].retrieval.item(), abs=1e-6)
+    assert spans[0].hit_rate == spans[1].hit_rate > 0
+    assert wide[0].retrieval.item() != pytest.approx(wide[1].retrieval.item(), abs=1e-6)
+    names = [name for name, _, _ in trainer.val_sets]
+    assert [n for n in names if n.startswith("val_reread_")] == [n.replace("val_", "val_reread_", 1)
+                                                                  for n in names if not n.startswith("val_reread_")]
+    trainer.train_step()
+    assert set(trainer.validate()) >= {"val_reread_256", "val_reread_256_hit"}
+    with pytest.raises(ValueError, match="recall_reread_share"):
+        tiny_config(tiny_llama_dir, recall_reread_share=1.5).validate()
