@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from longmem.config import LongMemConfig
@@ -38,3 +40,9 @@ def test_bad_config_is_refused_with_the_key_named(overrides, message):
 def test_validation_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         LongMemConfig.load(None, overrides).validate()
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_training_recipe_loads_and_validates(recipe):
+    config = LongMemConfig.load(recipe).validate()
+    assert config.train.steps > 0 and config.train.out_dir.startswith("runs/")
