@@ -308,7 +308,8 @@ class Curriculum:
             items.insert(rng.randint(0, len(items)), (None, filler))
         prefix, offsets = [], {}
         for start, span in items:
-            offsets[start] = len(prefix)
+            if start is not None:
+                offsets[start] = len(prefix)
             prefix += span + separator
         shifted = []  # where each statement is in the prefix; (0, 0) where it is not re-read
         for s, e in example.statement_spans:

@@ -35,8 +35,8 @@ from .config import LongMemConfig
 from .encoder import LocalEncoder, ingest_tokens
 from .memory import MemoryBank, MemoryStats
 from .reader import LocalReader, build_sidenet
-from .roles import (Bank, Encoder, Reader, SegmentScores, Span, Window, create_scratch, read_steps, reread_prefix,
-                    separator_ids, windows)
+from .roles import (Bank, Encoder, Reader, SegmentScores, Span, Window, read_steps, reread_prefix,
+                    scratch_memory, separator_ids, windows)
 from .sidenet import SideNet
 
 
@@ -161,8 +161,7 @@ class LongMemRunner:
                 # Only a text of several windows has earlier segments of its own to remember.
                 scratch = None
                 if use_memory and not (append and m is not None) and len(windows(ids, w, prefix)) > 1:
-                    scratch = create_scratch(self.bank, self.config, len(ids))
-                    temporary.callback(self.bank.delete, scratch)
+                    scratch = temporary.enter_context(scratch_memory(self.bank, self.config, len(ids)))
                 if use_memory and (m, tuple(prefix)) not in reads:
                     reads[m, tuple(prefix)] = temporary.enter_context(self.answer_memory(m, prefix))
                 search = [x for x in (reads[m, tuple(prefix)], scratch) if x is not None] if use_memory else []
@@ -261,12 +260,9 @@ class LongMemRunner:
         elif mode == "none":
             yield None
         else:
-            scratch = create_scratch(self.bank, self.config, len(prefix))
-            try:
+            with scratch_memory(self.bank, self.config, len(prefix)) as scratch:
                 ingest_tokens(self.encoder, scratch, prefix, self.config)
                 yield scratch
-            finally:
-                self.bank.delete(scratch)
 
     def reread_prefix(self, spans: list[Span]) -> list[int]:
         return reread_prefix(spans, separator_ids(self.tokenizer, self.config.read.reread_separator))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -14,8 +14,8 @@ from .backbone import Backbone, BackboneOutput
 from .checkpoint import load_weights, read_meta, resolve_checkpoint
 from .config import LongMemConfig
 from .memory import ChunkHits, LexicalHits, Retrieved, StoredTokens, hits_to_retrieved
-from .roles import (Bank, SegmentScores, Span, create_scratch, fill_memory, last_window_start, pad_segments, segments,
-                    separator_ids)
+from .roles import (Bank, SegmentScores, Span, fill_memory, last_window_start, pad_segments, segments,
+                    scratch_memory, separator_ids)
 from .sidenet import FrozenInputs, Retriever, SideNet
 
 
@@ -105,15 +105,6 @@ class LocalReader:
                                         else np.zeros(0, np.float32)))
         return scores
 
-    @contextmanager
-    def _scratch(self, needed: bool, num_tokens: int):
-        memory_id = create_scratch(self.bank, self.config, num_tokens) if needed else None
-        try:
-            yield memory_id
-        finally:
-            if memory_id:
-                self.bank.delete(memory_id)
-
     @torch.no_grad()
     def generate(self, ids: list[int], memory_id: str | None, max_new_tokens: int, temperature: float,
                  top_k: int, seed: int, use_memory: bool, prefix: list[int] = ()) -> Iterator[int]:
@@ -127,7 +118,7 @@ class LocalReader:
         eos = self.backbone.tokenizer.eos_token_id
         new_cache = lambda: (DynamicCache(config=self.backbone.model.config), self.sidenet.new_cache())
         total = len(prefix) + len(ids) + max_new_tokens
-        with self._scratch(use_memory and total > w, total) as scratch:
+        with scratch_memory(self.bank, self.config, total) if use_memory and total > w else nullcontext() as scratch:
             search = [[x for x in (memory_id, scratch) if x is not None]] if use_memory else [[]]
             retrieval = self.retrieval(search)
             split = last_window_start(len(ids), w, len(prefix))  # the prompt before its last window

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -160,9 +161,14 @@ def append_ids(request_id: str | None, first: int, count: int) -> list[str] | No
     return None if request_id is None else [f"{request_id}:{first + i}" for i in range(count)]
 
 
-def create_scratch(bank: Bank, config: LongMemConfig, num_tokens: int) -> str:
-    """A temporary memory for a call's own earlier segments, sized to hold all of them if it can. The
-    caller deletes it; a remote bank also deletes it should the caller's process die first."""
+@contextmanager
+def scratch_memory(bank: Bank, config: LongMemConfig, num_tokens: int) -> Iterator[str]:
+    """A temporary memory for a call's own tokens (its earlier segments, re-read spans), sized to hold
+    all of them if it can, deleted when the call ends; a remote bank also deletes it should the caller's
+    process die first."""
     memory_id = f"scratch-{uuid.uuid4().hex}"
     bank.create(memory_id, memory_capacity(config, num_tokens), temporary=True)
-    return memory_id
+    try:
+        yield memory_id
+    finally:
+        bank.delete(memory_id)
