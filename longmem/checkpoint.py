@@ -18,9 +18,10 @@ SHIPPED = Path(__file__).parent / "checkpoints" / "smollm2-135m"
 WEIGHTS, META = "sidenet.safetensors", "config.json"
 
 
-def resolve_checkpoint(config: LongMemConfig) -> Path | None:
-    """The checkpoint directory to load, or None for an untrained SideNet."""
-    spec = config.sidenet.checkpoint
+def resolve_checkpoint(config: LongMemConfig, spec: str | None | object = ...) -> Path | None:
+    """The checkpoint directory to load (`spec`, by default `sidenet.checkpoint`: a path, "auto" or None),
+    or None for an untrained SideNet."""
+    spec = config.sidenet.checkpoint if spec is ... else spec
     if spec is None or spec == "":
         return None
     if spec == "auto":

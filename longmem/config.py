@@ -314,6 +314,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # linear decay from lr to lr * min_lr_ratio
     grad_clip: float = 1.0
     train_blocks: int = 1  # the memory block and the blocks after it that train; 0: every block
+    # A checkpoint ("auto", a path; None: none) whose stored parameters start those of this run's that share
+    # their names, whatever it reads memory as: e.g. an `added` reader starting from the shipped joint
+    # reader's memory-block attention, norms and gates (what it learned to retrieve). sidenet.checkpoint
+    # then stays None. A run resumed from its own trainer_state.pt does not re-read it.
+    init_checkpoint: str | None = None
     # Recall validation (greedy exact match of the answer), every val_every steps: val_items examples
     # with training phrasings at each size in val_memory_tokens, and as many with held-out phrasings at
     # val_heldout_tokens; the same examples every time.

@@ -30,8 +30,8 @@ through the backbone during training.
 
 What trains: the memory block and the `train.train_blocks - 1` blocks after it, the gates and the
 blocks' output projections (with learning rates of their own, `gate_lr` and `output_lr`) and the final
-norm (`train_blocks = 0`: every block); with `sidenet.memory_read: added`, only the memory block's
-attention and the gates. The checkpoint stores just those, in fp16. Progress, with the
+norm (`train_blocks = 0`: every block); with `sidenet.memory_read: added`, only the memory block outside
+its MLP (its attention and norms) and the gates. The checkpoint stores just those, in fp16. Progress, with the
 recall validation every `val_every` steps, goes to `train_log.jsonl` in the run directory, its curves
 to `train_curves.png`; the full configuration to `config.yaml`.
 """
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from . import layers
 from .backbone import Backbone
 from .cache import FrozenEncoder
-from .checkpoint import save_checkpoint
+from .checkpoint import WEIGHTS, from_format_1, read_meta, resolve_checkpoint, save_checkpoint
 from .config import LongMemConfig, TrainConfig
 from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
 from .data import Document, load_corpus, split_heldout
@@ -73,16 +73,20 @@ STATE = "trainer_state.pt"
 CURVES = "train_curves.png"
 FILLER = "filler"  # the curriculum's shared filler memory
 def trainable_names(sidenet: SideNet, train_blocks: int) -> list[str]:
-    if sidenet.memory_read == "added":  # the memory block's attention (its output bias stays zero) and the gates
+    if sidenet.memory_read == "added":  # the memory block outside its MLP (output biases stay zero), the gates
         if train_blocks != 1:
             raise ValueError(f"sidenet.memory_read 'added' trains the memory block only: train.train_blocks must "
                              f"be 1, not {train_blocks}")
         block = sidenet.blocks[sidenet.memory_block]
+        prefix = f"{sidenet.block_prefix(sidenet.memory_block)}layer."
         names = {id(m): n for n, m in block.layer.named_modules()}
-        prefix = f"{sidenet.block_prefix(sidenet.memory_block)}layer.{names[id(layers.attention_of(block.layer))]}."
-        fixed = {f"{sidenet.block_prefix(sidenet.memory_block)}layer.{n}.bias" for n in block.outputs}
+        attention = names[id(layers.attention_of(block.layer))]
+        # the block's other output projection stays zero, and so does the module holding it (its MLP)
+        others = [n for n in block.outputs if not n.startswith(f"{attention}.")]
+        mlps = tuple(f"{prefix}{n}." for n in others) + tuple(f"{prefix}{n.rpartition('.')[0]}." for n in others if "." in n)
+        fixed = {f"{prefix}{n}.bias" for n in block.outputs}
         return [name for name, _ in sidenet.named_parameters()
-                if (name.startswith(prefix) and name not in fixed) or name == "gate"]
+                if (name.startswith(prefix) and not name.startswith(mlps) and name not in fixed) or name == "gate"]
     first = first_trained_block(sidenet, train_blocks)
     last = sidenet.num_blocks if train_blocks == 0 else min(sidenet.num_blocks, first + train_blocks)
     prefixes = tuple(sidenet.block_prefix(i) for i in range(first, last)) + (sidenet.final_norm_prefix(),)
@@ -226,6 +230,9 @@ class Trainer:
             raise ValueError(f"training needs backbone.dtype float32 (got {config.backbone.dtype!r}): the "
                              "trained blocks, their optimizer state and the cache assume it")
         tc = config.train
+        if tc.init_checkpoint and config.sidenet.checkpoint:
+            raise ValueError("train.init_checkpoint starts a run from another checkpoint's parameters: "
+                             "sidenet.checkpoint must then be null")
         self.out = Path(out_dir or tc.out_dir)
         torch.manual_seed(config.seed)
         self.backbone = Backbone(dataclasses.replace(config.backbone, dtype="float32"))  # "auto" trains in float32 too
@@ -236,6 +243,7 @@ class Trainer:
         for name in self.names:
             params[name].requires_grad_(True)
         self.params = {n: params[n] for n in self.names}
+        self._start_from(tc.init_checkpoint)
         gate = "gate"
         outputs = [n for n in self.sidenet.output_parameter_names() if n in self.params]
         groups = [{"params": [p for n, p in self.params.items() if n != gate and n not in outputs], "lr": tc.lr},
@@ -254,6 +262,28 @@ class Trainer:
         self.rng = random.Random(config.seed)  # the curriculum's draws
         self.metrics: dict[str, float] = {}
         self._data()
+
+    @torch.no_grad()
+    def _start_from(self, spec: str | None) -> None:
+        """Copies a checkpoint's stored parameters into the trained ones of the same names (train.init_checkpoint)."""
+        from safetensors.torch import load_file
+
+        path = resolve_checkpoint(self.config, spec) if spec else None
+        if spec and path is None:
+            raise ValueError(f"train.init_checkpoint {spec!r}: no shipped checkpoint for this backbone")
+        if path is None:
+            return
+        meta = read_meta(path)
+        if meta.get("memory_layer") != self.sidenet.memory_layer or meta.get("num_blocks") != self.sidenet.num_blocks:
+            raise ValueError(f"train.init_checkpoint {path} was trained for another backbone or memory layer")
+        state = load_file(str(path / WEIGHTS))
+        state = from_format_1(self.sidenet, state) if meta.get("format", 1) == 1 else state
+        shared = {n: t for n, t in state.items() if n in self.params}
+        if not shared:
+            raise ValueError(f"train.init_checkpoint {path} stores none of the parameters this run trains")
+        for name, value in shared.items():
+            self.params[name].copy_(value.to(self.params[name].dtype))
+        log.info("started %d of %d trained parameters from %s", len(shared), len(self.params), path)
 
     def tokenize(self, text: str) -> list[int]:
         return self.backbone.tokenizer.encode(text, add_special_tokens=False)

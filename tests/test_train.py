@@ -227,8 +227,10 @@ def test_an_added_memory_read_is_the_backbone_without_memory_and_differs_only_th
     config.sidenet.memory_read = "added"
     trainer = Trainer(config, tmp_path)
     side = trainer.sidenet
-    attention = f"{side.block_prefix(side.memory_block)}layer.self_attn."
-    assert set(trainer.names) == {n for n, _ in side.named_parameters() if n.startswith(attention)} | {"gate"}
+    block = f"{side.block_prefix(side.memory_block)}layer."
+    assert set(trainer.names) == {n for n, _ in side.named_parameters()  # its attention and norms, not its MLP
+                                  if n.startswith(block) and not n.startswith(f"{block}mlp.")} | {"gate"}
+    assert f"{block}input_layernorm.weight" in trainer.names and f"{block}self_attn.q_proj.weight" in trainer.names
     with torch.no_grad():  # any trained values
         for p in trainer.params.values():
             p.add_(0.3 * torch.randn_like(p))
@@ -255,6 +257,31 @@ def test_an_added_memory_read_is_the_backbone_without_memory_and_differs_only_th
         Trainer(config, tmp_path / "two")
     with pytest.raises(ValueError, match="'added' with init 'zero'"):
         SideNet(trainer.backbone, "backbone", memory_read="added")
+
+
+def test_a_run_starts_from_another_checkpoints_parameters_of_the_same_names(tiny_llama_dir, tmp_path):
+    joint = Trainer(tiny_config(tiny_llama_dir, recall_rows=0, val_every=0), tmp_path / "joint")
+    with torch.no_grad():  # any trained values
+        for p in joint.params.values():
+            p.add_(0.3 * torch.randn_like(p))
+    joint.save()
+    config = tiny_config(tiny_llama_dir, recall_rows=0, val_every=0, init_checkpoint=str(tmp_path / "joint" / "checkpoint"))
+    config.sidenet.memory_read = "added"
+    added = Trainer(config, tmp_path / "added")
+    shared = set(added.names) & set(joint.names)
+    assert "gate" in shared and any("q_proj" in n for n in shared) and set(joint.names) - shared  # its MLP, final norm
+    for name in shared:
+        torch.testing.assert_close(added.params[name], joint.params[name].half().float())
+    model = LongMem(config, backbone=added.backbone, sidenet=added.sidenet.eval())  # still the backbone without memory
+    ids = np.random.default_rng(0).integers(0, added.backbone.vocab_size, 300).tolist()
+    alone = model.score(token_ids=ids, use_memory=False)
+    np.testing.assert_allclose(alone.logprobs, alone.backbone_logprobs, atol=1e-5)
+    config.train.init_checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no SideNet checkpoint"):
+        Trainer(config, tmp_path / "missing")
+    config.sidenet.checkpoint = str(tmp_path / "joint" / "checkpoint")
+    with pytest.raises(ValueError, match="sidenet.checkpoint must then be null"):
+        Trainer(config, tmp_path / "both")
 
 
 def test_training_refuses_a_half_precision_backbone(tiny_llama_dir, tmp_path):
