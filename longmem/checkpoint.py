@@ -46,7 +46,8 @@ def save_checkpoint(path: Path, params: dict[str, torch.Tensor], meta: dict, dty
     (path / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_weights(sidenet: torch.nn.Module, path: Path, meta: dict) -> None:
+def stored_parameters(sidenet: torch.nn.Module, path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The parameters a checkpoint stores, by today's names, once it is known to fit this SideNet."""
     from safetensors.torch import load_file
 
     expected = {"memory_layer": sidenet.memory_layer, "num_blocks": sidenet.num_blocks}
@@ -54,8 +55,11 @@ def load_weights(sidenet: torch.nn.Module, path: Path, meta: dict) -> None:
     if found != expected:
         raise ValueError(f"checkpoint {path} was trained for {found}, this backbone has {expected}")
     state = load_file(str(path / WEIGHTS))
-    if meta.get("format", 1) == 1:
-        state = from_format_1(sidenet, state)
+    return from_format_1(sidenet, state) if meta.get("format", 1) == 1 else state
+
+
+def load_weights(sidenet: torch.nn.Module, path: Path, meta: dict) -> None:
+    state = stored_parameters(sidenet, path, meta)
     own = sidenet.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from . import layers
 from .backbone import Backbone
 from .cache import FrozenEncoder
-from .checkpoint import WEIGHTS, from_format_1, read_meta, resolve_checkpoint, save_checkpoint
+from .checkpoint import read_meta, resolve_checkpoint, save_checkpoint, stored_parameters
 from .config import LongMemConfig, TrainConfig
 from .curriculum import KINDS, Curriculum, RecallExample, curriculum_config
 from .data import Document, load_corpus, split_heldout
@@ -266,19 +266,12 @@ class Trainer:
     @torch.no_grad()
     def _start_from(self, spec: str | None) -> None:
         """Copies a checkpoint's stored parameters into the trained ones of the same names (train.init_checkpoint)."""
-        from safetensors.torch import load_file
-
         path = resolve_checkpoint(self.config, spec) if spec else None
         if spec and path is None:
             raise ValueError(f"train.init_checkpoint {spec!r}: no shipped checkpoint for this backbone")
         if path is None:
             return
-        meta = read_meta(path)
-        if meta.get("memory_layer") != self.sidenet.memory_layer or meta.get("num_blocks") != self.sidenet.num_blocks:
-            raise ValueError(f"train.init_checkpoint {path} was trained for another backbone or memory layer")
-        state = load_file(str(path / WEIGHTS))
-        state = from_format_1(self.sidenet, state) if meta.get("format", 1) == 1 else state
-        shared = {n: t for n, t in state.items() if n in self.params}
+        shared = {n: t for n, t in stored_parameters(self.sidenet, path, read_meta(path)).items() if n in self.params}
         if not shared:
             raise ValueError(f"train.init_checkpoint {path} stores none of the parameters this run trains")
         for name, value in shared.items():
