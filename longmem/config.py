@@ -96,7 +96,8 @@ class SideNetConfig:
     gate_init: float = 0.0  # g_h; the memory share of head h is sigmoid(g_h)
     # "joint": the memory block mixes its local attention with memory, (1 - σ(g)) A + σ(g) M (the paper).
     # "added" (init "zero"): it adds only o_proj(σ(g) M), so without memory the SideNet is the backbone.
-    memory_read: str = "joint"
+    # "auto": as the checkpoint was trained (its config.json), "joint" for an untrained SideNet.
+    memory_read: str = "auto"
     # A trained SideNet: a directory with sidenet.safetensors + config.json (see longmem/train.py).
     # "auto": the checkpoint shipped in longmem/checkpoints/ for the default backbone, if any; None: untrained.
     checkpoint: str | None = "auto"
@@ -530,8 +531,8 @@ class LongMemConfig:
                              "memory.search_block_scores positive")
         if self.sidenet.init not in ("backbone", "zero"):
             raise ValueError("sidenet.init must be 'backbone' or 'zero'")
-        if self.sidenet.memory_read not in ("joint", "added"):
-            raise ValueError("sidenet.memory_read must be 'joint' or 'added'")
+        if self.sidenet.memory_read not in ("auto", "joint", "added"):
+            raise ValueError("sidenet.memory_read must be 'auto', 'joint' or 'added'")
         r = self.read
         if r.segment_tokens <= 0:
             raise ValueError("read.segment_tokens must be positive")

@@ -285,8 +285,9 @@ def build_sidenet(backbone: Backbone, config: LongMemConfig) -> SideNet:
     initialisation mode then applies to the parameters it did not train), else the configured init."""
     path = resolve_checkpoint(config)
     meta = read_meta(path) if path else {}
-    memory_read = meta.get("memory_read", "joint") if path else config.sidenet.memory_read
-    if memory_read != config.sidenet.memory_read:
+    asked = config.sidenet.memory_read
+    memory_read = meta.get("memory_read", "joint") if path else ("joint" if asked == "auto" else asked)
+    if asked not in ("auto", memory_read):
         raise ValueError(f"checkpoint {path} reads memory as {memory_read!r}, the config asks for "
                          f"sidenet.memory_read={config.sidenet.memory_read!r}")
     sidenet = SideNet(backbone, meta.get("init", config.sidenet.init), config.sidenet.gate_init,

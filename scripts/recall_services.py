@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from longmem.baseline import BM25Prompt
+from longmem.checkpoint import resolve_checkpoint
 from longmem.client import LongMemClient
 from longmem.config import LongMemConfig
 from longmem.curriculum import Curriculum, curriculum_config
@@ -134,7 +135,7 @@ def main() -> None:
                 for _ in range(args.trials):
                     trials.append(trial(model, client, bank, filler, items.draw(kind), kind, n, args.shards))
                     print(json.dumps(trials[-1]), flush=True)
-                    write(out, config, args, encode_s, len(filler.ids), trials)
+                    write(out, model, args, encode_s, len(filler.ids), trials)
 
 
 def trial(model: LongMem, client: LongMemClient, bank: RemoteBank, filler: FillerMemory, item: RecallItem,
@@ -168,7 +169,7 @@ def trial(model: LongMem, client: LongMemClient, bank: RemoteBank, filler: Fille
     return result
 
 
-def write(out: Path, config: LongMemConfig, args, encode_s: float, filler_tokens: int, trials: list[dict]) -> None:
+def write(out: Path, model: LongMem, args, encode_s: float, filler_tokens: int, trials: list[dict]) -> None:
     rows = []
     for kind, n in sorted({(t["kind"], t["filler_tokens"]) for t in trials}, key=lambda x: (x[1], x[0])):
         ts = [t for t in trials if t["filler_tokens"] == n and t["kind"] == kind]
@@ -182,8 +183,8 @@ def write(out: Path, config: LongMemConfig, args, encode_s: float, filler_tokens
                      "generate_seconds_median": with_r, "generate_seconds_median_without_reread": without,
                      "reread_cost_ratio": with_r / without, "fill_seconds_median": statistics.median(t["fill_seconds"] for t in ts)})
     result = {"shards": args.shards, "filler_tokens_encoded": filler_tokens, "filler_encode_seconds": encode_s,
-              "extra_tokens": RECALL_EXTRA_TOKENS, "sidenet_checkpoint": config.sidenet.checkpoint,
-              "memory_read": config.sidenet.memory_read, "overrides": args.set, "by_length": rows, "trials": trials}
+              "extra_tokens": RECALL_EXTRA_TOKENS, "sidenet_checkpoint": str(resolve_checkpoint(model.config)),
+              "memory_read": model.sidenet.memory_read, "overrides": args.set, "by_length": rows, "trials": trials}
     (out / "results.json").write_text(json.dumps(jsonable(result), indent=1) + "\n")
     table = markdown_table(
         ["kind", "memory tokens N", "trials", "recall, re-reading (default)", "re-read spans hold the answer",

@@ -122,6 +122,26 @@ def test_the_shipped_checkpoint_loads_by_default():
     assert resolve_checkpoint(LongMemConfig.from_dict({"sidenet": {"checkpoint": None}})) is None
 
 
+def test_the_shipped_reader_is_the_backbone_without_memory_and_differs_only_through_it(smollm2, essay_ids):
+    from longmem.config import LongMemConfig
+    from longmem.model import LongMem
+
+    shipped = LongMem(LongMemConfig.from_dict({"read": {"segment_tokens": W}, "memory": {"capacity_tokens": 4096}}),
+                      backbone=smollm2[0].backbone)
+    assert shipped.sidenet.memory_read == "added"
+    doc = essay_ids[W:3 * W]
+    alone = shipped.score(token_ids=doc, use_memory=False)
+    np.testing.assert_allclose(alone.logprobs, alone.backbone_logprobs, atol=1e-5)
+    memory_id = shipped.create_memory()
+    try:
+        shipped.append(memory_id, token_ids=essay_ids[:W])
+        read = shipped.score(token_ids=doc, memory_id=memory_id)
+        np.testing.assert_allclose(read.backbone_logprobs, alone.backbone_logprobs, atol=1e-5)
+        assert np.abs(read.logprobs - read.backbone_logprobs).max() > 1e-3  # what it reads moves the log-probs
+    finally:
+        shipped.delete_memory(memory_id)
+
+
 def test_a_directory_with_a_gguf_file_loads_by_path(smollm2, essay_ids, tmp_path):
     """The wheel's directory by path: its GGUF converts once under cache_dir and gives the default's logits."""
     import importlib.util

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -248,6 +249,10 @@ def test_an_added_memory_read_is_the_backbone_without_memory_and_differs_only_th
     trainer.save()
     config.sidenet.checkpoint = str(tmp_path / "checkpoint")
     assert build_sidenet(trainer.backbone, config).memory_read == "added"
+    config.sidenet.memory_read = "auto"  # as the checkpoint was trained; "joint" untrained
+    assert build_sidenet(trainer.backbone, config).memory_read == "added"
+    assert build_sidenet(trainer.backbone, dataclasses.replace(
+        config, sidenet=dataclasses.replace(config.sidenet, checkpoint=None))).memory_read == "joint"
     config.sidenet.memory_read = "joint"
     with pytest.raises(ValueError, match="reads memory as 'added'"):
         build_sidenet(trainer.backbone, config)
