@@ -1,5 +1,6 @@
 """A gRPC client of a running LongMem service (`longmem serve`): a memory striped over two shards,
-a book into it, scoring and generating with it (the README's client example).
+a book into it, scoring and generating with it; then a conversation whose turns go to its own memory
+(the README's client example).
 
     python examples/client.py book.txt [--target localhost:9000]
 """
@@ -16,6 +17,12 @@ def main(book: str, target: str = "localhost:9000") -> None:
         c.append("book", text=open(book).read(), progress=True)
         print(c.score(text="The most important thing is to make something people want.", memory_id="book").perplexity)
         print(c.generate_text("Once upon", memory_id="book", max_new_tokens=40))
+        for piece in c.chat("my-chat", "My locker code is 4417.", max_new_tokens=24):  # streamed as it comes
+            print(piece, end="", flush=True)
+        print()
+        print(c.chat("my-chat", "What is my locker code?", max_new_tokens=24).text())
+        print(c.get_memory("my-chat").tokens_appended)  # both turns, each appended once
+        c.delete_memory("my-chat")
 
 
 if __name__ == "__main__":

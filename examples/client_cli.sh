@@ -10,3 +10,6 @@ longmem score --memory book-cli --text "The most important thing is to make some
 longmem generate --memory book-cli --prompt "Once upon" --max-new-tokens 40
 longmem retrieve book-cli --text "Who had the key?"
 longmem memory delete book-cli
+# a terminal chat (type lines; /retrieve TEXT, /reset, /forget, /quit); here two lines from a pipe
+printf 'My locker code is 4417.\nWhat is my locker code?\n' | longmem chat chat-cli --max-new-tokens 24
+longmem memory delete chat-cli

@@ -9,6 +9,8 @@
         print(client.score(text="...", memory_id="notes").perplexity)
         for chunk in client.generate("Once upon a time", memory_id="notes", max_new_tokens=32):
             print(chunk.text, end="", flush=True)
+        for piece in client.chat("my-session", "Remember: my locker code is 4417."):
+            print(piece, end="", flush=True)
 
 Every method takes keyword arguments named after the request's proto fields and returns the
 response message. Failed calls raise `LongMemError`, which carries the gRPC status code and details
@@ -173,6 +175,86 @@ class GenerateStream:
         self.cancel()
 
 
+class ChatStream:
+    """One Chat turn as it arrives: iterate it for the reply's text pieces (str). A stream that answers
+    UNAVAILABLE is resent with the same turn id (for up to the client's retry_s): the server saves a turn
+    once, and the resent reply (the saved one, or the same greedy or seeded answer again) continues
+    where the text already seen ends. After the last piece: `saved`, `finish_reason`, `memory` (the
+    session's MemoryInfo), `turn_token_ids` (what the turn stored), `replayed`; from the first:
+    `turn_id`, `history_tokens`, `reread`.
+    cancel() (or leaving its `with` block early) ends the turn unsaved."""
+
+    def __init__(self, start: Callable[[], Any], retry_s: float, on_retry: Callable[[LongMemError], None]):
+        self._start, self._retry_s, self._on_retry = start, retry_s, on_retry
+        self._call = None
+        self._pieces = self._run()
+        self.turn_id, self.history_tokens, self.reread = "", 0, []
+        self.saved, self.replayed, self.finish_reason, self.memory = False, False, "", None
+        self.turn_token_ids: list[int] = []
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _responses(self):
+        """One Chat call's responses, its failure as LongMemError."""
+        self._call = self._start()
+        try:
+            yield from self._call
+        except grpc.RpcError as e:
+            raise LongMemError.from_rpc_error(e) from e
+
+    def _run(self):
+        seen = ""  # the reply's text passed on so far, over every resend
+        deadline, delay = time.monotonic() + self._retry_s, FIRST_BACKOFF_S
+        while True:
+            text = ""  # this call's reply so far
+            try:
+                for response in self._responses():
+                    if response.turn_id:
+                        self.turn_id, self.history_tokens = response.turn_id, response.history_tokens
+                        self.reread = list(response.reread)
+                    self.replayed = response.replayed
+                    text += response.text
+                    n = min(len(text), len(seen))
+                    if text[:n] != seen[:n] or (response.finish_reason and text != seen and len(text) < len(seen)):
+                        self._call.cancel()
+                        raise LongMemError(grpc.StatusCode.ABORTED, "the resent turn answered differently from "
+                                           "the reply already shown; resend it with its turn id to see what was saved")
+                    if len(text) > len(seen):
+                        piece, seen = text[len(seen):], text
+                        yield piece
+                    if response.finish_reason:
+                        self.saved, self.finish_reason = response.saved, response.finish_reason
+                        self.memory, self.turn_token_ids = response.memory, list(response.turn_token_ids)
+                return
+            except LongMemError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise
+                self._on_retry(error)
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
+
+    def text(self) -> str:
+        """The rest of the reply, joined."""
+        return "".join(self)
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._pieces.close()
+
+    close = cancel
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+
 class LongMemClient:
     """A connection to a LongMem server.
 
@@ -184,7 +266,8 @@ class LongMemClient:
     application: sent as `application: <name>` metadata, which Ray Serve routes on when it serves
         several applications.
     retry_s: how long a call that is safe to repeat (append, get_memory, list_memories, score
-        without append, score_choices, retrieve) is resent while it answers UNAVAILABLE; 0: never.
+        without append, score_choices, retrieve, chat with its turn id) is resent while it answers
+        UNAVAILABLE; 0: never.
         create/delete/reset_memory, score with append=True and generate are never resent.
 
     `retried` counts the answers that were resent, by status code name.
@@ -378,10 +461,26 @@ class LongMemClient:
                            top_k=top_k, seed=seed, use_memory=use_memory, reread=reread) as stream:
             return "".join(chunk.text for chunk in stream)
 
+    def chat(self, session_id: str, message: str, turn_id: str | None = None, max_new_tokens: int = 0,
+             temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
+             reread: bool | None = None) -> ChatStream:
+        """One turn of the conversation in memory `session_id` (created on first use): an iterator of the
+        reply's text pieces (`ChatStream`). Once it is exhausted the turn and the reply are in the session's
+        memory (`stream.saved`). turn_id: a random one by default; the stream is resent with it while it
+        answers UNAVAILABLE (see `retry_s`), and the server saves the turn once."""
+        request = pb.ChatRequest(session_id=session_id, message=message, turn_id=turn_id or uuid.uuid4().hex,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        if seed is not None:
+            request.seed = seed
+        if reread is not None:
+            request.reread = reread
+        start = lambda: self._stub.Chat(request, timeout=self.timeout, metadata=self._metadata)
+        return ChatStream(start, self.retry_s, lambda e: self.retried.update([e.code.name]))
+
     def retrieve(self, memory_id: str, text: str, max_spans: int = 0) -> pb.RetrieveResponse:
         """The memory spans `text` retrieves, highest score first (max_spans=0: server default)."""
         return self._call("Retrieve", pb.RetrieveRequest(memory_id=memory_id, text=text, max_spans=max_spans),
                           retry=True)
 
 
-__all__ = ["DEFAULT_PIECE_CHARS", "DEFAULT_TARGET", "GenerateStream", "LongMemClient", "LongMemError", "split_text"]
+__all__ = ["ChatStream", "DEFAULT_PIECE_CHARS", "DEFAULT_TARGET", "GenerateStream", "LongMemClient", "LongMemError", "split_text"]

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -222,10 +223,84 @@ def _retrieve(client: LongMemClient, args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "/reset empties the session, /forget deletes it, /retrieve TEXT shows what memory would read, /quit ends"
+
+
+def _chat_turn(client: LongMemClient, args: argparse.Namespace, message: str) -> None:
+    """Streams one reply to the terminal; Ctrl-C stops it unsaved."""
+    sys.stdout.write("longmem> ")
+    sys.stdout.flush()
+    stream = client.chat(args.session_id, message, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    try:
+        with stream:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("\n[stopped: the turn is saved only if the server had finished the reply]")
+        return
+    print("" if stream.saved else "\n[this turn was not saved]")
+
+
+def _chat_command(client: LongMemClient, args: argparse.Namespace, line: str) -> bool:
+    """Runs a /command; False for /quit."""
+    command, _, rest = line.partition(" ")
+    if command == "/quit":
+        return False
+    if command == "/reset":
+        print(f"reset {format_memory(client.reset_memory(args.session_id))}")
+    elif command == "/forget":
+        client.delete_memory(args.session_id)
+        print(f"deleted session '{args.session_id}'; the next message starts it afresh")
+    elif command == "/retrieve" and rest.strip():
+        spans = client.retrieve(args.session_id, rest.strip()).spans
+        for span in spans:
+            print(f"tokens {span.start_position}-{span.end_position} score={span.score:.3f}: {span.text!r}")
+        if not spans:
+            print("no spans retrieved")
+    else:
+        print(CHAT_HELP)
+    return True
+
+
+def _chat(client: LongMemClient, args: argparse.Namespace) -> int:
+    if args.json:
+        print("error: chat is interactive; --json is not supported (use the Chat RPC)", file=sys.stderr)
+        return 2
+    try:
+        info = client.get_memory(args.session_id)
+        print(f"session '{args.session_id}': {info.tokens_appended:,} tokens of conversation in memory")
+    except LongMemError as e:
+        if e.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        print(f"session '{args.session_id}': new")
+    print(CHAT_HELP)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not _chat_command(client, args, line):
+                    return 0
+            else:
+                _chat_turn(client, args, line)
+        except LongMemError as e:
+            print(f"\nerror: {e}")
+
+
 # -- registration ---------------------------------------------------------------------------------
 
 def add_client_commands(subparsers) -> None:
-    """Registers the client subcommands (memory, append, score, score-choices, generate, retrieve)
+    """Registers the client subcommands (memory, append, score, score-choices, generate, chat, retrieve)
     on `subparsers`, the result of ArgumentParser.add_subparsers()."""
     common = _common_parser()
 
@@ -283,6 +358,13 @@ def add_client_commands(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no top-k filtering (default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server picks)")
+
+    p = add(subparsers, "chat", _chat, "an interactive chat whose memory is a session on the server")
+    p.add_argument("session_id", metavar="SESSION", help="the conversation's memory id (created on first use)")
+    p.add_argument("--max-new-tokens", type=int, default=0, metavar="N", help="reply tokens (default: the server's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no top-k filtering (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's)")
 
     p = add(subparsers, "retrieve", _retrieve, "the memory spans a text retrieves")
     p.add_argument("memory_id", metavar="MEMORY_ID")

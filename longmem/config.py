@@ -64,6 +64,9 @@ class MemoryConfig:
     # Request ids of the most recent appends kept per memory (and in its journal): an append retried
     # with the same id within this many later appends is applied once.
     request_id_window: int = 4096
+    # The newest token ids each memory keeps verbatim, segment sinks included (in its journal and
+    # snapshots too): a conversation's recent turns, which Chat places in its window (longmem/chat.py).
+    recent_tokens: int = 2048
     # Approximate search of large stores (longmem/memory.py, ApproxSearch): a store (one shard's part
     # of a memory) searches exactly until it holds ann_min_tokens, then IVF lists + query-chosen hot sets.
     ann_min_tokens: int = 262_144  # 0: always exact
@@ -211,6 +214,24 @@ class ServeConfig:
 
 
 @dataclass
+class ChatConfig:
+    """Chat (longmem/chat.py): a conversation whose turns go to a session's memory by themselves."""
+
+    # How turns are written: "template", the backbone tokenizer's own chat template (an error when it has
+    # none); "plain", `plain_user` / `plain_assistant` lines; "auto", the template when there is one.
+    format: str = "auto"
+    # The system message opening every prompt (never stored in memory). None: the template's own default
+    # (SmolLM2's names the model); "": none.
+    system_prompt: str | None = None
+    plain_user: str = "User: "
+    plain_assistant: str = "Assistant: "
+    max_new_tokens: int = 128  # a reply's tokens when the request leaves max_new_tokens at 0
+    # A new session's memory: capacity and shard count (0: memory.capacity_tokens, serve.default_memory_shards).
+    capacity_tokens: int = 0
+    num_shards: int = 0
+
+
+@dataclass
 class CorpusConfig:
     """How a corpus path is read, the same for `longmem train`, `longmem eval` and `longmem batch`
     (longmem/data.py): a directory of text files, JSONL or Parquet records."""
@@ -334,7 +355,7 @@ class TrainConfig:
     checkpoint_dtype: str = "float16"
 
 
-EVAL_PARTS = ("ppl", "chapter", "icl", "passkey", "recall")  # `longmem eval --parts`, in run order
+EVAL_PARTS = ("ppl", "chapter", "icl", "passkey", "recall", "conversation")  # `longmem eval --parts`, in run order
 
 
 @dataclass
@@ -371,6 +392,16 @@ class EvalConfig:
     bm25_windows: int = 4  # windows retrieved per question
     bm25_separator: str = "\n"  # after each retrieved span (overlapping windows merged), so before the question
     bm25_stopwords: str = "en"  # bm25s.tokenize's stopword list ("": none)
+    # The conversation part (longmem/evaluate/conversation.py): a fact told in turn conversation_fact_turn
+    # of conversations of these many tokens of history (scripted turns: paragraphs of at least
+    # conversation_min_words words, at most conversation_turn_tokens tokens per message and per reply),
+    # then asked; replies of conversation_reply_tokens tokens.
+    conversation_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    conversation_trials: int = 20
+    conversation_turn_tokens: int = 160
+    conversation_min_words: int = 20  # a paragraph shorter than this is not a turn
+    conversation_fact_turn: int = 1
+    conversation_reply_tokens: int = 24
     seed: int = 0
 
 
@@ -416,7 +447,7 @@ class BenchConfig:
 
 
 FAULTS = ("shard", "bank", "encoder", "reader", "gateway", "node")  # `longmem soak`'s faults (services/chaos.py)
-SOAK_RPCS = ("Append", "Score", "Generate", "Retrieve")  # the calls of its workload
+SOAK_RPCS = ("Append", "Score", "Generate", "Retrieve", "Chat")  # the calls of its workload
 
 
 @dataclass
@@ -433,7 +464,7 @@ class SoakConfig:
     head_cpus: int = 4  # CPUs the head node offers to Ray (encoder, reader, gateway, bank)
     node_cpus: int = 1  # CPUs of each memory node
     clients: int = 4
-    mix: list[float] = field(default_factory=lambda: [0.35, 0.25, 0.15, 0.25])  # shares of SOAK_RPCS
+    mix: list[float] = field(default_factory=lambda: [0.3, 0.2, 0.15, 0.2, 0.15])  # shares of SOAK_RPCS
     append_tokens: list[int] = field(default_factory=lambda: [16, 96])  # [min, max] tokens per append
     capacity_tokens: int = 2048  # each client's memory, striped over every shard
     generate_tokens: int = 4
@@ -454,6 +485,7 @@ class LongMemConfig:
     sidenet: SideNetConfig = field(default_factory=SideNetConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -520,6 +552,13 @@ class LongMemConfig:
             raise ValueError("memory.capacity_tokens must be a positive multiple of memory.chunk_size")
         if m.request_id_window < 0:
             raise ValueError("memory.request_id_window must not be negative")
+        if m.recent_tokens < self.read.segment_tokens:
+            raise ValueError(f"memory.recent_tokens ({m.recent_tokens}) must be at least read.segment_tokens "
+                             f"({self.read.segment_tokens}): a chat's recent turns fill at most one window")
+        if self.chat.format not in ("auto", "template", "plain"):
+            raise ValueError(f"chat.format must be auto, template or plain, got {self.chat.format!r}")
+        if self.chat.max_new_tokens <= 0 or self.chat.capacity_tokens < 0 or self.chat.num_shards < 0:
+            raise ValueError("chat.max_new_tokens must be positive, chat.capacity_tokens and chat.num_shards not negative")
         if not 0 <= m.sink_tokens < self.read.segment_tokens:
             raise ValueError("memory.sink_tokens must be in [0, read.segment_tokens)")
         if m.ann_min_tokens < 0 or (m.ann_min_tokens and min(m.ann_lists_per_sqrt, m.ann_probe, m.ann_query_clusters,

@@ -14,6 +14,7 @@ import grpc
 from .v1 import longmem_pb2 as pb
 
 SERVICE = "/longmem.v1.LongMem/"
+STREAMING = ("Generate", "Chat")  # server-streaming methods
 BAD_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 MALFORMED_SHARE = 0.1  # of the messages: raw bytes that are no valid protobuf of the method's request
 MEMORY_IDS = ["", "fuzz", "missing", "bad id", "x" * 200, "a~b", "../etc"]
@@ -39,7 +40,7 @@ def _ids(rng: random.Random) -> list[int]:
 
 def random_request(rng: random.Random) -> tuple[str, object]:
     """(method name, request message) with random, often invalid, field values."""
-    method = rng.choice(["CreateMemory", "GetMemory", "Append", "Score", "ScoreChoices", "Retrieve", "Generate"])
+    method = rng.choice(["CreateMemory", "GetMemory", "Append", "Score", "ScoreChoices", "Retrieve", "Generate", "Chat"])
     m = _memory_id(rng)
     if method == "CreateMemory":
         return method, pb.CreateMemoryRequest(memory_id=m, capacity_tokens=rng.randint(-10, 10**9),
@@ -56,6 +57,10 @@ def random_request(rng: random.Random) -> tuple[str, object]:
                                               choices=[_text(rng) for _ in range(rng.randint(0, 6))])
     if method == "Retrieve":
         return method, pb.RetrieveRequest(memory_id=m, text=_text(rng), max_spans=rng.randint(-5, 10**6))
+    if method == "Chat":
+        return method, pb.ChatRequest(session_id=m, message=_text(rng), max_new_tokens=rng.randint(-5, 12),
+                                      temperature=rng.uniform(-1, 3), top_k=rng.randint(-2, 50),
+                                      turn_id=rng.choice(["", "t", "x" * 129, _text(rng)[:40]]))
     return method, pb.GenerateRequest(memory_id=m, prompt=_text(rng), max_new_tokens=rng.randint(-5, 12),
                                       temperature=rng.uniform(-1, 3), top_k=rng.randint(-2, 50))
 
@@ -85,14 +90,14 @@ def fuzz(channel: grpc.Channel, count: int, seed: int, metadata: Sequence[tuple[
     result = FuzzResult()
     for _ in range(count):
         method, request = random_request(rng)
-        call = channel.unary_stream if method == "Generate" else channel.unary_unary
+        call = channel.unary_stream if method in STREAMING else channel.unary_unary
         malformed = rng.random() < MALFORMED_SHARE
         send = call(SERVICE + method, request_serializer=identity if malformed else type(request).SerializeToString,
                     response_deserializer=identity)
         payload = malformed_bytes(rng) if malformed else request
         try:
             response = send(payload, metadata=metadata, timeout=timeout_s)
-            if method == "Generate":
+            if method in STREAMING:
                 list(response)
             result.codes["OK"] += 1
         except grpc.RpcError as e:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 NO_SEQ = -1  # seq of an empty hit slot (fewer chunks in memory than asked for)
+NO_POSITION = -1  # stream position of an append the memory does not know
 CHUNK_FIELDS = ("keys", "values", "token_ids", "positions", "seqs")
 
 
@@ -260,11 +261,14 @@ class Chunker:
     chunk would have a mean key over fewer tokens than every other chunk.
     """
 
-    def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, dtype=np.float32):
+    def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, dtype=np.float32, recent_tokens: int = 0):
+        """recent_tokens: how many of the newest offered token ids to keep verbatim (`recent`), sinks included."""
         self.chunk_size = chunk_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = np.dtype(dtype)
+        self.recent_tokens = recent_tokens
+        self.recent_ids = np.zeros((0,), np.int32)
         self.next_seq = 0
         self.next_position = 0  # stream position of the next offered token
         self.tokens_offered = 0
@@ -292,6 +296,8 @@ class Chunker:
                              f"got {tuple(keys.shape)} and {tuple(values.shape)}")
         positions = self.next_position + np.arange(t, dtype=np.int64)
         self.next_position += t
+        recent = np.concatenate([self.recent_ids, np.asarray(token_ids, np.int32)])
+        self.recent_ids = recent[len(recent) - min(len(recent), self.recent_tokens):]
         self.tokens_offered += t
         keep = slice(min(skip_first, t), t)
         k = np.concatenate([self.pending_keys, keys[keep].astype(self.dtype, copy=False)])
@@ -311,16 +317,21 @@ class Chunker:
                       token_ids=ids[:full].reshape(n, c), positions=pos[:full].reshape(n, c),
                       seqs=seqs)
 
+    def recent(self) -> tuple[np.ndarray, int]:
+        """(the newest offered token ids, up to recent_tokens of them [n] int32, the position of the first)."""
+        return self.recent_ids, self.next_position - len(self.recent_ids)
+
     def reset(self) -> None:
         self.next_seq = 0
         self.next_position = 0
         self.tokens_offered = 0
+        self.recent_ids = np.zeros((0,), np.int32)
         self._clear_pending()
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Counters and pending tokens: everything `load_state` needs to continue the stream exactly."""
+        """Counters, pending and recent tokens: everything `load_state` needs to continue the stream exactly."""
         arrays = {"keys": self.pending_keys, "values": self.pending_values, "ids": self.pending_ids,
-                  "positions": self.pending_positions}
+                  "positions": self.pending_positions, "recent": self.recent_ids}
         return arrays, {"next_seq": self.next_seq, "next_position": self.next_position,
                         "tokens_offered": self.tokens_offered}
 
@@ -329,6 +340,7 @@ class Chunker:
         self.tokens_offered = int(meta["tokens_offered"])
         self.pending_keys, self.pending_values = arrays["keys"], arrays["values"]
         self.pending_ids, self.pending_positions = arrays["ids"], arrays["positions"]
+        self.recent_ids = arrays.get("recent", np.zeros((0,), np.int32))  # a snapshot from before it kept none
 
 
 @dataclass(frozen=True)
@@ -713,26 +725,45 @@ class MemoryStats:
 
 
 class RequestWindow:
-    """The request ids of a memory's most recent appends (at most `size`; 0 keeps none). An append whose
-    id is here was applied already and is skipped, so a client that retries an append it heard no
-    answer to (with the same id) changes the memory once."""
+    """The request ids of a memory's most recent appends (at most `size`; 0 keeps none), each with the
+    stream position its append began at. An append whose id is here was applied already and is skipped,
+    so a client that retries an append it heard no answer to (with the same id) changes the memory once."""
 
     def __init__(self, size: int, ids=()):
+        """ids: a `state()`: [request id, position] pairs (or bare ids, whose positions are unknown)."""
         self.size = size
-        self.ids: OrderedDict[str, None] = OrderedDict.fromkeys(list(ids)[-size:] if size else [])
+        pairs = [(i, NO_POSITION) if isinstance(i, str) else (i[0], int(i[1])) for i in ids]
+        self.ids: OrderedDict[str, int] = OrderedDict(pairs[-size:] if size else [])
 
     def __contains__(self, request_id: str | None) -> bool:
         return request_id is not None and request_id in self.ids
 
-    def add(self, request_id: str | None) -> None:
+    def add(self, request_id: str | None, position: int = NO_POSITION) -> None:
         if request_id is None or not self.size:
             return
-        self.ids[request_id] = None
+        self.ids[request_id] = position
         while len(self.ids) > self.size:
             self.ids.popitem(last=False)
 
-    def state(self) -> list[str]:
-        return list(self.ids)
+    def position(self, request_id: str | None) -> int:
+        """Where the append with this id began; NO_POSITION if the window does not hold it (or holds it
+        from a snapshot that kept no positions)."""
+        return self.ids.get(request_id, NO_POSITION) if request_id is not None else NO_POSITION
+
+    def state(self) -> list[list]:
+        return [[i, p] for i, p in self.ids.items()]
+
+
+@dataclass
+class RecentTokens:
+    """A memory's newest appended token ids, verbatim (memory.recent_tokens of them, segment sinks
+    included), and where an append with an asked request id began. What a conversation keeps in its
+    window (longmem/chat.py)."""
+
+    token_ids: np.ndarray  # [n] int32: stream positions start_position .. start_position + n - 1
+    start_position: int
+    request_position: int = NO_POSITION  # where the asked request id's append began; NO_POSITION: not known
+    request_applied: bool = False  # the asked request id was applied (its position may still be unknown)
 
 
 class Memory:
@@ -740,12 +771,13 @@ class Memory:
     and the ids of its recent appends (`RequestWindow`)."""
 
     def __init__(self, memory_id: str, capacity_tokens: int, chunk_size: int, num_kv_heads: int,
-                 head_dim: int, dtype=np.float32, approx: ApproxSearch = EXACT, request_window: int = 0):
+                 head_dim: int, dtype=np.float32, approx: ApproxSearch = EXACT, request_window: int = 0,
+                 recent_tokens: int = 0):
         if capacity_tokens <= 0 or capacity_tokens % chunk_size:
             raise ValueError(f"capacity_tokens must be a positive multiple of the chunk size {chunk_size}")
         self.memory_id = memory_id
         self.capacity_tokens = capacity_tokens
-        self.chunker = Chunker(chunk_size, num_kv_heads, head_dim, dtype)
+        self.chunker = Chunker(chunk_size, num_kv_heads, head_dim, dtype, recent_tokens)
         self.store = ChunkStore(capacity_tokens // chunk_size, chunk_size, num_kv_heads, head_dim, dtype, approx)
         self.applied = RequestWindow(request_window)
 
@@ -754,10 +786,14 @@ class Memory:
         """Returns the chunks completed (0 for a request id applied before: nothing changes)."""
         if request_id in self.applied:
             return 0
+        position = self.chunker.next_position
         chunks = self.chunker.push(keys, values, token_ids, skip_first)
         self.store.add(chunks)
-        self.applied.add(request_id)
+        self.applied.add(request_id, position)
         return len(chunks)
+
+    def recent(self, request_id: str | None = None) -> RecentTokens:
+        return RecentTokens(*self.chunker.recent(), self.applied.position(request_id), request_id in self.applied)
 
     def search(self, queries: np.ndarray, k_chunks: int) -> ChunkHits:
         return self.store.search(queries, k_chunks)
@@ -770,8 +806,10 @@ class Memory:
         return self.store.lexical(terms, bm25_idf(*self.store.term_frequencies(terms)), k, k1)
 
     def reset(self) -> None:
+        """Empties the stream, and forgets its request ids: their positions were in the old stream."""
         self.chunker.reset()
         self.store.reset()
+        self.applied = RequestWindow(self.applied.size)
 
     def stats(self) -> MemoryStats:
         c = self.chunker.chunk_size
@@ -787,8 +825,9 @@ class MemoryBank:
     memories striped across Ray shard actors."""
 
     def __init__(self, chunk_size: int, num_kv_heads: int, head_dim: int, default_capacity: int,
-                 dtype=np.float32, approx: ApproxSearch = EXACT, request_window: int = 0):
+                 dtype=np.float32, approx: ApproxSearch = EXACT, request_window: int = 0, recent_tokens: int = 0):
         self.request_window = request_window
+        self.recent_tokens = recent_tokens
         self.chunk_size = chunk_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -805,7 +844,8 @@ class MemoryBank:
         if num_shards not in (None, 0, 1):
             raise ValueError("the in-process bank holds every memory in one shard")
         memory = Memory(memory_id, capacity_tokens or self.default_capacity, self.chunk_size,
-                        self.num_kv_heads, self.head_dim, self.dtype, self.approx, self.request_window)
+                        self.num_kv_heads, self.head_dim, self.dtype, self.approx, self.request_window,
+                        self.recent_tokens)
         self.memories[memory_id] = memory
         return memory.stats()
 
@@ -835,6 +875,10 @@ class MemoryBank:
         memory = self.get(memory_id)
         memory.append(keys, values, token_ids, skip_first, request_id)
         return memory.stats()
+
+    def recent(self, memory_id: str, request_id: str | None = None) -> RecentTokens:
+        """The memory's newest appended tokens, and where the append with request_id began (if it did)."""
+        return self.get(memory_id).recent(request_id)
 
     def stored(self, memory_id: str, seqs: np.ndarray) -> StoredTokens:
         """The token ids the memory holds for chunks `seqs` (those it still holds, in seq order)."""

@@ -242,10 +242,12 @@ class LongMemRunner:
         self.bank.stats(memory_id)
         return self.reader.reread(memory_id, ids)
 
-    def answer_spans(self, path: str, memory_id: str | None, ids: list[int], use_memory: bool) -> list[Span]:
-        """What answer path `path` ("generate", "choices") re-reads before ids: `reread` where
-        read.reread lists it and a memory is read, else nothing."""
-        if memory_id is None or not use_memory or path not in self.config.read.reread:
+    def answer_spans(self, path: str, memory_id: str | None, ids: list[int], use_memory: bool,
+                     reread: bool | None = None) -> list[Span]:
+        """What answer path `path` ("generate", "choices") re-reads before ids: `reread` where a memory is
+        read and `reread` says so (None: where read.reread lists the path), else nothing."""
+        wanted = path in self.config.read.reread if reread is None else reread
+        if memory_id is None or not use_memory or not wanted:
             return []
         return self.reread(memory_id, token_ids=ids)
 
@@ -271,7 +273,7 @@ class LongMemRunner:
 def make_bank(config: LongMemConfig, backbone: Backbone) -> MemoryBank:
     mem = config.memory
     return MemoryBank(mem.chunk_size, backbone.num_kv_heads, backbone.head_dim, mem.capacity_tokens,
-                      np.dtype(mem.dtype), mem.approx_search(), mem.request_id_window)
+                      np.dtype(mem.dtype), mem.approx_search(), mem.request_id_window, mem.recent_tokens)
 
 
 class LongMem(LongMemRunner):

@@ -26,7 +26,7 @@ import torch
 
 from .backbone import BackboneOutput
 from .config import LongMemConfig
-from .memory import NO_SEQ, ChunkHits, LexicalHits, MemoryStats, StoredTokens, round_up
+from .memory import NO_SEQ, ChunkHits, LexicalHits, MemoryStats, RecentTokens, StoredTokens, round_up
 from .sidenet import FrozenInputs
 
 
@@ -67,6 +67,7 @@ class Bank(Protocol):
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]: ...
     def stored(self, memory_id: str, seqs: np.ndarray) -> StoredTokens: ...
     def lexical(self, memory_id: str, terms: np.ndarray, k: int, k1: float) -> LexicalHits: ...
+    def recent(self, memory_id: str, request_id: str | None = None) -> RecentTokens: ...
 
 
 class Encoder(Protocol):

@@ -43,7 +43,7 @@ import numpy as np
 
 from .durable import Journal
 from .memory import (CapacityExceeded, ChunkHits, Chunker, Chunks, MemoryExists, MemoryNotFound, MemoryStats,
-                     LexicalHits, RequestWindow, ShardUnavailable, StoredTokens, bm25_idf, merge_hits)
+                     LexicalHits, RecentTokens, RequestWindow, ShardUnavailable, StoredTokens, bm25_idf, merge_hits)
 from .storage import Storage, StorageLock, StorageMismatch, pack_arrays, unpack_arrays
 
 log = logging.getLogger("longmem.striped")
@@ -189,10 +189,13 @@ class StripedBank:
     def __init__(self, shards: dict[str, ShardClient], chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype="float32", storage: Storage | None = None,
                  snapshot_every: int = 256, lock: StorageLock | None = None, lock_refresh_s: float = 5.0,
-                 request_window: int = 0, owner_alive: Callable[[str], Awaitable[bool]] | None = None):
-        """owner_alive(owner): whether the owner of a temporary memory may still use it (see `reap`)."""
+                 request_window: int = 0, owner_alive: Callable[[str], Awaitable[bool]] | None = None,
+                 recent_tokens: int = 0):
+        """owner_alive(owner): whether the owner of a temporary memory may still use it (see `reap`);
+        recent_tokens: the newest token ids each memory keeps verbatim (`recent`)."""
         self.shards = shards
         self.request_window = request_window
+        self.recent_tokens = recent_tokens
         self.owner_alive = owner_alive
         self.chunk_size, self.num_kv_heads, self.head_dim = chunk_size, num_kv_heads, head_dim
         self.default_capacity, self.default_shards = default_capacity, default_shards
@@ -209,7 +212,7 @@ class StripedBank:
         self.refusing: BaseException | None = None
 
     def _chunker(self) -> Chunker:
-        return Chunker(self.chunk_size, self.num_kv_heads, self.head_dim, self.dtype)
+        return Chunker(self.chunk_size, self.num_kv_heads, self.head_dim, self.dtype, self.recent_tokens)
 
     def _window(self, ids=()) -> RequestWindow:
         return RequestWindow(self.request_window, ids)
@@ -281,13 +284,14 @@ class StripedBank:
             self.memories.pop(memory_id)
         elif op == "reset":
             p = self.memories[memory_id]
-            p.store_id, p.unsent = meta["store"], None
+            p.store_id, p.unsent, p.applied = meta["store"], None, self._window()
             p.chunker.reset()
         elif op == "append":
             p = self.memories[memory_id]
+            position = p.chunker.next_position
             chunks = p.chunker.push(arrays["keys"], arrays["values"], arrays["token_ids"], meta["skip_first"])
             p.unsent = chunks if p.unsent is None else Chunks.cat([p.unsent, chunks])
-            p.applied.add(meta.get("request"))
+            p.applied.add(meta.get("request"), position)
         else:
             raise ValueError(f"unknown log record {op!r}")
 
@@ -299,8 +303,8 @@ class StripedBank:
                 for i, (memory_id, m) in enumerate(meta["memories"].items()):
                     p = Placement(memory_id, m["store"], m["capacity_tokens"], m["shards"], self._chunker(),
                                   self._window(m.get("applied", ())), m.get("owner"))
-                    p.chunker.load_state({k: arrays[f"{i}.{k}"] for k in ("keys", "values", "ids", "positions")},
-                                         m["chunker"])
+                    p.chunker.load_state({k: arrays[f"{i}.{k}"] for k in ("keys", "values", "ids", "positions", "recent")
+                                          if f"{i}.{k}" in arrays}, m["chunker"])
                     self.memories[memory_id] = p
             for meta, arrays in self.journal.records():
                 self._replay(meta, arrays)
@@ -468,6 +472,7 @@ class StripedBank:
             p.stale.append(p.store_id)
             p.store_id, p.created, p.unsent = store_id, False, None
             p.chunker.reset()
+            p.applied = self._window()  # its request ids' positions were in the old stream
             await self._carry(p)
         return p.stats()
 
@@ -481,6 +486,7 @@ class StripedBank:
             if request_id in p.applied:
                 return p.stats()
             before = p.chunker.state()
+            position = p.chunker.next_position
             chunks = p.chunker.push(keys, values, token_ids, skip_first)  # checks shapes before any change
             try:
                 self._log({"op": "append", "memory": memory_id, "skip_first": int(skip_first), "request": request_id},
@@ -489,13 +495,19 @@ class StripedBank:
                 p.chunker.load_state(*before)
                 raise
             p.unsent = chunks
-            p.applied.add(request_id)
+            p.applied.add(request_id, position)
             try:
                 await self._carry(p)
             except ShardUnavailable as e:
                 raise ShardUnavailable(f"{e} (this append is recorded and reaches the shard when it is back: "
                                        "resend it with the same request id and it is applied once)") from None
         return p.stats()
+
+    async def recent(self, memory_id: str, request_id: str | None = None) -> RecentTokens:
+        """The memory's newest appended tokens, and where the append with request_id began (if it did)."""
+        await self.ready()
+        p = self._get(memory_id)
+        return RecentTokens(*p.chunker.recent(), p.applied.position(request_id), request_id in p.applied)
 
     async def routes(self, memory_ids: list[list[str]]) -> list[list[Route]]:
         """Where the memories of each row are, for a reader's `search_routes`. A memory with a committed

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from longmem.config import LongMemConfig
-from longmem.memory import ChunkHits, Chunks, LexicalHits, MemoryStats, ShardUnavailable, StoredTokens
+from longmem.memory import ChunkHits, Chunks, LexicalHits, MemoryStats, RecentTokens, ShardUnavailable, StoredTokens
 from longmem.storage import Storage, StorageLock
 from longmem.striped import Route, StripedBank, lexical_route, search_routes, stored_route
 from longmem.v1 import internal_pb2 as ipb
@@ -96,7 +96,7 @@ class Bank:
     def __init__(self, shard_names: list[str], namespace: str, chunk_size: int, num_kv_heads: int, head_dim: int,
                  default_capacity: int, default_shards: int, dtype: str, storage_root: str | None,
                  snapshot_every: int, retry_seconds: float, server_id: str,
-                 lock_stale_seconds: float, lock_refresh_seconds: float, request_window: int):
+                 lock_stale_seconds: float, lock_refresh_seconds: float, request_window: int, recent_tokens: int):
         """Every setting from the config (start_bank passes them all)."""
         self.handles = {n: ray.get_actor(n, namespace=namespace) for n in shard_names}
         lock = (StorageLock(Storage(storage_root), {"server": server_id}, lock_stale_seconds)
@@ -104,7 +104,7 @@ class Bank:
         self.core = StripedBank({n: RayShard(h, retry_seconds) for n, h in self.handles.items()}, chunk_size,
                                 num_kv_heads, head_dim, default_capacity, default_shards, dtype,
                                 Storage(f"{storage_root}/bank") if storage_root else None, snapshot_every,
-                                lock, lock_refresh_seconds, request_window, actor_alive)
+                                lock, lock_refresh_seconds, request_window, actor_alive, recent_tokens)
 
     async def ready(self) -> None:
         await self.core.ready()
@@ -136,6 +136,11 @@ class Bank:
                                                      from_tensor_proto(req.values),
                                                      from_tensor_proto(req.token_ids), req.skip_first,
                                                      req.request_id or None))
+
+    async def recent(self, req: ipb.RecentRequest) -> ipb.RecentTokens:
+        r = await self.core.recent(req.memory_id, req.request_id or None)
+        return ipb.RecentTokens(token_ids=to_tensor_proto(r.token_ids), start_position=r.start_position,
+                                request_position=r.request_position, request_applied=r.request_applied)
 
     async def routes(self, req: ipb.RouteRequest) -> ipb.RouteResponse:
         rows = await self.core.routes([list(row.memory_ids) for row in req.rows])
@@ -202,6 +207,10 @@ class RemoteBank:
                                     token_ids=to_tensor_proto(np.asarray(token_ids, np.int32)),
                                     skip_first=skip_first, request_id=request_id or "")
         return stats_from_proto(result(self.handle.append.remote(req)))
+
+    def recent(self, memory_id: str, request_id: str | None = None) -> RecentTokens:
+        r = result(self.handle.recent.remote(ipb.RecentRequest(memory_id=memory_id, request_id=request_id or "")))
+        return RecentTokens(from_tensor_proto(r.token_ids), r.start_position, r.request_position, r.request_applied)
 
     def search(self, memory_ids: list[list[str]], queries: torch.Tensor, k_chunks: int) -> list[ChunkHits]:
         """queries: [B, T, Hq, d]. The bank routes; the memories' shards are searched from here, all at
@@ -288,7 +297,8 @@ def start_bank(config: LongMemConfig, num_kv_heads: int, head_dim: int):
         names, ns, config.memory.chunk_size, num_kv_heads, head_dim, config.memory.capacity_tokens,
         serve_cfg.default_memory_shards, config.memory.dtype, root, serve_cfg.snapshot_every,
         serve_cfg.shard_retry_seconds, uuid.uuid4().hex,
-        serve_cfg.lock_stale_seconds, serve_cfg.lock_refresh_seconds, config.memory.request_id_window)
+        serve_cfg.lock_stale_seconds, serve_cfg.lock_refresh_seconds, config.memory.request_id_window,
+        config.memory.recent_tokens)
     result(bank.ready.remote())
     return bank
 

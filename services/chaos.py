@@ -143,9 +143,10 @@ class ClientLog:
 
 class Workload:
     """`clients` threads, each with its own memory (striped over every shard), sending a random mix of
-    Append (token ids), Score, Generate and Retrieve until stopped or `max_requests` each. A request is
-    resent while it answers UNAVAILABLE or DEADLINE_EXCEEDED, for up to soak.retry_s (an append with its
-    request id, so it lands once)."""
+    Append (token ids), Score, Generate, Retrieve and Chat (the memory is the conversation's session)
+    until stopped or `max_requests` each. A request is resent while it answers UNAVAILABLE or
+    DEADLINE_EXCEEDED, for up to soak.retry_s (an append with its request id, a chat turn with its turn
+    id, so each lands once); a saved turn counts as an append of the tokens it stored."""
 
     def __init__(self, target: str, config: LongMemConfig, seed: int, max_requests: int | None = None):
         self.target, self.config, self.seed, self.max_requests = target, config, seed, max_requests
@@ -192,6 +193,17 @@ class Workload:
         query = rng.choice(k.queries)
         if rpc == "Retrieve":
             return lambda client: client.retrieve(entry.memory_id, query)
+
+        if rpc == "Chat":
+            turn_id = uuid.uuid4().hex
+
+            def chat(client: LongMemClient) -> None:
+                with client.chat(entry.memory_id, query, turn_id=turn_id, max_new_tokens=k.generate_tokens) as turn:
+                    turn.text()
+                if not turn.saved:
+                    raise RuntimeError("a Chat stream ended without saving its turn")
+                entry.appended.append(turn.turn_token_ids)
+            return chat
 
         def generate(client: LongMemClient) -> None:
             with client.generate(query, memory_id=entry.memory_id, max_new_tokens=k.generate_tokens) as stream:

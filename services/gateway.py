@@ -19,7 +19,9 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from longmem.backbone import model_dims, resolve_backbone_path
+from longmem.chat import TURN_REQUEST, Conversation
 from longmem.config import LongMemConfig
+from longmem.memory import MemoryStats
 from longmem.model import LongMemRunner
 from longmem.v1 import longmem_pb2 as pb
 
@@ -94,6 +96,27 @@ def unary(response_type):
     return wrap
 
 
+def streaming(method):
+    """unary's counterpart for a server-streaming method: method(self, request, tenant) is a generator.
+    On Serve's gRPC proxy a streaming method's status reaches the client only if it raises after
+    set_code (a code set after the last yield, followed by a plain return, arrives as OK)."""
+    def run(self, request, grpc_context: RayServegRPCContext):
+        tenant = None
+        start = time.perf_counter()
+        try:
+            tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
+            if isinstance(request, Undecodable):
+                raise request.invalid()
+            yield from method(self, request, tenant)
+        except Exception as e:
+            report(grpc_context, e, tenant, method.__name__, self.metrics.errors)
+            raise
+        finally:
+            self.metrics.request_seconds.observe(time.perf_counter() - start, tags={"method": method.__name__})
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
+
+
 def require_memory_id(memory_id: str, field: str = "memory_id") -> str:
     if not memory_id:
         raise ValueError(f"{field} is required")
@@ -115,6 +138,7 @@ class Gateway:
         dims = model_dims(self.config.backbone)
         self.runner = LongMemRunner(self.config, RemoteEncoder(encoder), RemoteReader(reader),
                                     RemoteBank(self.config), tokenizer, dims.vocab_size)
+        self.conversation = Conversation(self.runner)
 
     # ---- validation -----------------------------------------------------------------------------
     def _ids(self, text: str, token_ids, field: str = "text") -> list[int]:
@@ -130,14 +154,14 @@ class Gateway:
             raise ValueError(f"{field}: {e}") from None
 
     @staticmethod
-    def _memory(tenant: str, memory_id: str) -> str:
-        return scope(tenant, require_memory_id(memory_id))
+    def _memory(tenant: str, memory_id: str, field: str = "memory_id") -> str:
+        return scope(tenant, require_memory_id(memory_id, field))
 
     def _optional_memory(self, tenant: str, memory_id: str) -> str | None:
         return self._memory(tenant, memory_id) if memory_id else None
 
-    def _info(self, tenant: str, scoped_id: str) -> pb.MemoryInfo:
-        info = stats_to_proto(self.runner.memory_stats(scoped_id))
+    def _info(self, tenant: str, scoped_id: str, stats: MemoryStats | None = None) -> pb.MemoryInfo:
+        info = stats_to_proto(stats or self.runner.memory_stats(scoped_id))
         info.memory_id = unscope(tenant, scoped_id)
         return info
 
@@ -184,6 +208,8 @@ class Gateway:
         memory_id = self._memory(tenant, request.memory_id)
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+        if request.request_id.startswith(TURN_REQUEST):
+            raise ValueError(f"request_id must not start with {TURN_REQUEST!r}: Chat's turns use it")
         n = self.runner.append(memory_id, token_ids=self._ids(request.text, request.token_ids),
                                request_id=request.request_id or None)
         self.metrics.tokens_appended.inc(n, tags={"source": "grpc"})
@@ -227,48 +253,64 @@ class Gateway:
         best = max(range(len(out)), key=lambda i: out[i].logprob)
         return pb.ScoreChoicesResponse(choices=out, best_index=best)
 
-    def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> Iterator[pb.GenerateResponse]:
-        # On Serve's gRPC proxy a streaming method's status reaches the client only if it raises after
-        # set_code (a code set after the last yield, followed by a plain return, arrives as OK).
-        tenant = None
-        start = time.perf_counter()
-        try:
-            tenant = self.tenants.tenant_of(grpc_context.invocation_metadata())
-            if isinstance(request, Undecodable):
-                raise request.invalid()
-            memory_id = self._optional_memory(tenant, request.memory_id)
-            ids = self._ids(request.prompt, None, field="prompt")
-            limit = self.config.serve.max_new_tokens_limit
-            if not 0 <= request.max_new_tokens <= limit:
-                raise ValueError(f"max_new_tokens must be in [0, {limit}], got {request.max_new_tokens}")
-            if request.temperature < 0 or request.top_k < 0:
-                raise ValueError("temperature and top_k must not be negative")
-            use_memory = request.use_memory if request.HasField("use_memory") else True
-            if request.HasField("reread"):
-                asked = request.reread and use_memory and memory_id is not None
-                reread = self.runner.reread(memory_id, token_ids=ids) if asked else []
-            else:
-                reread = self.runner.answer_spans("generate", memory_id, ids, use_memory)
-            tokens = self.runner.generate(
-                token_ids=ids, memory_id=memory_id, max_new_tokens=request.max_new_tokens or None,
-                temperature=request.temperature, top_k=request.top_k,
-                seed=request.seed if request.HasField("seed") else None, use_memory=use_memory, reread=reread)
-            generated: list[int] = []
-            shown = ""
-            spans = [span_to_proto(s) for s in reread]  # sent with the first chunk
-            for token in tokens:
-                generated.append(token)
-                text = self.runner.decode(generated)
-                yield pb.GenerateResponse(text=text[len(shown):], token_ids=[token], reread=spans)
-                shown, spans = text, []
-            eos = self.runner.tokenizer.eos_token_id
-            yield pb.GenerateResponse(finish_reason="eos" if generated and generated[-1] == eos else "length",
-                                      reread=spans)
-        except Exception as e:
-            report(grpc_context, e, tenant, "Generate", self.metrics.errors)
-            raise
-        finally:
-            self.metrics.request_seconds.observe(time.perf_counter() - start, tags={"method": "Generate"})
+    def _generation(self, max_new_tokens: int, temperature: float, top_k: int) -> None:
+        limit = self.config.serve.max_new_tokens_limit
+        if not 0 <= max_new_tokens <= limit:
+            raise ValueError(f"max_new_tokens must be in [0, {limit}], got {max_new_tokens}")
+        if temperature < 0 or top_k < 0:
+            raise ValueError("temperature and top_k must not be negative")
+
+    @streaming
+    def Generate(self, request: pb.GenerateRequest, tenant: str) -> Iterator[pb.GenerateResponse]:
+        memory_id = self._optional_memory(tenant, request.memory_id)
+        ids = self._ids(request.prompt, None, field="prompt")
+        self._generation(request.max_new_tokens, request.temperature, request.top_k)
+        use_memory = request.use_memory if request.HasField("use_memory") else True
+        reread = self.runner.answer_spans("generate", memory_id, ids, use_memory,
+                                          request.reread if request.HasField("reread") else None)
+        tokens = self.runner.generate(
+            token_ids=ids, memory_id=memory_id, max_new_tokens=request.max_new_tokens or None,
+            temperature=request.temperature, top_k=request.top_k,
+            seed=request.seed if request.HasField("seed") else None, use_memory=use_memory, reread=reread)
+        generated: list[int] = []
+        shown = ""
+        spans = [span_to_proto(s) for s in reread]  # sent with the first chunk
+        for token in tokens:
+            generated.append(token)
+            text = self.runner.decode(generated)
+            yield pb.GenerateResponse(text=text[len(shown):], token_ids=[token], reread=spans)
+            shown, spans = text, []
+        eos = self.runner.tokenizer.eos_token_id
+        yield pb.GenerateResponse(finish_reason="eos" if generated and generated[-1] == eos else "length",
+                                  reread=spans)
+
+    @streaming
+    def Chat(self, request: pb.ChatRequest, tenant: str) -> Iterator[pb.ChatResponse]:
+        # The turn is appended after the reply's last piece was sent: a stream whose cancellation reaches
+        # this replica first stops at a yield (the generator is closed there) and appends nothing.
+        session = self._memory(tenant, request.session_id, "session_id")
+        self._ids(request.message, None, field="message")
+        self._generation(request.max_new_tokens, request.temperature, request.top_k)
+        if len(request.turn_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"turn_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+        turn = self.conversation.turn(
+            session, request.message, request.turn_id or None, request.max_new_tokens, request.temperature,
+            request.top_k, request.seed if request.HasField("seed") else None,
+            request.reread if request.HasField("reread") else None)
+        head = pb.ChatResponse(turn_id=turn.turn_id, history_tokens=turn.history_tokens,
+                               reread=[span_to_proto(s) for s in turn.reread], replayed=turn.replayed)
+        for text, token_ids in turn.pieces:
+            chunk = head if head is not None else pb.ChatResponse(replayed=turn.replayed)
+            chunk.text, chunk.token_ids[:] = text, token_ids
+            head = None
+            yield chunk
+        last = head if head is not None else pb.ChatResponse(replayed=turn.replayed)
+        last.finish_reason, last.saved = turn.finish_reason, turn.saved
+        last.turn_token_ids[:] = turn.stored
+        if turn.saved and not turn.replayed:
+            self.metrics.tokens_appended.inc(len(turn.stored), tags={"source": "grpc"})
+        last.memory.CopyFrom(self._info(tenant, session, turn.stats))
+        yield last
 
     @unary(pb.RetrieveResponse)
     def Retrieve(self, request: pb.RetrieveRequest, tenant: str) -> pb.RetrieveResponse:

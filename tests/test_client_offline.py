@@ -24,6 +24,7 @@ from longmem.v1 import longmem_pb2_grpc as pb_grpc
 from tiny import free_port
 
 GENERATED = [" once", " upon", " a", " time", ",", " there", " was"]
+CHAT_REPLY = ["The", " code", " is", " 4417", "."]
 
 
 class FakeLongMem(pb_grpc.LongMemServicer):
@@ -33,6 +34,7 @@ class FakeLongMem(pb_grpc.LongMemServicer):
         self.calls: list[tuple[str, object, dict]] = []  # (method, request, metadata)
         self.not_ready_calls = 0  # ListMemories answers UNAVAILABLE this many times first
         self.api_key: str | None = None  # when set, calls need `authorization: Bearer <api_key>`
+        self.chat_script: list[str] = []
 
     def _enter(self, method, request, context):
         metadata = dict(context.invocation_metadata())
@@ -118,6 +120,19 @@ class FakeLongMem(pb_grpc.LongMemServicer):
         for i, text in enumerate(GENERATED[:n]):
             last = i == min(n, len(GENERATED)) - 1
             yield pb.GenerateResponse(text=text, token_ids=[i], finish_reason="length" if last else "")
+
+    def Chat(self, request, context):
+        """Replies CHAT_REPLY; `chat_script` holds what each call does first: "break" sends half the reply
+        then UNAVAILABLE, "other" answers another reply; a call with nothing left answers in full."""
+        self._enter("Chat", request, context)
+        action = self.chat_script.pop(0) if self.chat_script else ""
+        reply = ["Your", " code", " is"] if action == "other" else CHAT_REPLY
+        for i, text in enumerate(reply):
+            if action == "break" and i == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway restarted")
+            yield pb.ChatResponse(text=text, turn_id=request.turn_id if i == 0 else "")
+        yield pb.ChatResponse(finish_reason="eos", saved=True, memory=pb.MemoryInfo(memory_id=request.session_id),
+                              turn_token_ids=[1, 2, 3])
 
     def Retrieve(self, request, context):
         self._enter("Retrieve", request, context)
@@ -304,6 +319,26 @@ def test_a_read_is_resent_while_unavailable_and_the_resent_answers_counted(fake,
         with pytest.raises(LongMemError) as info:
             c.list_memories()
         assert info.value.code is grpc.StatusCode.UNAVAILABLE and not c.retried
+
+
+def test_a_chat_turn_broken_mid_reply_is_resent_with_its_turn_id_and_continues_where_it_was(fake, target):
+    fake.chat_script = ["break"]
+    with LongMemClient(target, timeout=5, retry_s=30) as c:
+        stream = c.chat("s", "What is my code?", turn_id="t-1")
+        pieces = list(stream)
+        assert "".join(pieces) == "".join(CHAT_REPLY) and pieces[0] == "The"  # nothing shown twice
+        assert stream.saved and stream.turn_id == "t-1" and stream.turn_token_ids == [1, 2, 3]
+        assert c.retried == {"UNAVAILABLE": 1}
+    sent = [call[1] for call in fake.calls if call[0] == "Chat"]
+    assert [r.turn_id for r in sent] == ["t-1", "t-1"] and sent[0].message == sent[1].message
+    fake.chat_script = ["break", "other"]  # the resend answers a reply unlike the one shown
+    with LongMemClient(target, timeout=5, retry_s=30) as c:
+        stream = c.chat("s", "What is my code?")
+        with pytest.raises(LongMemError) as info:
+            list(stream)
+        assert info.value.code is grpc.StatusCode.ABORTED and not stream.saved
+    ids = {call[1].turn_id for call in fake.calls if call[0] == "Chat"} - {"t-1"}
+    assert len(ids) == 1 and len(ids.pop()) == 32  # a random turn id by default, the same on the resend
 
 
 def test_wait_ready_stops_on_bad_credentials(fake, target):

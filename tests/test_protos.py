@@ -21,8 +21,9 @@ PUBLIC_RPCS = {
     "ScoreChoices": ("ScoreChoicesRequest", "ScoreChoicesResponse"),
     "Generate": ("GenerateRequest", "GenerateResponse"),
     "Retrieve": ("RetrieveRequest", "RetrieveResponse"),
+    "Chat": ("ChatRequest", "ChatResponse"),
 }
-STREAMING_RPCS = {"Generate"}
+STREAMING_RPCS = {"Generate", "Chat"}
 
 
 def load_gen_protos():

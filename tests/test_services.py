@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import grpc
@@ -17,6 +18,7 @@ import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from longmem.client import LongMemClient
 from longmem.config import FAULTS, SOAK_RPCS, LongMemConfig
 from longmem.data import essays_document
 from longmem.memory import CapacityExceeded, Chunker, ChunkStore, MemoryNotFound
@@ -232,12 +234,14 @@ def test_the_readme_client_examples_run_against_the_service(service, tmp_path):
     out = subprocess.run([sys.executable, str(EXAMPLES / "client.py"), str(book), "--target", target],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.splitlines()[0]) > 1
+    lines = out.stdout.splitlines()
+    assert float(lines[0]) > 1 and int(lines[-1]) > 0  # a perplexity, then the two chat turns' tokens
     env = dict(os.environ, LONGMEM_TARGET=target, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     out = subprocess.run(["bash", str(EXAMPLES / "client_cli.sh"), str(book)], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "book-cli" in out.stdout and "perplexity" in out.stdout
+    assert out.stdout.count("longmem> ") == 2 and "deleted memory 'chat-cli'" in out.stdout
 
 
 @pytest.mark.parametrize("call, request_msg, code, field", [
@@ -411,6 +415,42 @@ def test_an_append_resent_with_its_request_id_is_applied_once(service):
         assert other.memory.tokens_appended == 2 * len(ids)
     finally:
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="resent"))
+
+
+def test_a_chat_turn_is_saved_once_and_a_resend_replays_its_reply(service):
+    _, _, _, sim = service
+    with LongMemClient(sim.target) as client:
+        try:
+            first = client.chat("chat-once", "code 4417", turn_id="t1", max_new_tokens=6)
+            reply = first.text()
+            assert first.saved and first.turn_id == "t1" and not first.replayed
+            assert first.finish_reason in ("eos", "length")
+            held = client.get_memory("chat-once").tokens_appended
+            assert held == first.memory.tokens_appended > 0
+            again = client.chat("chat-once", "code 4417", turn_id="t1", max_new_tokens=6)
+            assert again.text() == reply and again.replayed and again.saved
+            assert client.get_memory("chat-once").tokens_appended == held
+            second = client.chat("chat-once", "and?", turn_id="t2", max_new_tokens=4, reread=False)
+            second.text()  # without re-read spans the first turn fits in this small window (W = 64)
+            assert second.history_tokens == held and second.memory.tokens_appended > held
+        finally:
+            client.delete_memory("chat-once")
+
+
+def test_a_chat_stream_cancelled_mid_reply_saves_nothing(service):
+    _, _, _, sim = service
+    with LongMemClient(sim.target) as client:
+        try:
+            stream = client.chat("chat-cancel", "go", turn_id="c1", max_new_tokens=24)
+            next(stream)
+            stream.cancel()
+            time.sleep(3)  # what the server would have done by now had it kept going
+            assert client.get_memory("chat-cancel").tokens_appended == 0
+            resent = client.chat("chat-cancel", "go", turn_id="c1", max_new_tokens=24)
+            resent.text()
+            assert resent.saved and not resent.replayed
+        finally:
+            client.delete_memory("chat-cancel")
 
 
 def test_removing_a_node_under_load_moves_its_shard_with_its_memory(service):

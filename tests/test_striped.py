@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from longmem.durable import StoreSet
-from longmem.memory import (NO_SEQ, CapacityExceeded, ChunkHits, ChunkStore, Memory, MemoryExists, MemoryNotFound,
+from longmem.memory import (NO_POSITION, NO_SEQ, CapacityExceeded, ChunkHits, ChunkStore, Memory, MemoryExists, MemoryNotFound,
                             ShardUnavailable, merge_hits)
 from longmem.storage import Storage, StorageConflict, StorageLock, StorageLocked, StorageMismatch, WriteAheadLog
 from longmem.striped import StripedBank, search_routes
@@ -493,3 +493,36 @@ def test_temporary_memories_of_a_dead_owner_make_room_across_a_restart(tmp_path,
     assert sorted(s.memory_id for s in run(striped.list())) == ["next", "user"]
     assert run(striped.reap()) == []
     assert not any(store_id.startswith("scratch-a") for shard in shards.values() for store_id in shard.stores.stores)
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 100])
+def test_recent_tokens_and_where_requests_began_survive_a_restart(tmp_path, snapshot_every):
+    """A memory keeps its newest appended token ids verbatim (sinks included) and where each request's
+    append began, as the in-process memory does; a restart from the snapshot or the log keeps both."""
+    rng = np.random.default_rng(6)
+    shards = {n: LocalShard(tmp_path / n, 10**6, 100) for n in SHARDS}
+    bank = StripedBank(shards, C, HKV, D, 16, 1, storage=Storage(str(tmp_path / "bank")),
+                       snapshot_every=snapshot_every, request_window=8, recent_tokens=10)
+    ref = Memory("m", 16, C, HKV, D, request_window=8, recent_tokens=10)
+    run(bank.create("m", 16, 3))
+    appended = []
+    for i, n in enumerate((6, 5, 3)):
+        keys, values, ids = tokens(rng, n)
+        run(bank.append("m", keys, values, ids, skip_first=1, request_id=f"r{i}"))
+        ref.append(keys, values, ids, skip_first=1, request_id=f"r{i}")
+        appended.extend(ids.tolist())
+    for restarted in (False, True):
+        if restarted:
+            bank = StripedBank(shards, C, HKV, D, 16, 1, storage=Storage(str(tmp_path / "bank")),
+                               snapshot_every=snapshot_every, request_window=8, recent_tokens=10)
+        got, want = run(bank.recent("m", "r2")), ref.recent("r2")
+        assert got.token_ids.tolist() == want.token_ids.tolist() == appended[-10:]
+        assert got.start_position == want.start_position == len(appended) - 10
+        assert got.request_position == want.request_position == 11
+        assert run(bank.recent("m", "r0")).request_position == 0
+        assert run(bank.recent("m", "never")).request_position == NO_POSITION
+        assert got.request_applied and not run(bank.recent("m", "never")).request_applied
+    run(bank.reset("m"))  # a new stream: the old request ids' positions mean nothing in it
+    ref.reset()
+    for after in (run(bank.recent("m", "r2")), ref.recent("r2")):
+        assert after.token_ids.tolist() == [] and not after.request_applied and after.request_position == NO_POSITION

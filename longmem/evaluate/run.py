@@ -17,7 +17,7 @@ import torch
 from ..config import EVAL_PARTS, LongMemConfig
 from ..model import LongMem
 from ..report import markdown_table
-from . import chapter, icl, passkey, ppl, recall
+from . import chapter, conversation, icl, passkey, ppl, recall
 from .common import EvalData, eval_data, jsonable
 
 PARTS = EVAL_PARTS
@@ -25,10 +25,12 @@ PARTS = EVAL_PARTS
 
 TITLES = {"ppl": "Long-document perplexity", "chapter": "ChapterBreak-style suffix identification",
           "icl": "Many-shot in-context learning with demonstrations in memory",
-          "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, people, unseen phrasings, updated facts"}
+          "passkey": "Passkey retrieval", "recall": "Recall of facts: eight at once, people, unseen phrasings, updated facts",
+          "conversation": "Conversations that remember: a fact from an early turn"}
 
 
-MODULES = {"ppl": ppl, "chapter": chapter, "icl": icl, "passkey": passkey, "recall": recall}  # each has run, report
+MODULES = {"ppl": ppl, "chapter": chapter, "icl": icl, "passkey": passkey, "recall": recall,
+           "conversation": conversation}  # each has run, report
 
 
 assert tuple(MODULES) == EVAL_PARTS
@@ -84,6 +86,10 @@ def headline(results: dict) -> dict:
             for name, c in results["ppl"]["corpora"].items()}
         h["ppl"] = {name: {k: m["ppl"] for k, m in c["methods"].items()}
                     for name, c in results["ppl"]["corpora"].items()}
+    if "conversation" in results:
+        for suffix, column in (("", "accuracy"), ("_without_memory", "control_accuracy"), ("_bm25", "bm25_accuracy"),
+                               ("_full", "full_accuracy"), ("_reply_seconds", "reply_seconds")):
+            h["conversation" + suffix] = {str(b["history_tokens"]): b[column] for b in results["conversation"]["by_length"]}
     for part in ("chapter", "icl"):
         if part in results:
             h[part] = {k: a["accuracy"] for k, a in results[part]["accuracy"].items()}
@@ -137,9 +143,12 @@ def evaluate(model: LongMem, config: LongMemConfig, out_dir: str | Path, parts: 
 
 
 def same_setup(a: dict, b: dict) -> bool:
-    """Whether two runs evaluated the same model the same way (threads aside)."""
-    volatile = ("torch_threads",)
-    return {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
+    """Whether two runs evaluated the same model the same way (threads aside). An evaluation setting one of
+    them did not have (a part added since) cannot have changed what that one measured."""
+    volatile = ("torch_threads", "eval_config")
+    fixed = lambda s: {k: v for k, v in s.items() if k not in volatile}
+    ea, eb = a.get("eval_config", {}), b.get("eval_config", {})
+    return fixed(a) == fixed(b) and all(ea[k] == eb[k] for k in ea.keys() & eb.keys())
 
 
 def write_results(out: Path, results: dict) -> dict:

@@ -153,6 +153,26 @@ class BankAppendRequest(_message.Message):
     request_id: str
     def __init__(self, memory_id: _Optional[str] = ..., keys: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., skip_first: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class RecentRequest(_message.Message):
+    __slots__ = ("memory_id", "request_id")
+    MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    memory_id: str
+    request_id: str
+    def __init__(self, memory_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RecentTokens(_message.Message):
+    __slots__ = ("token_ids", "start_position", "request_position", "request_applied")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _tensor_pb2.Tensor
+    start_position: int
+    request_position: int
+    request_applied: bool
+    def __init__(self, token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., request_position: _Optional[int] = ..., request_applied: _Optional[bool] = ...) -> None: ...
+
 class RouteRequest(_message.Message):
     __slots__ = ("rows",)
     ROWS_FIELD_NUMBER: _ClassVar[int]

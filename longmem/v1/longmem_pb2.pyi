@@ -219,3 +219,47 @@ class RetrieveResponse(_message.Message):
     spans: _containers.RepeatedCompositeFieldContainer[RetrievedSpan]
     reread: _containers.RepeatedCompositeFieldContainer[RetrievedSpan]
     def __init__(self, spans: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ..., reread: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ...) -> None: ...
+
+class ChatRequest(_message.Message):
+    __slots__ = ("session_id", "message", "max_new_tokens", "temperature", "top_k", "seed", "turn_id", "reread")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    REREAD_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    message: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+    turn_id: str
+    reread: bool
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., turn_id: _Optional[str] = ..., reread: _Optional[bool] = ...) -> None: ...
+
+class ChatResponse(_message.Message):
+    __slots__ = ("text", "token_ids", "turn_id", "history_tokens", "reread", "replayed", "finish_reason", "saved", "memory", "turn_token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REREAD_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SAVED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    turn_id: str
+    history_tokens: int
+    reread: _containers.RepeatedCompositeFieldContainer[RetrievedSpan]
+    replayed: bool
+    finish_reason: str
+    saved: bool
+    memory: MemoryInfo
+    turn_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turn_id: _Optional[str] = ..., history_tokens: _Optional[int] = ..., reread: _Optional[_Iterable[_Union[RetrievedSpan, _Mapping]]] = ..., replayed: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., saved: _Optional[bool] = ..., memory: _Optional[_Union[MemoryInfo, _Mapping]] = ..., turn_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class LongMemStub:
                 request_serializer=longmem_dot_v1_dot_longmem__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=longmem_dot_v1_dot_longmem__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/longmem.v1.LongMem/Chat',
+                request_serializer=longmem_dot_v1_dot_longmem__pb2.ChatRequest.SerializeToString,
+                response_deserializer=longmem_dot_v1_dot_longmem__pb2.ChatResponse.FromString,
+                _registered_method=True)
 
 
 class LongMemServicer:
@@ -161,6 +166,14 @@ class LongMemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """One turn of a conversation whose memory is the session: streams the reply, then appends the turn
+        and the reply to the session's memory, once per turn_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LongMemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +226,11 @@ def add_LongMemServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=longmem_dot_v1_dot_longmem__pb2.RetrieveRequest.FromString,
                     response_serializer=longmem_dot_v1_dot_longmem__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=longmem_dot_v1_dot_longmem__pb2.ChatRequest.FromString,
+                    response_serializer=longmem_dot_v1_dot_longmem__pb2.ChatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +504,33 @@ class LongMem:
             '/longmem.v1.LongMem/Retrieve',
             longmem_dot_v1_dot_longmem__pb2.RetrieveRequest.SerializeToString,
             longmem_dot_v1_dot_longmem__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/longmem.v1.LongMem/Chat',
+            longmem_dot_v1_dot_longmem__pb2.ChatRequest.SerializeToString,
+            longmem_dot_v1_dot_longmem__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
