@@ -88,21 +88,35 @@ class LongMemError(Exception):
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", error)
 
 
+class Backoff:
+    """The waits between resends of one call, for up to `retry_s` seconds in all: FIRST_BACKOFF_S, then
+    twice as long each time (at most MAX_BACKOFF_S)."""
+
+    def __init__(self, retry_s: float):
+        self.deadline, self.delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
+
+    def allows(self) -> bool:
+        """Whether the next wait still ends before the deadline."""
+        return time.monotonic() + self.delay <= self.deadline
+
+    def wait(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, MAX_BACKOFF_S)
+
+
 def resend(call: Callable[[], T], retry_s: float, retryable: Callable[[LongMemError], bool],
            on_retry: Callable[[LongMemError], None] = lambda error: None) -> T:
     """Returns `call()`, calling it again while it raises a LongMemError that `retryable` accepts, for up
-    to `retry_s` seconds: after FIRST_BACKOFF_S, then twice as long each time (at most MAX_BACKOFF_S).
-    `on_retry` hears each error that was resent; the last error is raised."""
-    deadline, delay = time.monotonic() + retry_s, FIRST_BACKOFF_S
+    to `retry_s` seconds (`Backoff`). `on_retry` hears each error that was resent; the last error is raised."""
+    backoff = Backoff(retry_s)
     while True:
         try:
             return call()
         except LongMemError as error:
-            if not retryable(error) or time.monotonic() + delay > deadline:
+            if not retryable(error) or not backoff.allows():
                 raise
             on_retry(error)
-        time.sleep(delay)
-        delay = min(2 * delay, MAX_BACKOFF_S)
+        backoff.wait()
 
 
 def split_text(text: str, piece_chars: int = DEFAULT_PIECE_CHARS) -> list[str]:
@@ -208,7 +222,7 @@ class ChatStream:
 
     def _run(self):
         seen = ""  # the reply's text passed on so far, over every resend
-        deadline, delay = time.monotonic() + self._retry_s, FIRST_BACKOFF_S
+        backoff = Backoff(self._retry_s)
         while True:
             text = ""  # this call's reply so far
             try:
@@ -231,11 +245,10 @@ class ChatStream:
                         self.memory, self.turn_token_ids = response.memory, list(response.turn_token_ids)
                 return
             except LongMemError as error:
-                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                if error.code != grpc.StatusCode.UNAVAILABLE or not backoff.allows():
                     raise
                 self._on_retry(error)
-            time.sleep(delay)
-            delay = min(2 * delay, MAX_BACKOFF_S)
+            backoff.wait()
 
     def text(self) -> str:
         """The rest of the reply, joined."""

@@ -765,6 +765,11 @@ class RecentTokens:
     request_position: int = NO_POSITION  # where the asked request id's append began; NO_POSITION: not known
     request_applied: bool = False  # the asked request id was applied (its position may still be unknown)
 
+    @staticmethod
+    def of(chunker: "Chunker", applied: "RequestWindow", request_id: str | None) -> "RecentTokens":
+        """What a memory of this chunker and request window answers (in process and striped alike)."""
+        return RecentTokens(*chunker.recent(), applied.position(request_id), request_id in applied)
+
 
 class Memory:
     """One document's or session's memory: a chunker and one ring-buffer store, FIFO of exact capacity,
@@ -793,7 +798,7 @@ class Memory:
         return len(chunks)
 
     def recent(self, request_id: str | None = None) -> RecentTokens:
-        return RecentTokens(*self.chunker.recent(), self.applied.position(request_id), request_id in self.applied)
+        return RecentTokens.of(self.chunker, self.applied, request_id)
 
     def search(self, queries: np.ndarray, k_chunks: int) -> ChunkHits:
         return self.store.search(queries, k_chunks)

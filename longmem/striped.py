@@ -507,7 +507,7 @@ class StripedBank:
         """The memory's newest appended tokens, and where the append with request_id began (if it did)."""
         await self.ready()
         p = self._get(memory_id)
-        return RecentTokens(*p.chunker.recent(), p.applied.position(request_id), request_id in p.applied)
+        return RecentTokens.of(p.chunker, p.applied, request_id)
 
     async def routes(self, memory_ids: list[list[str]]) -> list[list[Route]]:
         """Where the memories of each row are, for a reader's `search_routes`. A memory with a committed

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
+from ..backbone import BackboneOutput
 from ..baseline import BM25Prompt, BM25Selection
 from ..chat import Conversation, encode_text, first_stop
 from ..config import LongMemConfig
@@ -28,7 +28,7 @@ from ..curriculum import FIRST_NAMES, TOWNS
 from ..memory import round_up
 from ..model import LongMem
 from ..report import markdown_table
-from ..roles import pad_segments
+from ..roles import fill_memory, pad_segments
 from .common import EvalData, bar_plot, fmt_acc, md_literal
 
 # (the user's statement, the later question); {v} is the value asked for, {name} a first name.
@@ -74,7 +74,7 @@ class TurnPool:
     window, as every turn Chat stores does, until they hold history_tokens tokens."""
 
     def __init__(self, model: LongMem, chat: Conversation, texts: list[str], history_tokens: int):
-        self.model, self.chat = model, chat
+        self.model = model
         self.turns: list[Turn] = []
         encode = lambda text: encode_text(model.tokenizer, text)
         held = 0
@@ -85,20 +85,19 @@ class TurnPool:
                 held += len(ids)
             if held >= history_tokens:
                 break
-        self.encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.encoded: dict[int, BackboneOutput] = {}  # the memory layer's keys/values of each turn encoded
         self.encode_seconds = 0.0
 
     def append(self, memory_id: str, index: int) -> None:
-        """Appends pool turn `index` to a memory, as Chat's append of it would."""
+        """Appends pool turn `index` to a memory, as Chat's append of it would (one segment: fill_memory)."""
         if index not in self.encoded:
             t0 = time.perf_counter()
             backbone = self.model.backbone
             keys, values = backbone.encode_memory(pad_segments([self.turns[index].ids], backbone.device))
-            self.encoded[index] = (keys[0].float().cpu().numpy(), values[0].float().cpu().numpy())
+            self.encoded[index] = BackboneOutput(None, keys, values, None)
             self.encode_seconds += time.perf_counter() - t0
-        keys, values = self.encoded[index]
-        self.model.bank.append(memory_id, keys, values, np.asarray(self.turns[index].ids, np.int32),
-                               skip_first=self.model.config.memory.sink_tokens)
+        fill_memory(self.model.bank, memory_id, self.encoded[index], 0, self.turns[index].ids,
+                    self.model.config.memory.sink_tokens)
 
 
 def fact(rng: random.Random, avoid: str) -> tuple[str, str, str]:
